@@ -1,0 +1,14 @@
+//! Wire formats shared by the broker, the workers and the simulator.
+//!
+//! - [`bridge`]: the hvisor `struct virtio_bridge` page, byte for byte, with the ring rules.
+//! - [`channel`]: one message per `SOCK_SEQPACKET` datagram, with fds over `SCM_RIGHTS`.
+//! - [`msg`]: the typed broker<->worker messages and their bincode codec.
+//! - [`sim`]: the handshake of the simulated `/dev/hvisor` (sim-protocol v1).
+
+pub mod bridge;
+pub mod channel;
+pub mod msg;
+pub mod sim;
+
+pub use channel::{Channel, ChannelError};
+pub use msg::{BrokerMsg, DeviceKind, DeviceSetup, MemoryRegion, QueueConfig, WorkerMsg};

@@ -1,0 +1,215 @@
+//! The broker<->worker messages and their codec.
+//!
+//! bincode is pinned to 1.3.3 (3.x is an empty placeholder and the crate is unmaintained), so
+//! it stays behind [`encode`] and [`decode`]: swapping the codec touches only this file.
+//! Messages avoid the serde features bincode cannot carry (flatten, untagged enums, `Value`).
+
+use bincode::Options;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::channel::ChannelError;
+
+/// Bumped on any incompatible change; the worker refuses a broker of another version.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// The largest encoded message either side accepts.
+pub const MAX_MESSAGE: usize = 64 * 1024;
+
+fn options() -> impl Options {
+    bincode::DefaultOptions::new()
+        .with_limit(MAX_MESSAGE as u64)
+        .with_fixint_encoding()
+        .reject_trailing_bytes()
+}
+
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, ChannelError> {
+    options()
+        .serialize(msg)
+        .map_err(|e| ChannelError::Encode(e.to_string()))
+}
+
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ChannelError> {
+    options()
+        .deserialize(bytes)
+        .map_err(|e| ChannelError::Decode(e.to_string()))
+}
+
+/// How many fds a message must carry; the receiver refuses any other count.
+pub trait FdCount {
+    fn fd_count(&self) -> usize;
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeviceKind {
+    Blk,
+    Net,
+    Console,
+}
+
+impl DeviceKind {
+    /// The name used in the JSON config, logs and binary names (`hvisor-worker-<name>`).
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceKind::Blk => "blk",
+            DeviceKind::Net => "net",
+            DeviceKind::Console => "console",
+        }
+    }
+
+    /// The virtio device ID.
+    pub fn virtio_id(self) -> u32 {
+        match self {
+            DeviceKind::Net => 1,
+            DeviceKind::Blk => 2,
+            DeviceKind::Console => 3,
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One zone RAM region: guest-physical `guest_addr` is at `file_offset` of the memory fd.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryRegion {
+    pub guest_addr: u64,
+    pub size: u64,
+    pub file_offset: u64,
+}
+
+/// A queue as the driver configured it, sent at DRIVER_OK.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueConfig {
+    pub index: u16,
+    pub size: u16,
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+}
+
+/// What a device kind needs besides memory and queues. Each variant's fds follow the queue
+/// eventfds in [`BrokerMsg::Hello`].
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum DeviceSetup {
+    /// fds: the image (opened read-only when `readonly`).
+    Blk {
+        readonly: bool,
+        /// Image size in bytes (the broker asks the kernel; the worker needs no ioctl).
+        size: u64,
+        /// The GET_ID answer, at most 20 bytes.
+        serial: String,
+    },
+}
+
+impl DeviceSetup {
+    pub fn kind(&self) -> DeviceKind {
+        match self {
+            DeviceSetup::Blk { .. } => DeviceKind::Blk,
+        }
+    }
+
+    fn fd_count(&self) -> usize {
+        match self {
+            DeviceSetup::Blk { .. } => 1,
+        }
+    }
+}
+
+/// Broker -> worker.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum BrokerMsg {
+    /// The first message. fds, in order: the guest-memory fd, one kick eventfd per queue (the
+    /// broker writes it on QueueNotify), one call eventfd per queue (the worker writes it when the
+    /// guest should be interrupted), then the [`DeviceSetup`] fds.
+    Hello {
+        version: u32,
+        zone: u32,
+        /// For log records: `zone1 blk@0xa003c00`.
+        label: String,
+        regions: Vec<MemoryRegion>,
+        num_queues: u16,
+        setup: DeviceSetup,
+    },
+    /// The driver set DRIVER_OK.
+    Activate {
+        features: u64,
+        queues: Vec<QueueConfig>,
+    },
+    /// The driver wrote 0 to Status: forget the queues.
+    Reset,
+    /// A driver write to the device config space.
+    ConfigWrite { offset: u32, data: Vec<u8> },
+    /// Exit cleanly.
+    Shutdown,
+}
+
+impl FdCount for BrokerMsg {
+    fn fd_count(&self) -> usize {
+        match self {
+            BrokerMsg::Hello {
+                num_queues, setup, ..
+            } => 1 + 2 * *num_queues as usize + setup.fd_count(),
+            _ => 0,
+        }
+    }
+}
+
+/// Worker -> broker.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum WorkerMsg {
+    /// Sent once the sandbox is in place, before any guest data is read.
+    Ready { version: u32, pid: u32 },
+    /// A log record; the broker logs it tagged with the worker's zone and device.
+    Log { level: u8, message: String },
+    /// The device cannot go on; the worker exits after sending this.
+    Failed { reason: String },
+}
+
+impl FdCount for WorkerMsg {
+    fn fd_count(&self) -> usize {
+        0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_fd_counts() {
+        let hello = BrokerMsg::Hello {
+            version: PROTOCOL_VERSION,
+            zone: 1,
+            label: "zone1 blk@0xa003c00".into(),
+            regions: vec![MemoryRegion {
+                guest_addr: 0x5000_0000,
+                size: 1 << 20,
+                file_offset: 0x5000_0000,
+            }],
+            num_queues: 1,
+            setup: DeviceSetup::Blk {
+                readonly: false,
+                size: 4096,
+                serial: "x".into(),
+            },
+        };
+        assert_eq!(hello.fd_count(), 4);
+        let back: BrokerMsg = decode(&encode(&hello).unwrap()).unwrap();
+        assert_eq!(back, hello);
+        assert_eq!(BrokerMsg::Reset.fd_count(), 0);
+    }
+
+    #[test]
+    fn trailing_bytes_and_forged_lengths_are_rejected() {
+        let mut bytes = encode(&WorkerMsg::Ready { version: 1, pid: 2 }).unwrap();
+        bytes.push(0);
+        assert!(decode::<WorkerMsg>(&bytes).is_err());
+        // Log variant (index 1) with a forged 2^60-byte string length
+        let mut forged = 1u32.to_le_bytes().to_vec();
+        forged.push(3);
+        forged.extend_from_slice(&(1u64 << 60).to_le_bytes());
+        assert!(decode::<WorkerMsg>(&forged).is_err());
+    }
+}

@@ -1,1 +1,12 @@
+//! hvisor-broker: the privileged half of the virtio backend.
+//!
+//! It owns `/dev/hvisor` (or the simulator socket), answers every trapped register access from
+//! a per-device virtio-mmio register file, and hands the guest-facing work to one sandboxed
+//! worker process per device.
 
+pub mod devices;
+pub mod driver;
+pub mod logging;
+pub mod serve;
+pub mod supervisor;
+pub mod transport;

@@ -1,0 +1,612 @@
+//! The bridge loop: drains trapped accesses, answers each synchronous one at once from the
+//! device's register file, forwards kicks and lifecycle events to workers, and raises the
+//! interrupts workers ask for. One thread, so the SIGUSR1 wakeup of old drivers (sent to the
+//! thread that made INIT_VIRTIO) always reaches the reader.
+
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use config::{Config, Device};
+use nix::errno::Errno;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use nix::sys::signal::{kill, SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use protocol::bridge::{DeviceReq, DeviceRes, MAX_DEVS};
+use protocol::msg::PROTOCOL_VERSION;
+use protocol::{BrokerMsg, Channel, ChannelError, DeviceKind, MemoryRegion, WorkerMsg};
+
+use crate::devices::{self, Prepared};
+use crate::driver::Driver;
+use crate::supervisor;
+use crate::transport::{Effect, MmioTransport};
+
+pub struct Options {
+    /// Where `hvisor-worker-<kind>` binaries live.
+    pub worker_dir: PathBuf,
+    /// Extra arguments for every worker.
+    pub worker_args: Vec<String>,
+    /// How long to keep polling the ring after the last request before sleeping.
+    pub poll: Duration,
+    /// The longest sleep: a safety net for a lost wakeup (hvisor-abi 2.5).
+    pub max_sleep: Duration,
+    /// How long a worker may take to report Ready.
+    pub ready_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            worker_dir: PathBuf::new(),
+            worker_args: Vec::new(),
+            poll: Duration::from_micros(100),
+            max_sleep: Duration::from_millis(10),
+            ready_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+const TOKEN_WAKEUP: u64 = 0;
+const TOKEN_SIGNALS: u64 = 1;
+const TOKEN_SIM: u64 = 2;
+/// Device `i` owns tokens `DEV_BASE + i * DEV_STRIDE + k`: k = 0 its socket, 1 + q its call fds.
+const DEV_BASE: u64 = 0x100;
+const DEV_STRIDE: u64 = 0x100;
+
+struct Worker {
+    pid: Pid,
+    channel: Channel,
+    ready: bool,
+    started: Instant,
+    /// Socket closed; waiting for SIGCHLD until this deadline, then SIGKILL.
+    gone_since: Option<Instant>,
+}
+
+struct Slot {
+    zone: u32,
+    base: u64,
+    len: u64,
+    irq: u32,
+    label: String,
+    kind: DeviceKind,
+    transport: MmioTransport,
+    kicks: Vec<EventFd>,
+    calls: Vec<EventFd>,
+    worker: Option<Worker>,
+    irq_pending: bool,
+}
+
+pub struct Broker {
+    driver: Driver,
+    slots: Vec<Slot>,
+    epoll: Epoll,
+    signals: SignalFd,
+    opts: Options,
+    stop: bool,
+}
+
+/// Opens every device's resources (nothing is started if one fails), then the driver is used
+/// to start the workers.
+pub fn prepare_all(config: &Config) -> Result<Vec<(Device, Prepared)>> {
+    let mut out = Vec::new();
+    for zone in &config.zones {
+        for dev in &zone.devices {
+            match devices::prepare(dev)? {
+                Some(p) => out.push((dev.clone(), p)),
+                None => log::warn!(
+                    "zone{} {}@{:#x} ({}): this release serves blk devices only; the guest will not find this device",
+                    dev.zone, dev.kind.type_name(), dev.addr, dev.json_path
+                ),
+            }
+        }
+    }
+    if out.is_empty() {
+        anyhow::bail!("no device that this release can serve");
+    }
+    Ok(out)
+}
+
+impl Broker {
+    pub fn new(
+        config: &Config,
+        prepared: Vec<(Device, Prepared)>,
+        driver: Driver,
+        opts: Options,
+    ) -> Result<Self> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        let mut mask = SigSet::empty();
+        for s in [
+            Signal::SIGTERM,
+            Signal::SIGINT,
+            Signal::SIGCHLD,
+            Signal::SIGHUP,
+        ] {
+            mask.add(s);
+        }
+        let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?;
+        epoll.add(
+            driver.wakeup_fd(),
+            EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_WAKEUP),
+        )?;
+        epoll.add(
+            signals.as_fd(),
+            EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_SIGNALS),
+        )?;
+        if let Some(s) = driver.sim_socket() {
+            epoll.add(
+                s,
+                EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP, TOKEN_SIM),
+            )?;
+        }
+        let mut broker = Broker {
+            driver,
+            slots: Vec::new(),
+            epoll,
+            signals,
+            opts,
+            stop: false,
+        };
+        for (dev, prep) in prepared {
+            let zone = config
+                .zones
+                .iter()
+                .find(|z| z.id == dev.zone)
+                .context("device of an unknown zone")?;
+            let regions: Vec<MemoryRegion> = zone
+                .memory
+                .iter()
+                .map(|r| MemoryRegion {
+                    guest_addr: r.zonex_ipa,
+                    size: r.size,
+                    file_offset: r.zone0_ipa,
+                })
+                .collect();
+            broker.add_device(&dev, prep, regions)?;
+        }
+        // Legacy hint some hypervisor builds still read.
+        let bridge = broker.driver.bridge();
+        for (i, s) in broker.slots.iter().take(MAX_DEVS).enumerate() {
+            bridge.mmio_addrs[i].store(s.base, std::sync::atomic::Ordering::Relaxed);
+        }
+        bridge
+            .mmio_avail
+            .store(1, std::sync::atomic::Ordering::Release);
+        Ok(broker)
+    }
+
+    fn add_device(
+        &mut self,
+        dev: &Device,
+        prep: Prepared,
+        regions: Vec<MemoryRegion>,
+    ) -> Result<()> {
+        let index = self.slots.len() as u64;
+        let label = format!("zone{} {}@{:#x}", dev.zone, prep.kind, dev.addr);
+        let nq = prep.model.queue_max.len();
+        let efd = || EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC);
+        let kicks = (0..nq).map(|_| efd()).collect::<nix::Result<Vec<_>>>()?;
+        let calls = (0..nq).map(|_| efd()).collect::<nix::Result<Vec<_>>>()?;
+        let binary = supervisor::worker_binary(&self.opts.worker_dir, prep.kind);
+        let (pid, channel) = supervisor::spawn(&binary, &self.opts.worker_args)
+            .with_context(|| format!("{label}: starting its worker"))?;
+        let hello = BrokerMsg::Hello {
+            version: PROTOCOL_VERSION,
+            zone: dev.zone,
+            label: label.clone(),
+            regions,
+            num_queues: nq as u16,
+            setup: prep.setup,
+        };
+        let mut fds = vec![self.driver.memory_fd()];
+        fds.extend(kicks.iter().map(|k| k.as_fd()));
+        fds.extend(calls.iter().map(|c| c.as_fd()));
+        fds.extend(prep.fds.iter().map(|f| f.as_fd()));
+        channel
+            .send(&hello, &fds, false)
+            .with_context(|| format!("{label}: sending its setup to the worker"))?;
+        let token = DEV_BASE + index * DEV_STRIDE;
+        self.epoll
+            .add(channel.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, token))?;
+        for (q, c) in calls.iter().enumerate() {
+            self.epoll.add(
+                c.as_fd(),
+                EpollEvent::new(EpollFlags::EPOLLIN, token + 1 + q as u64),
+            )?;
+        }
+        log::info!(
+            "{label}: irq {}, worker pid {pid} started ({})",
+            dev.irq,
+            binary.display()
+        );
+        self.slots.push(Slot {
+            zone: dev.zone,
+            base: dev.addr,
+            len: dev.len,
+            irq: dev.irq,
+            label,
+            kind: prep.kind,
+            transport: MmioTransport::new(prep.model),
+            kicks,
+            calls,
+            worker: Some(Worker {
+                pid,
+                channel,
+                ready: false,
+                started: Instant::now(),
+                gone_since: None,
+            }),
+            irq_pending: false,
+        });
+        Ok(())
+    }
+
+    /// Serves until SIGTERM/SIGINT (or the simulator leaving), then stops the workers.
+    pub fn run(&mut self) -> Result<()> {
+        let mut events = vec![EpollEvent::empty(); 64];
+        let mut last_work = Instant::now();
+        log::info!(
+            "serving {} device(s) through {} ({} wakeup)",
+            self.slots.len(),
+            self.driver.path().display(),
+            if self.driver.uses_signal() {
+                "SIGUSR1"
+            } else {
+                "eventfd"
+            }
+        );
+        while !self.stop {
+            // Requests already waiting (even from before we started) are served first.
+            if self.drain_bridge() {
+                last_work = Instant::now();
+            }
+            let mut sleeping = false;
+            let timeout = if last_work.elapsed() < self.opts.poll {
+                EpollTimeout::ZERO
+            } else {
+                if !self.driver.bridge().prepare_sleep() {
+                    continue;
+                }
+                sleeping = true;
+                EpollTimeout::try_from(self.opts.max_sleep).unwrap_or(EpollTimeout::NONE)
+            };
+            let n = match self.epoll.wait(&mut events, timeout) {
+                Ok(n) => n,
+                Err(Errno::EINTR) => 0,
+                Err(e) => return Err(e).context("epoll_wait"),
+            };
+            if sleeping {
+                self.driver.bridge().awake();
+            }
+            for ev in &events[..n] {
+                self.dispatch(ev.data())?;
+            }
+            self.flush_interrupts()?;
+            if sleeping || n > 0 {
+                self.check_deadlines();
+            }
+        }
+        self.shutdown();
+        Ok(())
+    }
+
+    fn drain_bridge(&mut self) -> bool {
+        let mut any = false;
+        while let Some(req) = self.driver.bridge().peek_req() {
+            self.handle(req);
+            self.driver.bridge().pop_req();
+            any = true;
+        }
+        any
+    }
+
+    fn handle(&mut self, req: DeviceReq) {
+        let slot = self.slots.iter().position(|s| {
+            s.zone == req.src_zone && req.address >= s.base && req.address - s.base < s.len
+        });
+        let Some(i) = slot else {
+            log::debug!(
+                "zone{} cpu{}: access to {:#x} matches no device; reads 0",
+                req.src_zone,
+                req.src_cpu,
+                req.address
+            );
+            if req.need_interrupt == 0 {
+                self.complete(&req, 0);
+            }
+            return;
+        };
+        let offset = req.address - self.slots[i].base;
+        let transport = &mut self.slots[i].transport;
+        let (value, effect) = if req.is_write != 0 {
+            (0, transport.write(offset, req.size, req.value))
+        } else {
+            (transport.read(offset, req.size), None)
+        };
+        // QueueNotify is never answered: the vCPU did not wait, and a stray completion would
+        // release that CPU's next access early.
+        if req.need_interrupt == 0 {
+            self.complete(&req, value);
+        }
+        if let Some(effect) = effect {
+            self.apply(i, effect);
+        }
+    }
+
+    fn complete(&self, req: &DeviceReq, value: u64) {
+        if !self.driver.bridge().complete(req.src_cpu, value) {
+            log::warn!(
+                "request from cpu {} (outside the bridge page) left unanswered",
+                req.src_cpu
+            );
+        }
+    }
+
+    fn apply(&mut self, i: usize, effect: Effect) {
+        let slot = &mut self.slots[i];
+        let msg = match effect {
+            Effect::Notify(q) => {
+                if let Some(k) = slot.kicks.get(q as usize) {
+                    let _ = k.write(1);
+                }
+                return;
+            }
+            Effect::Activate { features, queues } => {
+                log::info!(
+                    "{}: driver ready, features {features:#x}, {} queue(s)",
+                    slot.label,
+                    queues.len()
+                );
+                BrokerMsg::Activate { features, queues }
+            }
+            Effect::Reset => {
+                slot.irq_pending = false;
+                BrokerMsg::Reset
+            }
+            Effect::ConfigWrite { offset, data } => BrokerMsg::ConfigWrite { offset, data },
+        };
+        let Some(w) = slot.worker.as_ref().filter(|w| w.gone_since.is_none()) else {
+            return;
+        };
+        if let Err(e) = w.channel.send(&msg, &[], true) {
+            log::error!(
+                "{}: worker (pid {}) does not take messages ({e}); stopping it",
+                slot.label,
+                w.pid
+            );
+            let _ = kill(w.pid, Signal::SIGKILL);
+        }
+    }
+
+    fn dispatch(&mut self, token: u64) -> Result<()> {
+        match token {
+            TOKEN_WAKEUP => self.driver.clear_wakeup(),
+            TOKEN_SIGNALS => self.on_signals(),
+            TOKEN_SIM => {
+                log::warn!("the simulator closed its connection; stopping");
+                self.stop = true;
+            }
+            t if t >= DEV_BASE => {
+                let i = ((t - DEV_BASE) / DEV_STRIDE) as usize;
+                let k = (t - DEV_BASE) % DEV_STRIDE;
+                if i >= self.slots.len() {
+                    return Ok(());
+                }
+                if k == 0 {
+                    self.on_worker_message(i)?;
+                } else {
+                    self.on_call(i, (k - 1) as usize);
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn on_call(&mut self, i: usize, q: usize) {
+        let slot = &mut self.slots[i];
+        if let Some(c) = slot.calls.get(q) {
+            let _ = c.read();
+        }
+        if slot.transport.is_active() && slot.transport.raise_used() {
+            slot.irq_pending = true;
+        }
+    }
+
+    fn on_worker_message(&mut self, i: usize) -> Result<()> {
+        let slot = &mut self.slots[i];
+        let Some(w) = slot.worker.as_mut() else {
+            return Ok(());
+        };
+        loop {
+            match w.channel.try_recv::<WorkerMsg>() {
+                Ok(None) => return Ok(()),
+                Ok(Some((WorkerMsg::Ready { version, pid }, _))) => {
+                    if version != PROTOCOL_VERSION {
+                        log::error!("{}: worker speaks protocol {version}, not {PROTOCOL_VERSION}; stopping it", slot.label);
+                        let _ = kill(w.pid, Signal::SIGKILL);
+                        return Ok(());
+                    }
+                    w.ready = true;
+                    log::info!("{}: worker (pid {pid}) sandboxed and ready", slot.label);
+                }
+                Ok(Some((WorkerMsg::Log { level, message }, _))) => {
+                    let level = match level {
+                        1 => log::Level::Error,
+                        2 => log::Level::Warn,
+                        3 => log::Level::Info,
+                        4 => log::Level::Debug,
+                        _ => log::Level::Trace,
+                    };
+                    log::log!(level, "{}: {}", slot.label, message);
+                }
+                Ok(Some((WorkerMsg::Failed { reason }, _))) => {
+                    log::error!("{}: worker (pid {}) failed: {reason}", slot.label, w.pid);
+                }
+                Err(ChannelError::Eof) | Err(ChannelError::Io(_)) => {
+                    self.epoll.delete(w.channel.as_fd()).ok();
+                    for c in &slot.calls {
+                        self.epoll.delete(c.as_fd()).ok();
+                    }
+                    w.gone_since = Some(Instant::now());
+                    if slot.transport.fail() {
+                        slot.irq_pending = true;
+                    }
+                    return Ok(());
+                }
+                Err(e) => {
+                    log::error!(
+                        "{}: malformed message from worker (pid {}): {e}; stopping it",
+                        slot.label,
+                        w.pid
+                    );
+                    let _ = kill(w.pid, Signal::SIGKILL);
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn on_signals(&mut self) {
+        while let Ok(Some(info)) = self.signals.read_signal() {
+            match Signal::try_from(info.ssi_signo as i32) {
+                Ok(Signal::SIGTERM) | Ok(Signal::SIGINT) => {
+                    log::info!(
+                        "stopping on {}",
+                        Signal::try_from(info.ssi_signo as i32)
+                            .map(|s| s.as_str())
+                            .unwrap_or("signal")
+                    );
+                    self.stop = true;
+                }
+                Ok(Signal::SIGCHLD) => self.reap(),
+                _ => {}
+            }
+        }
+    }
+
+    /// Collects every exited worker and reports how it ended. The device stays failed (its
+    /// transport keeps answering); the broker and every other device go on.
+    fn reap(&mut self) {
+        loop {
+            let status = match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(_) => return,
+                Ok(s) => s,
+            };
+            let Some(pid) = status.pid() else { continue };
+            let Some(slot) = self
+                .slots
+                .iter_mut()
+                .find(|s| s.worker.as_ref().is_some_and(|w| w.pid == pid))
+            else {
+                continue;
+            };
+            let w = slot.worker.take().expect("found above");
+            let how = supervisor::describe_exit(&status);
+            if self.stop {
+                log::info!("{} worker (pid {pid}) {how}", slot.label);
+            } else {
+                log::error!("{} worker (pid {pid}) {how}; the device stays failed until the broker restarts", slot.label);
+            }
+            self.epoll.delete(w.channel.as_fd()).ok();
+            for c in &slot.calls {
+                self.epoll.delete(c.as_fd()).ok();
+            }
+            if slot.transport.fail() {
+                slot.irq_pending = true;
+            }
+        }
+    }
+
+    fn check_deadlines(&mut self) {
+        for slot in &mut self.slots {
+            let Some(w) = slot.worker.as_mut() else {
+                continue;
+            };
+            if !w.ready && w.gone_since.is_none() && w.started.elapsed() > self.opts.ready_timeout {
+                log::error!(
+                    "{}: worker (pid {}) not ready within {:?}; stopping it",
+                    slot.label,
+                    w.pid,
+                    self.opts.ready_timeout
+                );
+                let _ = kill(w.pid, Signal::SIGKILL);
+                w.ready = true;
+            }
+            if let Some(t) = w.gone_since {
+                if t.elapsed() > Duration::from_secs(1) {
+                    let _ = kill(w.pid, Signal::SIGKILL);
+                }
+            }
+        }
+    }
+
+    /// Pushes pending interrupts to `res_list` and tells the hypervisor. A full ring is flushed
+    /// and retried; what still does not fit stays pending for the next round.
+    fn flush_interrupts(&mut self) -> Result<()> {
+        let mut pushed = false;
+        for i in 0..self.slots.len() {
+            if !self.slots[i].irq_pending {
+                continue;
+            }
+            let res = DeviceRes {
+                target_zone: self.slots[i].zone,
+                irq_id: self.slots[i].irq,
+            };
+            let mut ok = self.driver.bridge().push_res(res);
+            if !ok && pushed {
+                self.driver.finish_req()?;
+                pushed = false;
+                ok = self.driver.bridge().push_res(res);
+            }
+            if ok {
+                self.slots[i].irq_pending = false;
+                pushed = true;
+            }
+        }
+        if pushed {
+            self.driver.finish_req()?;
+        }
+        Ok(())
+    }
+
+    fn shutdown(&mut self) {
+        for slot in &self.slots {
+            if let Some(w) = &slot.worker {
+                let _ = w.channel.send(&BrokerMsg::Shutdown, &[], true);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while self.slots.iter().any(|s| s.worker.is_some()) && Instant::now() < deadline {
+            self.reap();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for slot in &self.slots {
+            if let Some(w) = &slot.worker {
+                log::warn!(
+                    "{}: worker (pid {}) did not stop; killing it",
+                    slot.label,
+                    w.pid
+                );
+                let _ = kill(w.pid, Signal::SIGKILL);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while self.slots.iter().any(|s| s.worker.is_some()) && Instant::now() < deadline {
+            self.reap();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        log::info!("stopped");
+    }
+
+    /// Device kinds served, for tests and status lines.
+    pub fn served(&self) -> Vec<(u32, DeviceKind, u64)> {
+        self.slots
+            .iter()
+            .map(|s| (s.zone, s.kind, s.base))
+            .collect()
+    }
+}

@@ -1,1 +1,493 @@
+//! Runs the real binaries (hvisor-sim, hvisor-broker, hvisor-worker-*) as separate processes
+//! for the end-to-end tests and the benchmark. Build them first (`cargo build --bins`, or
+//! `--release`); `HVISOR_BIN_DIR` overrides where they are looked for.
 
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::{json, Value};
+
+/// The directory holding the built binaries: `HVISOR_BIN_DIR`, else the profile directory this
+/// test executable was built into (`target/<profile>/deps/..`).
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("HVISOR_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is not built: run `cargo build --bins` first (or set HVISOR_BIN_DIR)",
+        p.display()
+    );
+    p
+}
+
+/// A scratch directory with images, a config and sockets.
+pub struct Scratch {
+    pub dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    pub fn new() -> Scratch {
+        Scratch {
+            dir: tempfile::Builder::new()
+                .prefix("hvb")
+                .tempdir()
+                .expect("tempdir"),
+        }
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+    /// An image of `size` bytes filled with a recognisable pattern.
+    pub fn image(&self, name: &str, size: u64) -> PathBuf {
+        let p = self.path(name);
+        let mut f = File::create(&p).expect("create image");
+        let mut block = vec![0u8; 4096];
+        for off in (0..size).step_by(4096) {
+            for (i, b) in block.iter_mut().enumerate() {
+                *b = ((off as usize + i) % 251) as u8 ^ name.len() as u8;
+            }
+            let n = (size - off).min(4096) as usize;
+            f.write_all(&block[..n]).expect("write image");
+        }
+        p
+    }
+    pub fn write_json(&self, name: &str, v: &Value) -> PathBuf {
+        let p = self.path(name);
+        std::fs::write(&p, serde_json::to_vec_pretty(v).unwrap()).unwrap();
+        p
+    }
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// One blk device for [`zone_json`].
+pub struct BlkSpec<'a> {
+    pub img: &'a Path,
+    pub addr: u64,
+    pub irq: u32,
+    pub readonly: bool,
+}
+
+/// A zone with RAM at `ram_base` (`size` bytes, identity-mapped as on aarch64 boards) and
+/// the given blk devices.
+pub fn zone_json(id: u32, ram_base: u64, ram_size: u64, blks: &[BlkSpec]) -> Value {
+    let devices: Vec<Value> = blks
+        .iter()
+        .map(|b| {
+            let mut d = json!({
+                "type": "blk", "addr": format!("{:#x}", b.addr), "len": "0x200", "irq": b.irq,
+                "img": b.img.to_str().unwrap(), "status": "enable"
+            });
+            if b.readonly {
+                d["readonly"] = json!(true);
+            }
+            d
+        })
+        .collect();
+    json!({
+        "id": id,
+        "memory_region": [{ "zone0_ipa": format!("{ram_base:#x}"), "zonex_ipa": format!("{ram_base:#x}"), "size": format!("{ram_size:#x}") }],
+        "devices": devices
+    })
+}
+
+/// A running process whose output is collected in the background.
+pub struct Proc {
+    pub name: &'static str,
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+    pub log: Vec<String>,
+}
+
+impl Proc {
+    fn spawn(name: &'static str, mut cmd: Command) -> Result<Proc> {
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .stdin(Stdio::null());
+        let mut child = cmd.spawn().with_context(|| format!("spawning {name}"))?;
+        let (tx, rx) = mpsc::channel();
+        for r in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(r).lines().map_while(Result::ok) {
+                    if std::env::var_os("HVISOR_TEST_ECHO").is_some() {
+                        eprintln!("[{name}] {line}");
+                    }
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Ok(Proc {
+            name,
+            child,
+            lines: rx,
+            log: Vec::new(),
+        })
+    }
+
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+
+    /// Collects what the process printed so far.
+    pub fn pump(&mut self) {
+        while let Ok(l) = self.lines.try_recv() {
+            self.log.push(l);
+        }
+    }
+
+    /// Waits until a printed line contains `needle`.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        if let Some(l) = self.log.iter().find(|l| l.contains(needle)) {
+            return Ok(l.clone());
+        }
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left.min(Duration::from_millis(50))) {
+                Ok(l) => {
+                    let hit = l.contains(needle);
+                    self.log.push(l.clone());
+                    if hit {
+                        return Ok(l);
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    bail!(
+                        "{} ended before printing {needle:?}:\n{}",
+                        self.name,
+                        self.log.join("\n")
+                    )
+                }
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "{} did not print {needle:?} within {timeout:?}:\n{}",
+                    self.name,
+                    self.log.join("\n")
+                );
+            }
+        }
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait()? {
+                // let the readers finish
+                std::thread::sleep(Duration::from_millis(20));
+                self.pump();
+                return Ok(st);
+            }
+            if Instant::now() >= deadline {
+                self.pump();
+                bail!(
+                    "{} still running after {timeout:?}:\n{}",
+                    self.name,
+                    self.log.join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn signal(&self, sig: Signal) {
+        let _ = kill(self.pid(), sig);
+    }
+
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn text(&mut self) -> String {
+        self.pump();
+        self.log.join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Options for one simulator run.
+pub struct SimRun<'a> {
+    pub config: &'a Path,
+    pub guest: &'a str,
+    pub seed: u64,
+    pub legacy_driver: bool,
+    pub stay: bool,
+    pub extra: Vec<String>,
+}
+
+impl<'a> SimRun<'a> {
+    pub fn new(config: &'a Path, guest: &'a str) -> Self {
+        SimRun {
+            config,
+            guest,
+            seed: 1,
+            legacy_driver: false,
+            stay: false,
+            extra: Vec::new(),
+        }
+    }
+}
+
+/// The simulator, the broker and where their outputs go.
+pub struct Stack {
+    pub sim: Proc,
+    pub broker: Proc,
+    pub socket: PathBuf,
+    pub report: PathBuf,
+    pub shadow_dir: PathBuf,
+}
+
+impl Stack {
+    /// Starts the simulator, waits until it listens, then starts the broker against it.
+    pub fn start(scratch: &Scratch, run: SimRun, broker_args: &[&str]) -> Result<Stack> {
+        let socket = scratch.path("hvisor.sock");
+        let report = scratch.path("report.json");
+        let shadow_dir = scratch.path("shadow");
+        std::fs::create_dir_all(&shadow_dir)?;
+        let mut cmd = Command::new(bin("hvisor-sim"));
+        cmd.arg("--config")
+            .arg(run.config)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--guest")
+            .arg(run.guest);
+        cmd.arg("--seed")
+            .arg(run.seed.to_string())
+            .arg("--report")
+            .arg(&report)
+            .arg("--shadow-dir")
+            .arg(&shadow_dir);
+        if run.legacy_driver {
+            cmd.arg("--legacy-driver");
+        }
+        if run.stay {
+            cmd.arg("--stay");
+        }
+        cmd.args(&run.extra);
+        let mut sim = Proc::spawn("hvisor-sim", cmd)?;
+        sim.wait_for("listening on", Duration::from_secs(20))?;
+        let broker = start_broker(run.config, &socket, broker_args)?;
+        Ok(Stack {
+            sim,
+            broker,
+            socket,
+            report,
+            shadow_dir,
+        })
+    }
+
+    /// Waits for the guest workload to finish and returns its report.
+    pub fn wait_report(&mut self, timeout: Duration) -> Result<Value> {
+        let deadline = Instant::now() + timeout;
+        while !self.report.exists() {
+            if !self.sim.alive() {
+                let st = self.sim.wait_exit(Duration::from_secs(1))?;
+                if !self.report.exists() {
+                    bail!(
+                        "simulator exited ({st}) without a report:\n{}\n--- broker ---\n{}",
+                        self.sim.text(),
+                        self.broker.text()
+                    );
+                }
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "no report within {timeout:?}:\n{}\n--- broker ---\n{}",
+                    self.sim.text(),
+                    self.broker.text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // the report is written whole; give a slow writer a moment
+        std::thread::sleep(Duration::from_millis(50));
+        let text = std::fs::read_to_string(&self.report)?;
+        serde_json::from_str(&text).with_context(|| format!("report: {text}"))
+    }
+
+    /// Stops the broker with SIGTERM and returns its exit status.
+    pub fn stop_broker(&mut self) -> Result<ExitStatus> {
+        self.broker.signal(Signal::SIGTERM);
+        self.broker.wait_exit(Duration::from_secs(10))
+    }
+
+    pub fn diagnostics(&mut self) -> String {
+        format!(
+            "--- sim ---\n{}\n--- broker ---\n{}",
+            self.sim.text(),
+            self.broker.text()
+        )
+    }
+}
+
+pub fn start_broker(config: &Path, socket: &Path, args: &[&str]) -> Result<Proc> {
+    let mut cmd = Command::new(bin("hvisor-broker"));
+    cmd.arg("start")
+        .arg(config)
+        .arg("--driver")
+        .arg(socket)
+        .args(args);
+    Proc::spawn("hvisor-broker", cmd)
+}
+
+/// Runs `hvisor-broker ARGS` to completion and returns (success, stdout + stderr).
+pub fn broker_cmd(args: &[&str]) -> (bool, String) {
+    let out = Command::new(bin("hvisor-broker"))
+        .args(args)
+        .output()
+        .expect("run hvisor-broker");
+    let mut s = String::from_utf8_lossy(&out.stdout).into_owned();
+    s.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), s)
+}
+
+/// Children of `pid` (the workers of a broker), from /proc.
+pub fn children(pid: Pid) -> Vec<Pid> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            if let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) {
+                // pid (comm) state ppid ...: comm may contain spaces, so split after ')'
+                if let Some(rest) = stat.rsplit_once(')').map(|x| x.1) {
+                    let ppid: i32 = rest
+                        .split_whitespace()
+                        .nth(1)
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(0);
+                    if ppid == pid.as_raw() {
+                        out.push(Pid::from_raw(p));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A field of /proc/PID/status, e.g. "Seccomp".
+pub fn proc_status(pid: Pid, field: &str) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines().find_map(|l| {
+        l.strip_prefix(field)
+            .and_then(|r| r.strip_prefix(':'))
+            .map(|v| v.trim().to_string())
+    })
+}
+
+pub fn process_exists(pid: Pid) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && proc_status(pid, "State")
+            .map(|s| !s.starts_with('Z'))
+            .unwrap_or(false)
+}
+
+/// Every check of a simulator report (`{"name", "pass", "detail"}` objects anywhere in it).
+pub fn failed_checks(report: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    fn walk(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                if let (Some(Value::String(name)), Some(Value::Bool(pass))) =
+                    (m.get("name"), m.get("pass"))
+                {
+                    if !pass {
+                        out.push(format!(
+                            "{name}: {}",
+                            m.get("detail").map(|d| d.to_string()).unwrap_or_default()
+                        ));
+                    }
+                }
+                m.values().for_each(|x| walk(x, out));
+            }
+            Value::Array(a) => a.iter().for_each(|x| walk(x, out)),
+            _ => {}
+        }
+    }
+    walk(report, &mut out);
+    out
+}
+
+/// Names of all checks in a report.
+pub fn check_names(report: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    fn walk(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                if let (Some(Value::String(name)), Some(Value::Bool(_))) =
+                    (m.get("name"), m.get("pass"))
+                {
+                    out.push(name.clone());
+                }
+                m.values().for_each(|x| walk(x, out));
+            }
+            Value::Array(a) => a.iter().for_each(|x| walk(x, out)),
+            _ => {}
+        }
+    }
+    walk(report, &mut out);
+    out
+}
+
+/// Reads `len` bytes of a file at `off`.
+pub fn read_at(path: &Path, off: u64, len: usize) -> Vec<u8> {
+    let f = File::open(path).expect("open");
+    let mut buf = vec![0u8; len];
+    f.read_exact_at(&mut buf, off).expect("read_at");
+    buf
+}
+
+/// Resident memory of a process in KiB.
+pub fn rss_kib(pid: Pid) -> Option<u64> {
+    proc_status(pid, "VmRSS")?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+pub fn err<T>(msg: impl Into<String>) -> Result<T> {
+    Err(anyhow!(msg.into()))
+}

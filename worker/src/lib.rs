@@ -1,1 +1,232 @@
+//! What every hvisor-broker device worker shares: startup, guest memory, virtqueues, the event
+//! loop, and the [`Device`] trait a device implements.
+//!
+//! A worker binary is one call: `worker::run(DeviceKind::Blk, |setup, fds| ...)`. [`run`] takes
+//! the socket at fd 3, receives the Hello, maps guest memory and closes its fd, builds the device,
+//! enters the sandbox, reports Ready, and only then looks at guest data.
 
+mod event_loop;
+pub mod guest_io;
+mod logger;
+pub mod memory;
+
+use std::io::Write;
+use std::os::fd::{AsFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use log::{debug, error, info, LevelFilter};
+use nix::sys::socket::{getsockopt, sockopt, SockType};
+use nix::sys::stat::{fstat, SFlag};
+use policy::SeccompMode;
+use protocol::msg::{PROTOCOL_VERSION, WORKER_SOCKET_FD};
+use protocol::{BrokerMsg, Channel, DeviceKind, DeviceSetup, WorkerMsg};
+use virtio_queue::Queue;
+
+pub use vm_memory::GuestMemoryMmap;
+
+use event_loop::EventLoop;
+
+/// How long the broker has to send the Hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One virtio device, driven by the event loop. Every method runs in the sandbox on guest
+/// data, so none may panic on what the guest wrote.
+pub trait Device {
+    /// Takes the available buffers of queue `index`, completes them with `add_used`, and says
+    /// whether any were added. The loop handles notification suppression and interrupts.
+    fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool;
+
+    /// The driver set DRIVER_OK with these negotiated features (queues are already set up).
+    fn activate(&mut self, _features: u64) {}
+
+    /// The driver reset the device; the queues are gone.
+    fn reset(&mut self) {}
+
+    /// A driver write to the device config space (the broker has already applied it to its copy).
+    fn config_write(&mut self, offset: u32, data: &[u8]) {
+        debug!(
+            "config write of {} bytes at {offset:#x} ignored",
+            data.len()
+        );
+    }
+}
+
+/// Exit codes besides success (0) and a failure reported to the broker (1).
+const EXIT_USAGE: u8 = 2;
+
+/// The whole life of a worker process; `main` returns what this returns.
+///
+/// `build` receives the device setup and the device's own fds (those after the queue
+/// eventfds) and runs before the sandbox, so it may still inspect them.
+pub fn run<F>(kind: DeviceKind, build: F) -> ExitCode
+where
+    F: FnOnce(&DeviceSetup, Vec<OwnedFd>) -> Result<Box<dyn Device>, String>,
+{
+    let options = match Options::parse(std::env::args().skip(1)) {
+        Ok(o) => o,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "hvisor-worker-{kind}: {e}\n{USAGE}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let chan = match take_socket() {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "hvisor-worker-{kind}: {e}\n\
+                 This program is started by hvisor-broker, which passes its socket as fd \
+                 {WORKER_SOCKET_FD}; it is not meant to be run by hand."
+            );
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let pid = std::process::id();
+    logger::install(
+        chan.clone(),
+        format!("hvisor-worker-{kind}[{pid}]"),
+        options.log_level,
+    );
+    match start(kind, &chan, &options, pid, build) {
+        Ok(event_loop) => event_loop.run(),
+        Err(reason) => {
+            error!("{reason}");
+            let _ = chan.send(&WorkerMsg::Failed { reason }, &[], false);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Everything up to Ready: after this returns, the worker is sandboxed.
+fn start<F>(
+    kind: DeviceKind,
+    chan: &Arc<Channel>,
+    options: &Options,
+    pid: u32,
+    build: F,
+) -> Result<EventLoop, String>
+where
+    F: FnOnce(&DeviceSetup, Vec<OwnedFd>) -> Result<Box<dyn Device>, String>,
+{
+    let (hello, fds) = chan
+        .recv::<BrokerMsg>(Some(HELLO_TIMEOUT))
+        .map_err(|e| format!("waiting for Hello: {e}"))?;
+    let BrokerMsg::Hello {
+        version,
+        label,
+        regions,
+        num_queues,
+        setup,
+        ..
+    } = hello
+    else {
+        return Err(format!("expected Hello, got {hello:?}"));
+    };
+    if version != PROTOCOL_VERSION {
+        return Err(format!(
+            "broker speaks protocol {version}, this worker {PROTOCOL_VERSION}"
+        ));
+    }
+    if setup.kind() != kind {
+        return Err(format!("a {} setup sent to a {kind} worker", setup.kind()));
+    }
+    info!("{label}: starting, {num_queues} queue(s)");
+
+    // The channel checked the count: memory, kicks, calls, then the device's fds.
+    let n = num_queues as usize;
+    let mut fds = fds.into_iter();
+    let mem_fd = fds.next().ok_or("no memory fd")?;
+    let kicks: Vec<OwnedFd> = fds.by_ref().take(n).collect();
+    let calls: Vec<OwnedFd> = fds.by_ref().take(n).collect();
+    let device_fds: Vec<OwnedFd> = fds.collect();
+
+    let mem = memory::map_regions(mem_fd.as_fd(), &regions)
+        .map_err(|e| format!("guest memory: {e}"))?;
+    // Closed before any guest data is read: on hvisor this fd reaches all physical memory.
+    drop(mem_fd);
+
+    let device = build(&setup, device_fds)?;
+    let event_loop = EventLoop::new(chan.clone(), mem, kicks, calls, device)
+        .map_err(|e| format!("epoll: {e}"))?;
+
+    policy::enter(kind, options.seccomp).map_err(|e| format!("sandbox: {e}"))?;
+    chan.send(
+        &WorkerMsg::Ready {
+            version: PROTOCOL_VERSION,
+            pid,
+        },
+        &[],
+        false,
+    )
+    .map_err(|e| format!("sending Ready: {e}"))?;
+    debug!("sandboxed (seccomp {}), ready", options.seccomp);
+    Ok(event_loop)
+}
+
+/// Takes ownership of fd 3 once it is known to be a SEQPACKET socket.
+fn take_socket() -> Result<Channel, String> {
+    // SAFETY: F_GETFD only asks whether fd 3 is open. Ownership is taken only if it is; no other
+    // part of this process uses that number, which the broker set up for this purpose.
+    let fd = unsafe {
+        if libc::fcntl(WORKER_SOCKET_FD, libc::F_GETFD) < 0 {
+            return Err(format!("fd {WORKER_SOCKET_FD} is not open"));
+        }
+        OwnedFd::from_raw_fd(WORKER_SOCKET_FD)
+    };
+    let is_socket = fstat(&fd)
+        .map(|st| SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFSOCK)
+        .unwrap_or(false);
+    if !is_socket || getsockopt(&fd, sockopt::SockType) != Ok(SockType::SeqPacket) {
+        // Not ours to close: leave whatever it is alone.
+        let _ = fd.into_raw_fd();
+        return Err(format!("fd {WORKER_SOCKET_FD} is not a SEQPACKET socket"));
+    }
+    Ok(Channel::from_fd(fd))
+}
+
+const USAGE: &str = "usage: hvisor-worker-<kind> [--seccomp=kill|trap|log] \
+                     [--log-level=error|warn|info|debug|trace]";
+
+struct Options {
+    seccomp: SeccompMode,
+    log_level: LevelFilter,
+}
+
+impl Options {
+    fn parse(args: impl Iterator<Item = String>) -> Result<Self, String> {
+        let mut options = Options {
+            seccomp: SeccompMode::Kill,
+            log_level: LevelFilter::Info,
+        };
+        for arg in args {
+            if let Some(mode) = arg.strip_prefix("--seccomp=") {
+                options.seccomp = mode.parse()?;
+            } else if let Some(level) = arg.strip_prefix("--log-level=") {
+                options.log_level = level
+                    .parse()
+                    .map_err(|_| format!("unknown log level {level:?}"))?;
+            } else {
+                return Err(format!("unknown argument {arg:?}"));
+            }
+        }
+        Ok(options)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options() {
+        let parse = |a: &[&str]| Options::parse(a.iter().map(|s| s.to_string()));
+        let o = parse(&[]).unwrap();
+        assert_eq!((o.seccomp, o.log_level), (SeccompMode::Kill, LevelFilter::Info));
+        let o = parse(&["--seccomp=trap", "--log-level=debug"]).unwrap();
+        assert_eq!((o.seccomp, o.log_level), (SeccompMode::Trap, LevelFilter::Debug));
+        assert!(parse(&["--seccomp=off"]).is_err());
+        assert!(parse(&["--verbose"]).is_err());
+    }
+}

@@ -1,0 +1,730 @@
+//! Turns the parsed JSON into a [`Config`], collecting every error and warning on the way.
+
+use std::collections::HashMap;
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileTypeExt;
+use std::path::PathBuf;
+
+use serde_json::{Map, Value};
+
+use crate::number::{kind_of, parse_value, C_INT_MAX};
+use crate::{
+    Config, ConfigError, ConfigErrors, Device, DeviceConfig, Loaded, MemRegion, Zone, MAX_DEVS,
+    MAX_REGIONS, MAX_ZONES, PAGE_SIZE,
+};
+
+const TOP_KEYS: &[&str] = &["zones"];
+const ZONE_KEYS: &[&str] = &["id", "memory_region", "devices"];
+const REGION_KEYS: &[&str] = &["zone0_ipa", "zonex_ipa", "size"];
+const COMMON_DEVICE_KEYS: &[&str] = &["type", "status", "addr", "len", "irq"];
+/// Smallest window that holds the virtio-mmio register block (config space starts at 0x100).
+const MIN_DEVICE_LEN: u64 = 0x100;
+/// IFNAMSIZ - 1.
+const MAX_TAP_NAME: usize = 15;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Blk,
+    Net,
+    Console,
+    Gpu,
+    Scmi,
+}
+
+impl Kind {
+    fn from_name(s: &str) -> Option<Kind> {
+        Some(match s {
+            "blk" => Kind::Blk,
+            "net" => Kind::Net,
+            "console" => Kind::Console,
+            "gpu" => Kind::Gpu,
+            "scmi" => Kind::Scmi,
+            _ => return None,
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Blk => "blk",
+            Kind::Net => "net",
+            Kind::Console => "console",
+            Kind::Gpu => "gpu",
+            Kind::Scmi => "scmi",
+        }
+    }
+
+    /// Keys that matter for this type besides the common ones.
+    fn keys(self) -> &'static [&'static str] {
+        match self {
+            Kind::Blk => &["img", "readonly"],
+            Kind::Net => &["tap", "mac"],
+            Kind::Console => &[],
+            Kind::Gpu => &["width", "height"],
+            Kind::Scmi => &["clock_ids", "reset_ids", "power_ids"],
+        }
+    }
+}
+
+/// Keys hvisor-tool knows on some device type (`readonly` is ours).
+const ANY_DEVICE_KEYS: &[&str] = &[
+    "img",
+    "readonly",
+    "tap",
+    "mac",
+    "width",
+    "height",
+    "clock_ids",
+    "reset_ids",
+    "power_ids",
+];
+
+pub fn validate(root: &Value) -> Result<Loaded, ConfigErrors> {
+    let mut c = Checker::default();
+    let zones = c.config(root);
+    if c.errors.is_empty() {
+        Ok(Loaded {
+            config: Config { zones },
+            warnings: c.warnings,
+        })
+    } else {
+        Err(ConfigErrors(c.errors))
+    }
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+/// A half-open range `[start, end)` tagged with the index of the item it came from.
+#[derive(Clone, Copy)]
+struct Span {
+    index: usize,
+    start: u64,
+    end: u64,
+}
+
+impl Span {
+    fn new(index: usize, start: u64, len: u64) -> Option<Span> {
+        Some(Span {
+            index,
+            start,
+            end: start.checked_add(len)?,
+        })
+    }
+
+    fn overlaps(&self, other: &Span) -> bool {
+        self.start < other.end && other.start < self.end
+    }
+
+    fn show(&self) -> String {
+        format!("{:#x}-{:#x}", self.start, self.end.saturating_sub(1))
+    }
+}
+
+/// Pairs `(later, earlier)` (by index) of overlapping spans, at least one pair for every span
+/// that overlaps an earlier-starting one. A sort and sweep, since the input length is
+/// attacker-sized until it has been checked.
+fn overlapping(spans: &[Span]) -> Vec<(Span, Span)> {
+    let mut sorted = spans.to_vec();
+    sorted.sort_by_key(|s| (s.start, s.index));
+    let mut pairs = Vec::new();
+    let mut reach: Option<Span> = None;
+    for s in sorted {
+        match reach {
+            Some(r) if s.start < r.end => {
+                pairs.push(if s.index > r.index { (s, r) } else { (r, s) });
+                if s.end > r.end {
+                    reach = Some(s);
+                }
+            }
+            // Spans are never empty, so `s` now reaches furthest.
+            _ => reach = Some(s),
+        }
+    }
+    pairs.sort_by_key(|(later, earlier)| (later.index, earlier.index));
+    pairs
+}
+
+#[derive(Default)]
+struct Checker {
+    errors: Vec<ConfigError>,
+    warnings: Vec<String>,
+    /// Zone id -> index of the zone that has it.
+    zone_ids: HashMap<u32, usize>,
+    /// Devices with `"status": "enable"` and a known type, across all zones.
+    enabled: usize,
+}
+
+impl Checker {
+    fn err(&mut self, path: impl Into<String>, reason: impl Into<String>) {
+        self.errors.push(ConfigError {
+            path: path.into(),
+            reason: reason.into(),
+        });
+    }
+
+    fn unknown_keys(&mut self, obj: &Map<String, Value>, path: &str, known: &[&str]) {
+        for key in obj.keys() {
+            if !known.contains(&key.as_str()) {
+                self.warnings
+                    .push(format!("{}: unknown key, ignored", join(path, key)));
+            }
+        }
+    }
+
+    fn object<'a>(&mut self, v: &'a Value, path: &str) -> Option<&'a Map<String, Value>> {
+        let obj = v.as_object();
+        if obj.is_none() {
+            self.err(path, format!("must be an object, not {}", kind_of(v)));
+        }
+        obj
+    }
+
+    /// A required array member.
+    fn array<'a>(
+        &mut self,
+        obj: &'a Map<String, Value>,
+        path: &str,
+        key: &str,
+    ) -> Option<&'a Vec<Value>> {
+        let p = join(path, key);
+        match obj.get(key) {
+            None => {
+                self.err(p, "is required");
+                None
+            }
+            Some(Value::Array(a)) => Some(a),
+            Some(v) => {
+                self.err(p, format!("must be an array, not {}", kind_of(v)));
+                None
+            }
+        }
+    }
+
+    /// A required string member.
+    fn string<'a>(
+        &mut self,
+        obj: &'a Map<String, Value>,
+        path: &str,
+        key: &str,
+    ) -> Option<&'a str> {
+        let p = join(path, key);
+        match obj.get(key) {
+            None => {
+                self.err(p, "is required");
+                None
+            }
+            Some(Value::String(s)) => Some(s),
+            Some(v) => {
+                self.err(p, format!("must be a string, not {}", kind_of(v)));
+                None
+            }
+        }
+    }
+
+    /// A required number member of at most `bits` bits.
+    fn number(
+        &mut self,
+        obj: &Map<String, Value>,
+        path: &str,
+        key: &str,
+        bits: u32,
+    ) -> Option<u64> {
+        let p = join(path, key);
+        match obj.get(key) {
+            None => {
+                self.err(p, "is required");
+                None
+            }
+            Some(v) => self.number_value(v, &p, bits),
+        }
+    }
+
+    fn number_value(&mut self, v: &Value, path: &str, bits: u32) -> Option<u64> {
+        match parse_value(v, bits) {
+            Ok(n) => {
+                if n.wide_json_number {
+                    self.warnings.push(format!(
+                        "{path}: hvisor-tool reads JSON numbers as a C int (at most {C_INT_MAX}), \
+                         write it as a string such as \"{:#x}\"",
+                        n.value
+                    ));
+                }
+                Some(n.value)
+            }
+            Err(reason) => {
+                self.err(path, reason);
+                None
+            }
+        }
+    }
+
+    /// A required non-zero number.
+    fn nonzero(
+        &mut self,
+        obj: &Map<String, Value>,
+        path: &str,
+        key: &str,
+        bits: u32,
+    ) -> Option<u64> {
+        match self.number(obj, path, key, bits)? {
+            0 => {
+                self.err(join(path, key), "must not be 0");
+                None
+            }
+            n => Some(n),
+        }
+    }
+
+    fn config(&mut self, root: &Value) -> Vec<Zone> {
+        let Some(obj) = self.object(root, "(top level)") else {
+            return Vec::new();
+        };
+        self.unknown_keys(obj, "", TOP_KEYS);
+        let Some(list) = self.array(obj, "", "zones") else {
+            return Vec::new();
+        };
+        if list.is_empty() {
+            self.err("zones", "must list at least one zone");
+            return Vec::new();
+        }
+        if list.len() > MAX_ZONES as usize {
+            self.err(
+                "zones",
+                format!("{} zones; at most {MAX_ZONES} are supported", list.len()),
+            );
+        }
+        let zones = list
+            .iter()
+            .enumerate()
+            .filter_map(|(i, z)| self.zone(z, &format!("zones[{i}]"), i))
+            .collect();
+        if self.enabled == 0 {
+            self.err("zones", "nothing to serve: no enabled device");
+        }
+        zones
+    }
+
+    fn zone(&mut self, v: &Value, path: &str, index: usize) -> Option<Zone> {
+        let obj = self.object(v, path)?;
+        self.unknown_keys(obj, path, ZONE_KEYS);
+        let id = self.number(obj, path, "id", 32).and_then(|id| {
+            let p = join(path, "id");
+            if id >= u64::from(MAX_ZONES) {
+                self.err(p, format!("zone id {id} is not below {MAX_ZONES}"));
+                return None;
+            }
+            let id = u32::try_from(id).ok()?;
+            if let Some(first) = self.zone_ids.get(&id) {
+                self.err(p, format!("duplicate zone id {id} (also zones[{first}])"));
+                return None;
+            }
+            self.zone_ids.insert(id, index);
+            Some(id)
+        });
+        let memory = self.regions(obj, path);
+        let enabled_before = self.enabled;
+        let devices = self.devices(obj, path, id.unwrap_or(0), &memory);
+        if memory.is_empty() && self.enabled > enabled_before {
+            if let Some(Value::Array(a)) = obj.get("memory_region") {
+                if a.is_empty() {
+                    self.err(
+                        join(path, "memory_region"),
+                        "is empty, but the zone has enabled devices (their queues live in zone RAM)",
+                    );
+                }
+            }
+        }
+        Some(Zone {
+            id: id.unwrap_or(0),
+            memory: memory.into_iter().map(|(_, r)| r).collect(),
+            devices,
+        })
+    }
+
+    /// The zone's valid regions, each with its index in the file.
+    fn regions(&mut self, obj: &Map<String, Value>, zpath: &str) -> Vec<(usize, MemRegion)> {
+        let path = join(zpath, "memory_region");
+        let Some(list) = self.array(obj, zpath, "memory_region") else {
+            return Vec::new();
+        };
+        if list.len() > MAX_REGIONS {
+            self.err(
+                &path,
+                format!(
+                    "{} regions; at most {MAX_REGIONS} are supported",
+                    list.len()
+                ),
+            );
+        }
+        let mut good = Vec::new();
+        for (i, v) in list.iter().enumerate() {
+            if let Some(r) = self.region(v, &format!("{path}[{i}]")) {
+                good.push((i, r));
+            }
+        }
+        for (space, pick) in [
+            (
+                "zonex_ipa",
+                (|r: &MemRegion| r.zonex_ipa) as fn(&MemRegion) -> u64,
+            ),
+            ("zone0_ipa", |r: &MemRegion| r.zone0_ipa),
+        ] {
+            let spans: Vec<Span> = good
+                .iter()
+                .filter_map(|(i, r)| Span::new(*i, pick(r), r.size))
+                .collect();
+            for (later, earlier) in overlapping(&spans) {
+                self.err(
+                    format!("{path}[{}]", later.index),
+                    format!(
+                        "overlaps {path}[{}] in {space} space ({} and {})",
+                        earlier.index,
+                        later.show(),
+                        earlier.show()
+                    ),
+                );
+            }
+        }
+        good
+    }
+
+    fn region(&mut self, v: &Value, path: &str) -> Option<MemRegion> {
+        let obj = self.object(v, path)?;
+        self.unknown_keys(obj, path, REGION_KEYS);
+        let zone0 = self.number(obj, path, "zone0_ipa", 64);
+        let zonex = self.number(obj, path, "zonex_ipa", 64);
+        let size = self.nonzero(obj, path, "size", 64);
+        let mut ok = true;
+        match zone0 {
+            Some(0) => {
+                self.err(
+                    join(path, "zone0_ipa"),
+                    "must not be 0: zone memory is mapped from /dev/hvisor at offset zone0_ipa, \
+                     and offset 0 is the bridge page",
+                );
+                ok = false;
+            }
+            Some(a) => ok &= self.aligned(a, path, "zone0_ipa"),
+            None => {}
+        }
+        if let Some(a) = zonex {
+            ok &= self.aligned(a, path, "zonex_ipa");
+        }
+        let (zone0, zonex, size) = (zone0?, zonex?, size?);
+        for (key, start) in [("zone0_ipa", zone0), ("zonex_ipa", zonex)] {
+            if start.checked_add(size).is_none() {
+                self.err(
+                    path,
+                    format!("{key} {start:#x} + size {size:#x} overflows 64 bits"),
+                );
+                ok = false;
+            }
+        }
+        ok.then_some(MemRegion {
+            zone0_ipa: zone0,
+            zonex_ipa: zonex,
+            size,
+        })
+    }
+
+    fn aligned(&mut self, addr: u64, path: &str, key: &str) -> bool {
+        let ok = addr % PAGE_SIZE == 0;
+        if !ok {
+            self.err(
+                join(path, key),
+                format!("{addr:#x} is not page aligned ({PAGE_SIZE:#x})"),
+            );
+        }
+        ok
+    }
+
+    fn devices(
+        &mut self,
+        obj: &Map<String, Value>,
+        zpath: &str,
+        zone: u32,
+        ram: &[(usize, MemRegion)],
+    ) -> Vec<Device> {
+        let path = join(zpath, "devices");
+        let Some(list) = self.array(obj, zpath, "devices") else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let mut spans = Vec::new();
+        for (i, v) in list.iter().enumerate() {
+            let dpath = format!("{path}[{i}]");
+            let (span, dev) = self.device(v, &dpath, i, zone, (zpath, ram));
+            spans.extend(span);
+            out.extend(dev);
+        }
+        for (later, earlier) in overlapping(&spans) {
+            self.err(
+                format!("{path}[{}]", later.index),
+                format!(
+                    "MMIO range {} overlaps {path}[{}] ({})",
+                    later.show(),
+                    earlier.index,
+                    earlier.show()
+                ),
+            );
+        }
+        out
+    }
+
+    /// Checks one device. Returns its MMIO range when that much is valid (for overlap checks,
+    /// even if other fields are wrong) and the device when it is enabled and entirely valid.
+    fn device(
+        &mut self,
+        v: &Value,
+        path: &str,
+        index: usize,
+        zone: u32,
+        (zpath, ram): (&str, &[(usize, MemRegion)]),
+    ) -> (Option<Span>, Option<Device>) {
+        let Some(obj) = self.object(v, path) else {
+            return (None, None);
+        };
+        let kind = self.string(obj, path, "type").and_then(|t| {
+            let kind = Kind::from_name(t);
+            if kind.is_none() {
+                self.err(
+                    join(path, "type"),
+                    format!("unknown device type {t:?} (expected \"blk\", \"net\" or \"console\")"),
+                );
+            }
+            kind
+        });
+        if let Some(kind) = kind {
+            for key in obj.keys() {
+                let k = key.as_str();
+                if !COMMON_DEVICE_KEYS.contains(&k) && !kind.keys().contains(&k) {
+                    let what = if ANY_DEVICE_KEYS.contains(&k) {
+                        format!("unknown key for a {} device, ignored", kind.name())
+                    } else {
+                        "unknown key, ignored".to_string()
+                    };
+                    self.warnings.push(format!("{}: {what}", join(path, key)));
+                }
+            }
+        } else {
+            self.unknown_keys(obj, path, &[COMMON_DEVICE_KEYS, ANY_DEVICE_KEYS].concat());
+        }
+        match self.string(obj, path, "status") {
+            Some("disable") => return (None, None),
+            Some("enable") => {
+                // A device of unknown type is already an error and takes no slot.
+                self.enabled += usize::from(kind.is_some());
+                if kind.is_some() && self.enabled == MAX_DEVS + 1 {
+                    self.err(
+                        path,
+                        format!(
+                            "more than {MAX_DEVS} enabled devices in total \
+                             (the hvisor bridge page has {MAX_DEVS} device slots)"
+                        ),
+                    );
+                }
+            }
+            Some(other) => self.err(
+                join(path, "status"),
+                format!("must be \"enable\" or \"disable\", not {other:?}"),
+            ),
+            // Missing or not a string (already reported): check the rest as if enabled.
+            None => {}
+        }
+        if let Some(k @ (Kind::Gpu | Kind::Scmi)) = kind {
+            self.err(
+                join(path, "type"),
+                format!("{:?} is not supported by hvisor-broker", k.name()),
+            );
+        }
+
+        let addr = self.nonzero(obj, path, "addr", 64);
+        let len = self.nonzero(obj, path, "len", 64).and_then(|len| {
+            if len < MIN_DEVICE_LEN {
+                self.err(
+                    join(path, "len"),
+                    format!(
+                        "{len:#x} is smaller than the {MIN_DEVICE_LEN:#x}-byte virtio-mmio register block"
+                    ),
+                );
+                return None;
+            }
+            Some(len)
+        });
+        let irq = self.nonzero(obj, path, "irq", 32);
+        let span = match (addr, len) {
+            (Some(a), Some(l)) => {
+                let span = Span::new(index, a, l);
+                if span.is_none() {
+                    self.err(path, format!("addr {a:#x} + len {l:#x} overflows 64 bits"));
+                }
+                span
+            }
+            _ => None,
+        };
+        if let Some(s) = span {
+            for (i, r) in ram {
+                if let Some(r) = Span::new(*i, r.zonex_ipa, r.size) {
+                    if s.overlaps(&r) {
+                        self.err(
+                            path,
+                            format!(
+                                "MMIO range {} overlaps RAM {zpath}.memory_region[{i}] ({})",
+                                s.show(),
+                                r.show()
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+
+        let config = match kind {
+            Some(Kind::Blk) => self.blk(obj, path),
+            Some(Kind::Net) => self.net(obj, path),
+            Some(Kind::Console) => Some(DeviceConfig::Console),
+            _ => None,
+        };
+        let device = match (span, irq, config) {
+            (Some(s), Some(irq), Some(kind)) => u32::try_from(irq).ok().map(|irq| Device {
+                zone,
+                addr: s.start,
+                len: s.end - s.start,
+                irq,
+                json_path: path.to_string(),
+                kind,
+            }),
+            _ => None,
+        };
+        (span, device)
+    }
+
+    fn blk(&mut self, obj: &Map<String, Value>, path: &str) -> Option<DeviceConfig> {
+        let img = self.string(obj, path, "img");
+        let readonly = match obj.get("readonly") {
+            None => Some(false),
+            Some(Value::Bool(b)) => Some(*b),
+            Some(v) => {
+                self.err(
+                    join(path, "readonly"),
+                    format!("must be true or false, not {}", kind_of(v)),
+                );
+                None
+            }
+        };
+        let img = match img {
+            Some("") => {
+                self.err(join(path, "img"), "must not be empty");
+                return None;
+            }
+            Some(s) => PathBuf::from(s),
+            None => return None,
+        };
+        let readonly = readonly?;
+        if let Err(reason) = check_image(&img, readonly) {
+            self.err(join(path, "img"), reason);
+            return None;
+        }
+        Some(DeviceConfig::Blk { img, readonly })
+    }
+
+    fn net(&mut self, obj: &Map<String, Value>, path: &str) -> Option<DeviceConfig> {
+        let tap = self
+            .string(obj, path, "tap")
+            .and_then(|t| match tap_problem(t) {
+                Some(reason) => {
+                    self.err(join(path, "tap"), format!("{t:?} {reason}"));
+                    None
+                }
+                None => Some(t.to_string()),
+            });
+        let mac = self.mac(obj, path);
+        Some(DeviceConfig::Net {
+            tap: tap?,
+            mac: mac?,
+        })
+    }
+
+    fn mac(&mut self, obj: &Map<String, Value>, path: &str) -> Option<[u8; 6]> {
+        let p = join(path, "mac");
+        let items = self.array(obj, path, "mac")?;
+        if items.len() != 6 {
+            self.err(
+                &p,
+                format!("has {} items; a MAC address has 6 bytes", items.len()),
+            );
+            return None;
+        }
+        let mut mac = [0u8; 6];
+        let mut ok = true;
+        for (i, (v, byte)) in items.iter().zip(mac.iter_mut()).enumerate() {
+            match self.number_value(v, &format!("{p}[{i}]"), 8) {
+                Some(b) => *byte = u8::try_from(b).unwrap_or(0),
+                None => ok = false,
+            }
+        }
+        if !ok {
+            return None;
+        }
+        if mac[0] & 1 != 0 {
+            self.err(
+                p,
+                format!(
+                    "{} is a multicast address (low bit of the first byte set)",
+                    crate::format_mac(&mac)
+                ),
+            );
+            return None;
+        }
+        Some(mac)
+    }
+}
+
+/// Why `name` cannot be a Linux interface name, if it cannot.
+fn tap_problem(name: &str) -> Option<String> {
+    if name.is_empty() {
+        Some("must not be empty".to_string())
+    } else if name.len() > MAX_TAP_NAME {
+        Some(format!(
+            "is {} bytes long; interface names have at most {MAX_TAP_NAME}",
+            name.len()
+        ))
+    } else if name == "." || name == ".." {
+        Some("is not a valid interface name".to_string())
+    } else if name
+        .chars()
+        .any(|c| c == '/' || c == ':' || c == '\0' || c.is_whitespace())
+    {
+        Some("must not contain '/', ':', white space or NUL".to_string())
+    } else {
+        None
+    }
+}
+
+/// Opens the image the way the worker will use it. Anything but a regular file or a block
+/// device is refused first, since opening a FIFO would block.
+fn check_image(img: &std::path::Path, readonly: bool) -> Result<(), String> {
+    let mode = if readonly { "read-only" } else { "read-write" };
+    let shown = img.display();
+    let meta = std::fs::metadata(img).map_err(|e| format!("cannot open {shown:?} {mode}: {e}"))?;
+    let ft = meta.file_type();
+    if ft.is_dir() {
+        return Err(format!("{shown:?} is a directory"));
+    }
+    if !ft.is_file() && !ft.is_block_device() {
+        return Err(format!(
+            "{shown:?} is neither a regular file nor a block device"
+        ));
+    }
+    OpenOptions::new()
+        .read(true)
+        .write(!readonly)
+        .open(img)
+        .map(drop)
+        .map_err(|e| format!("cannot open {shown:?} {mode}: {e}"))
+}

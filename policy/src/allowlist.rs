@@ -1,0 +1,177 @@
+//! The per-device seccomp allowlists, written next to each other so they can be compared.
+//!
+//! Each list is as small as that worker's event loop needs, plus what Rust std and the C library
+//! (glibc or musl) call on their own: allocation, locks, signal masks, and the error path (a
+//! message to stderr, then `exit_group`). Everything not listed kills the worker.
+//!
+//! Opening files, sockets, `ioctl`, `execve`, `clone` (no threads, no children) and `fcntl`
+//! (no command is needed once the worker runs) are absent on purpose: the broker opens every
+//! resource and passes the fds before the filter is installed.
+
+use std::fmt;
+
+use protocol::DeviceKind;
+
+/// One allowed system call and the argument values it is allowed with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Allowed {
+    pub name: &'static str,
+    pub nr: i64,
+    /// Alternatives: the call passes when every check of any one alternative holds.
+    /// Empty: any arguments.
+    pub when: Vec<Vec<ArgCheck>>,
+}
+
+/// `(arg[index] & mask) == value`, on the low 32 bits (every checked argument is an `int`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ArgCheck {
+    pub index: u8,
+    pub mask: u32,
+    pub value: u32,
+}
+
+impl ArgCheck {
+    const fn eq(index: u8, value: i32) -> Self {
+        ArgCheck {
+            index,
+            mask: u32::MAX,
+            value: value as u32,
+        }
+    }
+
+    /// The bits of `flag` are all clear.
+    const fn clear(index: u8, flag: i32) -> Self {
+        ArgCheck {
+            index,
+            mask: flag as u32,
+            value: 0,
+        }
+    }
+
+    /// The bits of `flag` are all set.
+    const fn set(index: u8, flag: i32) -> Self {
+        ArgCheck {
+            index,
+            mask: flag as u32,
+            value: flag as u32,
+        }
+    }
+}
+
+impl fmt::Display for ArgCheck {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.mask == u32::MAX {
+            write!(f, "arg{} == {:#x}", self.index, self.value)
+        } else {
+            write!(
+                f,
+                "arg{} & {:#x} == {:#x}",
+                self.index, self.mask, self.value
+            )
+        }
+    }
+}
+
+impl fmt::Display for Allowed {
+    /// One line per syscall, e.g. `mmap  when arg2 & 0x4 == 0x0 and arg3 & 0x20 == 0x20`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.name, self.nr)?;
+        for (i, alt) in self.when.iter().enumerate() {
+            f.write_str(if i == 0 { " when " } else { " or " })?;
+            for (j, check) in alt.iter().enumerate() {
+                if j > 0 {
+                    f.write_str(" and ")?;
+                }
+                write!(f, "{check}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+macro_rules! sys {
+    ($name:ident) => {
+        Allowed {
+            name: stringify!($name),
+            nr: libc::$name as i64,
+            when: Vec::new(),
+        }
+    };
+    ($name:ident, $($alt:expr),+ $(,)?) => {
+        Allowed {
+            name: stringify!($name),
+            nr: libc::$name as i64,
+            when: vec![$($alt.to_vec()),+],
+        }
+    };
+}
+
+/// The allowlist of a device kind, or `None` while that kind has no worker.
+pub fn allowlist(kind: DeviceKind) -> Option<Vec<Allowed>> {
+    let mut list = common();
+    match kind {
+        DeviceKind::Blk => list.extend(blk()),
+        // Net (tap readv/writev) and console (pty read/write) slot in here with their workers.
+        DeviceKind::Net | DeviceKind::Console => return None,
+    }
+    list.sort_by_key(|a| a.nr);
+    Some(list)
+}
+
+/// What every worker needs: its socket and eventfds, memory, and the runtime's own calls.
+fn common() -> Vec<Allowed> {
+    let mut list = vec![
+        // eventfds (kick read, call write) and stderr
+        sys!(SYS_read),
+        sys!(SYS_write),
+        sys!(SYS_close),
+        // the broker socket; fds arriving with a malformed message are closed
+        sys!(SYS_recvmsg),
+        sys!(SYS_sendmsg),
+        sys!(SYS_epoll_pwait),
+        // Anonymous memory only, never executable: guest memory was mapped before the filter,
+        // so no file-backed mapping (in particular of the zone memory fd) can be made again.
+        sys!(
+            SYS_mmap,
+            [
+                ArgCheck::clear(2, libc::PROT_EXEC),
+                ArgCheck::set(3, libc::MAP_ANONYMOUS)
+            ]
+        ),
+        sys!(SYS_mprotect, [ArgCheck::clear(2, libc::PROT_EXEC)]),
+        sys!(SYS_munmap),
+        // realloc of large buffers
+        sys!(SYS_mremap),
+        sys!(SYS_brk),
+        // free() returning pages: glibc uses DONTNEED, musl FREE
+        sys!(
+            SYS_madvise,
+            [ArgCheck::eq(2, libc::MADV_DONTNEED)],
+            [ArgCheck::eq(2, libc::MADV_FREE)]
+        ),
+        sys!(SYS_futex),
+        sys!(SYS_sched_yield),
+        // std's hash seeds, drawn lazily
+        sys!(SYS_getrandom),
+        sys!(SYS_rt_sigprocmask),
+        sys!(SYS_rt_sigreturn),
+        sys!(SYS_sigaltstack),
+        sys!(SYS_restart_syscall),
+        sys!(SYS_exit_group),
+    ];
+    // glibc calls epoll_wait where the kernel has it; musl tries epoll_pwait first.
+    #[cfg(target_arch = "x86_64")]
+    list.push(sys!(SYS_epoll_wait));
+    list
+}
+
+/// virtio-blk: zero-copy I/O on the image fd.
+fn blk() -> Vec<Allowed> {
+    vec![
+        sys!(SYS_preadv),
+        sys!(SYS_pwritev),
+        sys!(SYS_fdatasync),
+        // DISCARD and WRITE_ZEROES (punch hole / zero range, also on block devices)
+        sys!(SYS_fallocate),
+    ]
+}

@@ -1,0 +1,198 @@
+use std::io::Write;
+use std::num::NonZeroUsize;
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Command, Stdio};
+
+use super::*;
+
+/// Set in a child run of this test binary: the probe to run inside the sandbox.
+const PROBE_ENV: &str = "HVISOR_POLICY_PROBE";
+const ALIVE: &[u8] = b"probe-survived";
+
+#[test]
+fn every_allowlist_compiles_for_this_arch() {
+    for kind in [DeviceKind::Blk, DeviceKind::Net, DeviceKind::Console] {
+        match allowlist(kind) {
+            Some(list) => {
+                assert!(!list.is_empty());
+                for mode in [SeccompMode::Kill, SeccompMode::Trap, SeccompMode::Log] {
+                    let prog = compile(kind, mode).unwrap();
+                    assert!(!prog.is_empty());
+                }
+            }
+            None => assert!(matches!(
+                compile(kind, SeccompMode::Kill),
+                Err(PolicyError::NoAllowlist(_))
+            )),
+        }
+    }
+}
+
+#[test]
+fn blk_allowlist_is_small_and_printable() {
+    let list = allowlist(DeviceKind::Blk).unwrap();
+    let names: Vec<&str> = list.iter().map(|a| a.name).collect();
+    for forbidden in [
+        "SYS_openat",
+        "SYS_socket",
+        "SYS_execve",
+        "SYS_clone",
+        "SYS_clone3",
+        "SYS_ioctl",
+        "SYS_fcntl",
+    ] {
+        assert!(!names.contains(&forbidden), "{forbidden} must not be allowed");
+    }
+    assert!(list.len() < 32, "{} syscalls", list.len());
+    let mmap = list.iter().find(|a| a.name == "SYS_mmap").unwrap();
+    assert_eq!(
+        mmap.to_string(),
+        format!(
+            "SYS_mmap ({}) when arg2 & 0x4 == 0x0 and arg3 & 0x20 == 0x20",
+            libc::SYS_mmap
+        )
+    );
+}
+
+#[test]
+fn mode_parses() {
+    assert_eq!("trap".parse::<SeccompMode>().unwrap(), SeccompMode::Trap);
+    assert!("allow".parse::<SeccompMode>().is_err());
+    assert_eq!(SeccompMode::default(), SeccompMode::Kill);
+}
+
+/// Runs one probe in a fresh process (this test binary again, so the sandbox is entered by a
+/// single-threaded caller with nothing borrowed from the multi-threaded test runner). Returns
+/// the exit status and whether the probe reported that it survived.
+fn run_probe(probe: &str) -> (std::process::ExitStatus, bool) {
+    let exe = std::env::current_exe().unwrap();
+    // stdin: a regular file, for the file-backed mmap probe
+    let mut stdin = tempfile_with(b"some data to map");
+    stdin.flush().unwrap();
+    let out = Command::new(exe)
+        .args(["--exact", "tests::sandbox_probe", "--nocapture", "--test-threads=1"])
+        .env(PROBE_ENV, probe)
+        .stdin(Stdio::from(stdin))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let survived = out.stdout.windows(ALIVE.len()).any(|w| w == ALIVE);
+    (out.status, survived)
+}
+
+fn tempfile_with(data: &[u8]) -> std::fs::File {
+    let fd = nix::sys::memfd::memfd_create("probe-input", nix::sys::memfd::MFdFlags::empty())
+        .unwrap();
+    let mut f = std::fs::File::from(fd);
+    f.write_all(data).unwrap();
+    f
+}
+
+#[test]
+fn allowed_calls_pass_in_the_blk_sandbox() {
+    for probe in ["write", "memory"] {
+        let (status, survived) = run_probe(probe);
+        assert!(
+            survived && status.success(),
+            "{probe}: {status:?}, survived {survived}"
+        );
+    }
+}
+
+#[test]
+fn forbidden_calls_kill_the_blk_worker() {
+    for probe in [
+        "openat",
+        "socket",
+        "execve",
+        "spawn",
+        "ioctl",
+        "fcntl",
+        "mmap_exec",
+        "mmap_file",
+        "mprotect_exec",
+    ] {
+        let (status, survived) = run_probe(probe);
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGSYS),
+            "{probe}: {status:?}, survived {survived}"
+        );
+        assert!(!survived, "{probe}");
+    }
+}
+
+/// The body of a child run; does nothing in a normal test run.
+#[test]
+fn sandbox_probe() {
+    let Ok(probe) = std::env::var(PROBE_ENV) else {
+        return;
+    };
+    enter(DeviceKind::Blk, SeccompMode::Kill).expect("entering the sandbox");
+    let stdout = std::io::stdout();
+    let stdin = std::io::stdin();
+    let page = NonZeroUsize::new(4096).unwrap();
+    match probe.as_str() {
+        "write" => {}
+        "memory" => {
+            // large enough for mmap, grown by mremap, freed by munmap
+            let mut v = vec![1u8; 1 << 20];
+            v.resize(8 << 20, 2);
+            assert_eq!(v.iter().map(|&b| b as usize).sum::<usize>(), (1 << 20) + (14 << 20));
+        }
+        "openat" => {
+            let _ = std::fs::File::open("/");
+        }
+        "socket" => {
+            let _ = std::net::UdpSocket::bind("127.0.0.1:0");
+        }
+        "execve" => {
+            let _ = nix::unistd::execv(c"/bin/true", &[c"true"]);
+        }
+        "spawn" => {
+            let _ = Command::new("/bin/true").status();
+        }
+        "ioctl" => {
+            let _ = nix::sys::termios::tcgetattr(&stdout);
+        }
+        "fcntl" => {
+            let _ = nix::fcntl::fcntl(&stdout, nix::fcntl::FcntlArg::F_GETFL);
+        }
+        "mmap_exec" => {
+            use nix::sys::mman::{mmap_anonymous, MapFlags, ProtFlags};
+            // SAFETY: a new private anonymous mapping aliases nothing.
+            let _ = unsafe {
+                mmap_anonymous(
+                    None,
+                    page,
+                    ProtFlags::PROT_READ | ProtFlags::PROT_EXEC,
+                    MapFlags::MAP_PRIVATE,
+                )
+            };
+        }
+        "mmap_file" => {
+            use nix::sys::mman::{mmap, MapFlags, ProtFlags};
+            // SAFETY: a new read-only mapping of our own stdin file aliases nothing.
+            let _ = unsafe { mmap(None, page, ProtFlags::PROT_READ, MapFlags::MAP_SHARED, &stdin, 0) };
+        }
+        "mprotect_exec" => {
+            use nix::sys::mman::{mmap_anonymous, mprotect, MapFlags, ProtFlags};
+            // SAFETY: the page is a new private anonymous mapping that nothing else refers to;
+            // changing its protection affects no Rust object.
+            let _ = unsafe {
+                mmap_anonymous(
+                    None,
+                    page,
+                    ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                    MapFlags::MAP_PRIVATE,
+                )
+                .and_then(|p| mprotect(p, page.get(), ProtFlags::PROT_READ | ProtFlags::PROT_EXEC))
+            };
+        }
+        other => panic!("unknown probe {other}"),
+    }
+    let _ = nix::unistd::write(&stdout, ALIVE);
+    // the ordinary exit path of a worker
+    std::process::exit(0);
+}

@@ -1,0 +1,251 @@
+//! Guest zones: one thread per zone, with its own vCPU, driving that zone's blk devices with
+//! virtio-drivers through [`SimTransport`] and [`ZoneHal`].
+
+pub mod bench;
+pub mod demo;
+pub mod hostile;
+pub mod rawblk;
+pub mod stock;
+pub mod verify;
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use virtio_drivers::Hal;
+
+use crate::hal::{self, ZoneHal, SLOTS};
+use crate::hv::{Hypervisor, Vcpu};
+use crate::layout::{DevKind, DevSpec, ZoneSpec};
+use crate::mem::PhysMem;
+use crate::report::{BenchReport, DeviceReport, ZoneReport};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Workload {
+    BlkDemo,
+    BlkVerify,
+    Hostile,
+    Bench,
+}
+
+impl Workload {
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::BlkDemo => "blk-demo",
+            Workload::BlkVerify => "blk-verify",
+            Workload::Hostile => "hostile",
+            Workload::Bench => "bench",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GuestOptions {
+    pub workload: Workload,
+    pub seed: u64,
+    pub shadow_dir: Option<PathBuf>,
+    /// How long a guest waits for a device interrupt.
+    pub irq_timeout: Duration,
+}
+
+/// splitmix64: small, seedable, good enough for test patterns.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform-enough value in `[lo, hi]`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next_u64() % (hi - lo + 1)
+    }
+
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let v = self.next_u64().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+/// Interrupt side of a guest driver: waits for its device's interrupt, as an IRQ handler
+/// would be entered.
+pub struct IrqWaiter {
+    hv: Arc<Hypervisor>,
+    zone: u32,
+    irq: u32,
+    seen: u64,
+    start: u64,
+    timeout: Duration,
+}
+
+impl IrqWaiter {
+    pub fn new(vcpu: &Vcpu, irq: u32, timeout: Duration) -> Self {
+        let hv = vcpu.hypervisor().clone();
+        let seen = hv.irq_count(vcpu.zone(), irq);
+        IrqWaiter {
+            hv,
+            zone: vcpu.zone(),
+            irq,
+            seen,
+            start: seen,
+            timeout,
+        }
+    }
+
+    /// Waits for an interrupt not seen yet; false on timeout or when the broker is gone.
+    pub fn wait(&mut self) -> bool {
+        self.hv
+            .wait_irq(self.zone, self.irq, &mut self.seen, self.timeout)
+    }
+
+    pub fn wait_for(&mut self, timeout: Duration) -> bool {
+        self.hv.wait_irq(self.zone, self.irq, &mut self.seen, timeout)
+    }
+
+    /// Interrupts delivered since this waiter was made.
+    pub fn delivered(&self) -> u64 {
+        self.hv.irq_count(self.zone, self.irq) - self.start
+    }
+
+    pub fn broker_gone(&self) -> bool {
+        self.hv.broker_gone()
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+}
+
+/// Everything a workload needs for one device.
+pub struct GuestDev<'a> {
+    pub vcpu: &'a Vcpu,
+    pub spec: &'a DevSpec,
+    pub opts: &'a GuestOptions,
+    pub irq: IrqWaiter,
+}
+
+impl GuestDev<'_> {
+    pub fn zone(&self) -> u32 {
+        self.vcpu.zone()
+    }
+
+    pub fn image(&self) -> Option<&std::path::Path> {
+        match &self.spec.kind {
+            DevKind::Blk { img, .. } => Some(img),
+            _ => None,
+        }
+    }
+}
+
+/// What a zone thread needs.
+pub struct ZoneJob {
+    pub hv: Arc<Hypervisor>,
+    pub mem: Arc<PhysMem>,
+    pub zone: ZoneSpec,
+    pub cpu: u64,
+    pub slot: usize,
+    pub opts: GuestOptions,
+    /// Whether this zone runs the benchmark (only the first zone with a blk device does).
+    pub bench: bool,
+}
+
+/// Runs the workload in one zone; never panics (a failed vCPU ends up in the report).
+pub fn run_zone(job: ZoneJob) -> (ZoneReport, Option<BenchReport>) {
+    let mut rep = ZoneReport {
+        zone: job.zone.id,
+        cpu: job.cpu,
+        ..Default::default()
+    };
+    let mut bench = None;
+    let res = (|| -> Result<()> {
+        anyhow::ensure!(job.slot < SLOTS, "at most {SLOTS} zones can be simulated");
+        let vcpu = job.hv.vcpu(job.cpu, job.zone.id)?;
+        let ram = job
+            .mem
+            .largest_region(job.zone.id)
+            .with_context(|| format!("zone {} has no RAM", job.zone.id))?;
+        // SAFETY: the mapping lives in `job.mem`, which this thread keeps alive until the
+        // drivers are gone, and only this zone's drivers allocate from it.
+        unsafe { hal::install(job.slot, ram.zonex_ipa, ram.host_base(), ram.size) };
+        match job.slot {
+            0 => run_devices::<ZoneHal<0>>(&job, &vcpu, &mut rep, &mut bench),
+            1 => run_devices::<ZoneHal<1>>(&job, &vcpu, &mut rep, &mut bench),
+            2 => run_devices::<ZoneHal<2>>(&job, &vcpu, &mut rep, &mut bench),
+            _ => run_devices::<ZoneHal<3>>(&job, &vcpu, &mut rep, &mut bench),
+        }
+        Ok(())
+    })();
+    if let Err(e) = res {
+        rep.error = Some(format!("{e:#}"));
+    }
+    rep.ok = rep.error.is_none() && rep.devices.iter().all(|d| d.ok);
+    (rep, bench)
+}
+
+fn run_devices<H: Hal>(
+    job: &ZoneJob,
+    vcpu: &Vcpu,
+    rep: &mut ZoneReport,
+    bench: &mut Option<BenchReport>,
+) {
+    let blks = job
+        .zone
+        .devices
+        .iter()
+        .filter(|d| matches!(d.kind, DevKind::Blk { .. }));
+    for spec in blks {
+        let mut dev_rep = DeviceReport::new(job.zone.id, spec.addr, spec.irq, "blk");
+        if job.opts.workload == Workload::Bench && (!job.bench || bench.is_some()) {
+            // The benchmark measures one device; the others stay idle.
+            continue;
+        }
+        let mut g = GuestDev {
+            vcpu,
+            spec,
+            opts: &job.opts,
+            irq: IrqWaiter::new(vcpu, spec.irq, job.opts.irq_timeout),
+        };
+        let out = catch_unwind(AssertUnwindSafe(|| match job.opts.workload {
+            Workload::BlkDemo => demo::run::<H>(&mut g, &mut dev_rep),
+            Workload::BlkVerify => verify::run::<H>(&mut g, &mut dev_rep, true),
+            Workload::Hostile => hostile::run::<H>(&mut g, &mut dev_rep),
+            Workload::Bench => bench::run::<H>(&mut g, &mut dev_rep).map(|b| {
+                *bench = Some(b);
+            }),
+        }));
+        let err = match out {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(format!("{e:#}")),
+            Err(p) => Some(
+                p.downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "guest thread panicked".into()),
+            ),
+        };
+        dev_rep.interrupts = g.irq.delivered();
+        if let Some(e) = err {
+            println!(
+                "hvisor-sim: zone {} blk@0x{:x}: FAILED: {e}",
+                job.zone.id, spec.addr
+            );
+            dev_rep.check("workload", false, e.clone());
+            dev_rep.error = Some(e);
+        }
+        dev_rep.finish();
+        rep.devices.push(dev_rep);
+    }
+}

@@ -1,0 +1,200 @@
+//! A minimal virtio-blk driver of our own on `virtio_drivers::queue::VirtQueue`, for what the
+//! stock driver does not do: DISCARD, WRITE_ZEROES, BLK_SIZE and the full config space.
+
+use anyhow::{bail, Context, Result};
+use virtio_drivers::queue::VirtQueue;
+use virtio_drivers::transport::{DeviceStatus, Transport};
+use virtio_drivers::Hal;
+
+use super::IrqWaiter;
+use crate::report::BlkConfigValues;
+use crate::transport::SimTransport;
+
+/// Feature bits (virtio 1.2, 5.2.3 and 6).
+pub mod feat {
+    pub const SIZE_MAX: u64 = 1 << 1;
+    pub const SEG_MAX: u64 = 1 << 2;
+    pub const RO: u64 = 1 << 5;
+    pub const BLK_SIZE: u64 = 1 << 6;
+    pub const FLUSH: u64 = 1 << 9;
+    pub const DISCARD: u64 = 1 << 13;
+    pub const WRITE_ZEROES: u64 = 1 << 14;
+    pub const INDIRECT_DESC: u64 = 1 << 28;
+    pub const EVENT_IDX: u64 = 1 << 29;
+    pub const VERSION_1: u64 = 1 << 32;
+}
+
+/// Request types.
+pub mod req {
+    pub const IN: u32 = 0;
+    pub const OUT: u32 = 1;
+    pub const FLUSH: u32 = 4;
+    pub const GET_ID: u32 = 8;
+    pub const DISCARD: u32 = 11;
+    pub const WRITE_ZEROES: u32 = 13;
+}
+
+/// Status byte values.
+pub mod status {
+    pub const OK: u8 = 0;
+    pub const IOERR: u8 = 1;
+    pub const UNSUPP: u8 = 2;
+
+    pub fn name(s: u8) -> String {
+        match s {
+            OK => "OK".into(),
+            IOERR => "IOERR".into(),
+            UNSUPP => "UNSUPP".into(),
+            other => format!("status {other}"),
+        }
+    }
+}
+
+/// Everything this driver asks for.
+pub const WANTED: u64 = feat::VERSION_1
+    | feat::FLUSH
+    | feat::DISCARD
+    | feat::WRITE_ZEROES
+    | feat::RO
+    | feat::BLK_SIZE
+    | feat::SEG_MAX
+    | feat::SIZE_MAX;
+
+const QUEUE_SIZE: usize = 16;
+
+pub struct RawBlk<'a, H: Hal> {
+    t: SimTransport<'a>,
+    q: VirtQueue<H, QUEUE_SIZE>,
+    pub device_features: u64,
+    pub negotiated: u64,
+    pub config: BlkConfigValues,
+}
+
+impl<'a, H: Hal> RawBlk<'a, H> {
+    /// Resets the device (Status 0) and initialises it from scratch (virtio 3.1.1).
+    pub fn init(mut t: SimTransport<'a>, wanted: u64) -> Result<Self> {
+        t.set_status(DeviceStatus::empty());
+        if !t.get_status().is_empty() {
+            bail!("device status is not 0 after reset");
+        }
+        t.set_status(DeviceStatus::ACKNOWLEDGE);
+        t.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER);
+        let device_features = t.read_device_features();
+        let negotiated = device_features & wanted;
+        t.write_driver_features(negotiated);
+        let st = DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER | DeviceStatus::FEATURES_OK;
+        t.set_status(st);
+        if !t.get_status().contains(DeviceStatus::FEATURES_OK) {
+            bail!("device refused features 0x{negotiated:x} (FEATURES_OK cleared)");
+        }
+        let config = read_config(&t).context("reading config space")?;
+        let q = VirtQueue::new(&mut t, 0, false, false).context("setting up queue 0")?;
+        t.set_status(st | DeviceStatus::DRIVER_OK);
+        Ok(RawBlk {
+            t,
+            q,
+            device_features,
+            negotiated,
+            config,
+        })
+    }
+
+    pub fn has(&self, f: u64) -> bool {
+        self.negotiated & f != 0
+    }
+
+    /// One request, waited for by interrupt. `out` goes to the device after the header,
+    /// `inp` comes back before the status byte. Returns the status byte.
+    pub fn request(
+        &mut self,
+        irq: &mut IrqWaiter,
+        typ: u32,
+        sector: u64,
+        out: &[u8],
+        inp: &mut [u8],
+    ) -> Result<u8> {
+        let mut hdr = [0u8; 16];
+        hdr[..4].copy_from_slice(&typ.to_le_bytes());
+        hdr[8..].copy_from_slice(&sector.to_le_bytes());
+        let mut st = [0xffu8; 1];
+        let mut inputs: Vec<&[u8]> = vec![&hdr];
+        if !out.is_empty() {
+            inputs.push(out);
+        }
+        let mut outputs: Vec<&mut [u8]> = Vec::new();
+        if !inp.is_empty() {
+            outputs.push(inp);
+        }
+        outputs.push(&mut st);
+        // SAFETY: the buffers live on this frame until `pop_used` below returns them.
+        let token = unsafe { self.q.add(&inputs, &mut outputs) }?;
+        if self.q.should_notify() {
+            self.t.notify(0);
+        }
+        loop {
+            if !irq.wait() {
+                if self.q.can_pop() {
+                    bail!("request completed but its interrupt never came");
+                }
+                bail!(
+                    "no completion of request type {typ} within {:?}{}",
+                    irq.timeout(),
+                    if irq.broker_gone() { " (broker gone)" } else { "" }
+                );
+            }
+            self.t.read_isr_and_ack();
+            if self.q.can_pop() {
+                break;
+            }
+        }
+        // SAFETY: the same buffers as passed to `add` for `token`.
+        unsafe { self.q.pop_used(token, &inputs, &mut outputs) }?;
+        Ok(st[0])
+    }
+
+    /// DISCARD or WRITE_ZEROES of one range (`struct virtio_blk_discard_write_zeroes`).
+    pub fn range_op(
+        &mut self,
+        irq: &mut IrqWaiter,
+        typ: u32,
+        sector: u64,
+        sectors: u32,
+        unmap: bool,
+    ) -> Result<u8> {
+        let mut seg = [0u8; 16];
+        seg[..8].copy_from_slice(&sector.to_le_bytes());
+        seg[8..12].copy_from_slice(&sectors.to_le_bytes());
+        seg[12..].copy_from_slice(&(unmap as u32).to_le_bytes());
+        self.request(irq, typ, 0, &seg, &mut [])
+    }
+
+    pub fn transport(&mut self) -> &mut SimTransport<'a> {
+        &mut self.t
+    }
+}
+
+impl<H: Hal> Drop for RawBlk<'_, H> {
+    fn drop(&mut self) {
+        // Reset before the rings are freed, so the device stops looking at them.
+        self.t.set_status(DeviceStatus::empty());
+    }
+}
+
+/// `struct virtio_blk_config`, field by field at each field's natural width.
+fn read_config(t: &SimTransport<'_>) -> Result<BlkConfigValues> {
+    let c = t.read_consistent(|| {
+        Ok(BlkConfigValues {
+            capacity: t.read_config_space::<u64>(0)?,
+            size_max: t.read_config_space::<u32>(8)?,
+            seg_max: t.read_config_space::<u32>(12)?,
+            blk_size: t.read_config_space::<u32>(20)?,
+            max_discard_sectors: t.read_config_space::<u32>(36)?,
+            max_discard_seg: t.read_config_space::<u32>(40)?,
+            discard_sector_alignment: t.read_config_space::<u32>(44)?,
+            max_write_zeroes_sectors: t.read_config_space::<u32>(48)?,
+            max_write_zeroes_seg: t.read_config_space::<u32>(52)?,
+            write_zeroes_may_unmap: t.read_config_space::<u8>(56)?,
+        })
+    })?;
+    Ok(c)
+}

@@ -1,0 +1,208 @@
+//! The worker's single-threaded loop: broker messages on the socket, guest kicks on eventfds.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use log::{debug, error, warn};
+use nix::errno::Errno;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use protocol::{BrokerMsg, Channel, ChannelError, QueueConfig, WorkerMsg};
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+use crate::Device;
+
+/// The epoll token of the broker socket; kick `i` uses `i`.
+const SOCKET: u64 = u64::MAX;
+
+pub(crate) struct EventLoop {
+    chan: Arc<Channel>,
+    epoll: Epoll,
+    mem: GuestMemoryMmap,
+    kicks: Vec<OwnedFd>,
+    calls: Vec<OwnedFd>,
+    /// `None` until activated, and for a queue the driver set up wrongly.
+    queues: Vec<Option<Queue>>,
+    device: Box<dyn Device>,
+}
+
+impl EventLoop {
+    /// Registers every fd up front, so the loop itself needs no `epoll_ctl`.
+    pub(crate) fn new(
+        chan: Arc<Channel>,
+        mem: GuestMemoryMmap,
+        kicks: Vec<OwnedFd>,
+        calls: Vec<OwnedFd>,
+        device: Box<dyn Device>,
+    ) -> Result<Self, Errno> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        epoll.add(chan.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, SOCKET))?;
+        for (i, kick) in kicks.iter().enumerate() {
+            epoll.add(kick, EpollEvent::new(EpollFlags::EPOLLIN, i as u64))?;
+        }
+        let queues = kicks.iter().map(|_| None).collect();
+        Ok(EventLoop {
+            chan,
+            epoll,
+            mem,
+            kicks,
+            calls,
+            queues,
+            device,
+        })
+    }
+
+    /// Runs until the broker says Shutdown or goes away (success), or sends something malformed.
+    pub(crate) fn run(mut self) -> ExitCode {
+        let mut events = [EpollEvent::empty(); 16];
+        loop {
+            let n = match self.epoll.wait(&mut events, EpollTimeout::NONE) {
+                Ok(n) => n,
+                Err(Errno::EINTR) => continue,
+                Err(e) => return self.fail(format!("epoll: {e}")),
+            };
+            let ready = &events[..n];
+            // Messages first: a Reset or Activate sent before a kick must be seen before it.
+            if ready.iter().any(|e| e.data() == SOCKET) {
+                if let Some(code) = self.on_message() {
+                    return code;
+                }
+            }
+            for event in ready.iter().filter(|e| e.data() != SOCKET) {
+                self.on_kick(event.data() as usize);
+            }
+        }
+    }
+
+    fn on_message(&mut self) -> Option<ExitCode> {
+        let msg = match self.chan.recv::<BrokerMsg>(None) {
+            Ok((msg, _)) => msg,
+            Err(ChannelError::Eof) => {
+                debug!("broker closed the socket");
+                return Some(ExitCode::SUCCESS);
+            }
+            Err(e) => return Some(self.fail(format!("message from the broker: {e}"))),
+        };
+        match msg {
+            BrokerMsg::Activate { features, queues } => self.activate(features, &queues),
+            BrokerMsg::Reset => {
+                debug!("reset");
+                self.queues.iter_mut().for_each(|q| *q = None);
+                self.device.reset();
+            }
+            BrokerMsg::ConfigWrite { offset, data } => self.device.config_write(offset, &data),
+            BrokerMsg::Shutdown => return Some(ExitCode::SUCCESS),
+            BrokerMsg::Hello { .. } => {
+                return Some(self.fail("a second Hello".into()));
+            }
+        }
+        None
+    }
+
+    fn activate(&mut self, features: u64, configs: &[QueueConfig]) {
+        self.queues.iter_mut().for_each(|q| *q = None);
+        let event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        for cfg in configs {
+            let i = cfg.index as usize;
+            if i >= self.queues.len() {
+                error!("queue {i} does not exist; ignored");
+                continue;
+            }
+            match build_queue(cfg, event_idx, &self.mem) {
+                Ok(q) => self.queues[i] = Some(q),
+                Err(why) => error!("queue {i}: {why}; the queue stays unused"),
+            }
+        }
+        debug!("activated: features {features:#x}, event_idx {event_idx}");
+        self.device.activate(features);
+        // Kicks that came before activation were dropped; look at every queue once.
+        for i in 0..self.queues.len() {
+            self.process(i);
+        }
+    }
+
+    fn on_kick(&mut self, i: usize) {
+        let Some(kick) = self.kicks.get(i) else {
+            return;
+        };
+        let mut buf = [0u8; 8];
+        match nix::unistd::read(kick, &mut buf) {
+            Ok(_) | Err(Errno::EAGAIN) | Err(Errno::EINTR) => {}
+            Err(e) => warn!("queue {i}: reading the kick eventfd: {e}"),
+        }
+        self.process(i);
+    }
+
+    /// Drains queue `i` and interrupts the guest if it asked to be. With EVENT_IDX the drain
+    /// repeats until no buffer arrived while notifications were off, or the driver would never
+    /// kick again.
+    fn process(&mut self, i: usize) {
+        let Some(queue) = self.queues.get_mut(i).and_then(Option::as_mut) else {
+            return;
+        };
+        let mem = &self.mem;
+        let mut added = false;
+        loop {
+            if let Err(e) = queue.disable_notification(mem) {
+                warn!("queue {i}: {e}");
+            }
+            let before = queue.next_avail();
+            added |= self.device.process_queue(i, queue, mem);
+            match queue.enable_notification(mem) {
+                Ok(true) if queue.next_avail() != before => {}
+                // The ring claims more buffers but none could be taken (a bad avail index):
+                // wait for the next kick rather than spin.
+                Ok(true) => break,
+                Ok(false) => break,
+                Err(e) => {
+                    warn!("queue {i}: {e}");
+                    break;
+                }
+            }
+        }
+        if !added {
+            return;
+        }
+        let notify = queue.needs_notification(mem).unwrap_or_else(|e| {
+            warn!("queue {i}: {e}");
+            true
+        });
+        if notify {
+            match nix::unistd::write(&self.calls[i], &1u64.to_ne_bytes()) {
+                // EAGAIN: the counter is saturated, so an interrupt is pending anyway
+                Ok(_) | Err(Errno::EAGAIN) => {}
+                Err(e) => warn!("queue {i}: writing the call eventfd: {e}"),
+            }
+        }
+    }
+
+    fn fail(&self, reason: String) -> ExitCode {
+        error!("{reason}");
+        let _ = self.chan.send(&WorkerMsg::Failed { reason }, &[], true);
+        ExitCode::FAILURE
+    }
+}
+
+/// A queue as the driver configured it, checked against guest memory.
+fn build_queue(cfg: &QueueConfig, event_idx: bool, mem: &GuestMemoryMmap) -> Result<Queue, String> {
+    // The size is the maximum too: the broker already held the driver to QueueNumMax.
+    let mut q = Queue::new(cfg.size).map_err(|e| format!("size {}: {e}", cfg.size))?;
+    // The checked setters, so that a misaligned address is an error rather than ignored.
+    q.try_set_desc_table_address(GuestAddress(cfg.desc))
+        .map_err(|e| format!("descriptor table {:#x}: {e}", cfg.desc))?;
+    q.try_set_avail_ring_address(GuestAddress(cfg.avail))
+        .map_err(|e| format!("available ring {:#x}: {e}", cfg.avail))?;
+    q.try_set_used_ring_address(GuestAddress(cfg.used))
+        .map_err(|e| format!("used ring {:#x}: {e}", cfg.used))?;
+    q.set_event_idx(event_idx);
+    q.set_ready(true);
+    if !q.is_valid(mem) {
+        return Err("rings outside guest memory".into());
+    }
+    Ok(q)
+}
+
+#[cfg(test)]
+mod tests;

@@ -35,6 +35,11 @@ pub struct Prepared {
     pub fds: Vec<OwnedFd>,
 }
 
+/// Whether this release has a worker for the device kind.
+pub fn served(kind: &DeviceConfig) -> bool {
+    matches!(kind, DeviceConfig::Blk { .. })
+}
+
 /// Opens the host side of `dev`. Net and console are served from the next release on.
 pub fn prepare(dev: &Device) -> Result<Option<Prepared>> {
     match &dev.kind {

@@ -204,7 +204,7 @@ fn a_malformed_config_starts_nothing() {
         "a worker was started:\n{text}"
     );
     assert_eq!(
-        accept(listener.as_raw_fd()).err(),
+        accept(&listener).err(),
         Some(nix::errno::Errno::EAGAIN),
         "the broker connected to the driver"
     );

@@ -94,7 +94,12 @@ fn check(path: &Path) -> ExitCode {
             print!("{}", loaded.config.describe());
             for dev in loaded.config.zones.iter().flat_map(|z| &z.devices) {
                 if !devices::served(&dev.kind) {
-                    println!("note: zone{} {}@{:#x} is not served by this release", dev.zone, dev.kind.type_name(), dev.addr);
+                    println!(
+                        "note: zone{} {}@{:#x} is not served by this release",
+                        dev.zone,
+                        dev.kind.type_name(),
+                        dev.addr
+                    );
                 }
             }
             ExitCode::SUCCESS

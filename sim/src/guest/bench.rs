@@ -1,0 +1,180 @@
+//! `bench`: synchronous register latency, 4 KiB random-read IOPS at queue depth 1 and 128 KiB
+//! sequential-read throughput, each beside the same reads done with `pread` on the image.
+
+use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use virtio_drivers::Hal;
+
+use super::stock::{Pipe, SECTOR};
+use super::{GuestDev, Rng};
+use crate::report::{BenchReport, DeviceReport, Latency, Throughput};
+use crate::transport::{reg, SimTransport};
+
+const LATENCY_READS: usize = 200_000;
+const RUN: Duration = Duration::from_secs(2);
+const RAND_BLOCK: u64 = 4096;
+const SEQ_BLOCK: u64 = 128 * 1024;
+
+pub fn run<H: Hal>(g: &mut GuestDev<'_>, rep: &mut DeviceReport) -> Result<BenchReport> {
+    let img_path = g.image().context("not a blk device")?.to_owned();
+    let img = std::fs::File::open(&img_path)
+        .with_context(|| format!("opening {} for the baseline", img_path.display()))?;
+    let t = SimTransport::new(g.vcpu, g.spec.addr, g.spec.len)?;
+    let mut pipe = Pipe::<H>::open(t, 1).context("driver initialisation")?;
+    let cap = pipe.blk.capacity();
+    rep.capacity_sectors = cap;
+    rep.readonly = pipe.blk.readonly();
+    rep.features.stock = pipe.features;
+    let disk = cap * SECTOR;
+    anyhow::ensure!(disk >= RAND_BLOCK, "disk too small to benchmark ({cap} sectors)");
+
+    // Warm the page cache once, untimed, for both sides.
+    let mut buf = vec![0u8; SEQ_BLOCK as usize];
+    let mut off = 0;
+    while off < disk {
+        let n = SEQ_BLOCK.min(disk - off) as usize;
+        img.read_exact_at(&mut buf[..n], off)?;
+        off += n as u64;
+    }
+
+    let sync_read = latency(g)?;
+
+    let mut rng = Rng::new(g.opts.seed);
+    let blocks = disk / RAND_BLOCK;
+    let offsets: Vec<u64> = (0..65536)
+        .map(|_| rng.range(0, blocks - 1) * RAND_BLOCK)
+        .collect();
+    let randread_4k_qd1 = throughput(g, &mut pipe, &img, RAND_BLOCK, |i| {
+        offsets[i % offsets.len()]
+    })?;
+    let seq = SEQ_BLOCK.min(disk - disk % SECTOR);
+    let seq_blocks = (disk / seq).max(1);
+    let seqread_128k = throughput(g, &mut pipe, &img, seq, |i| (i as u64 % seq_blocks) * seq)?;
+    rep.reads = randread_4k_qd1.ops + seqread_128k.ops;
+    rep.missed_interrupts = pipe.missed_interrupts;
+
+    let b = BenchReport {
+        zone: g.zone(),
+        addr: g.spec.addr,
+        image: img_path.display().to_string(),
+        capacity_sectors: cap,
+        sync_read,
+        randread_4k_qd1,
+        seqread_128k,
+    };
+    print_table(&b);
+    Ok(b)
+}
+
+fn latency(g: &GuestDev<'_>) -> Result<Latency> {
+    let addr = g.spec.addr + reg::MAGIC_VALUE;
+    for _ in 0..1000 {
+        g.vcpu.read(addr, 4)?;
+    }
+    let mut ns = Vec::with_capacity(LATENCY_READS);
+    for _ in 0..LATENCY_READS {
+        let t = Instant::now();
+        let v = g.vcpu.read(addr, 4)?;
+        ns.push(t.elapsed().as_nanos() as u64);
+        anyhow::ensure!(v == reg::MAGIC as u64, "MagicValue read 0x{v:x}");
+    }
+    let mean = ns.iter().sum::<u64>() as f64 / ns.len() as f64;
+    ns.sort_unstable();
+    let pct = |p: f64| ns[((ns.len() as f64 * p) as usize).min(ns.len() - 1)] as f64 / 1000.0;
+    Ok(Latency {
+        count: ns.len() as u64,
+        mean_us: mean / 1000.0,
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+        max_us: *ns.last().unwrap() as f64 / 1000.0,
+    })
+}
+
+/// Reads `block` bytes at `offset(i)` for i = 0, 1, ... for about [`RUN`], through the device
+/// (one at a time) and then with `pread` on the image.
+fn throughput<H: Hal>(
+    g: &mut GuestDev<'_>,
+    pipe: &mut Pipe<'_, H>,
+    img: &std::fs::File,
+    block: u64,
+    offset: impl Fn(usize) -> u64,
+) -> Result<Throughput> {
+    let mut read_at = |i: usize| -> Result<()> {
+        pipe.submit(&mut g.irq, false, offset(i) / SECTOR, vec![0; block as usize])?;
+        pipe.drain(&mut g.irq)?;
+        for d in pipe.take_done() {
+            d.result
+                .with_context(|| format!("{block}-byte read at sector {}", d.sector))?;
+        }
+        Ok(())
+    };
+    for i in 0..32 {
+        read_at(i)?;
+    }
+    let start = Instant::now();
+    let mut ops = 0;
+    while start.elapsed() < RUN {
+        read_at(ops)?;
+        ops += 1;
+    }
+    let secs = start.elapsed().as_secs_f64();
+
+    let mut buf = vec![0u8; block as usize];
+    let start = Instant::now();
+    let mut base_ops = 0;
+    while start.elapsed() < RUN {
+        img.read_exact_at(&mut buf, offset(base_ops))?;
+        base_ops += 1;
+    }
+    let base_secs = start.elapsed().as_secs_f64();
+
+    let iops = ops as f64 / secs;
+    let base_iops = base_ops as f64 / base_secs;
+    let mb = |iops: f64| iops * block as f64 / 1e6;
+    Ok(Throughput {
+        block_bytes: block,
+        ops: ops as u64,
+        seconds: secs,
+        iops,
+        mb_per_s: mb(iops),
+        baseline_ops: base_ops as u64,
+        baseline_seconds: base_secs,
+        baseline_iops: base_iops,
+        baseline_mb_per_s: mb(base_iops),
+        ratio: iops / base_iops,
+    })
+}
+
+fn print_table(b: &BenchReport) {
+    let l = &b.sync_read;
+    println!(
+        "hvisor-sim bench: zone {} blk@0x{:x}, {} sectors, image {}",
+        b.zone, b.addr, b.capacity_sectors, b.image
+    );
+    println!(
+        "  {:<38} {:>12} {:>12} {:>8}",
+        "measure", "virtio", "baseline", "ratio"
+    );
+    for (name, v) in [
+        ("sync register read mean (us)", l.mean_us),
+        ("sync register read p50 (us)", l.p50_us),
+        ("sync register read p99 (us)", l.p99_us),
+    ] {
+        println!("  {name:<38} {v:>12.2} {:>12} {:>8}", "-", "-");
+    }
+    let r = &b.randread_4k_qd1;
+    println!(
+        "  {:<38} {:>12.0} {:>12.0} {:>8.4}",
+        "4 KiB random read, QD1 (IOPS)", r.iops, r.baseline_iops, r.ratio
+    );
+    let s = &b.seqread_128k;
+    println!(
+        "  {:<38} {:>12.1} {:>12.1} {:>8.4}",
+        format!("{} KiB sequential read (MB/s)", s.block_bytes / 1024),
+        s.mb_per_s,
+        s.baseline_mb_per_s,
+        s.ratio
+    );
+}

@@ -80,7 +80,6 @@ pub fn describe_exit(status: &WaitStatus) -> String {
         WaitStatus::Signaled(_, sig, core) => {
             let what = match sig {
                 Signal::SIGSYS => " (seccomp violation)",
-                Signal::SIGKILL => " (killed)",
                 _ => "",
             };
             format!(

@@ -4,9 +4,9 @@
 //! (glibc or musl) call on their own: allocation, locks, signal masks, and the error path (a
 //! message to stderr, then `exit_group`). Everything not listed kills the worker.
 //!
-//! Opening files, sockets, `ioctl`, `execve`, `clone` (no threads, no children) and `fcntl`
-//! (no command is needed once the worker runs) are absent on purpose: the broker opens every
-//! resource and passes the fds before the filter is installed.
+//! Opening files, sockets, `ioctl`, `execve` and `clone` (no threads, no children) are absent on
+//! purpose: the broker opens every resource and passes the fds before the filter is installed.
+//! `fcntl` is allowed for `F_GETFD` only.
 
 use std::fmt;
 
@@ -92,18 +92,52 @@ impl fmt::Display for Allowed {
 macro_rules! sys {
     ($name:ident) => {
         Allowed {
-            name: stringify!($name),
+            name: stringify!($name).trim_start_matches("SYS_"),
             nr: libc::$name as i64,
             when: Vec::new(),
         }
     };
     ($name:ident, $($alt:expr),+ $(,)?) => {
         Allowed {
-            name: stringify!($name),
+            name: stringify!($name).trim_start_matches("SYS_"),
             nr: libc::$name as i64,
             when: vec![$($alt.to_vec()),+],
         }
     };
+}
+
+/// The errno of every refused call.
+pub const REFUSED_ERRNO: i32 = libc::EPERM;
+
+/// A call the allowlist lets through that must nevertheless fail with [`REFUSED_ERRNO`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub name: &'static str,
+    pub nr: i64,
+}
+
+impl fmt::Display for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} ({}) fails with {}",
+            self.name,
+            self.nr,
+            nix::errno::Errno::from_raw(REFUSED_ERRNO).desc()
+        )
+    }
+}
+
+/// Calls refused with an error instead of a kill, for every kind. Seccomp cannot compare two
+/// arguments, so `mremap` cannot be allowed only when it does not grow a mapping; and grown, a
+/// shared mapping of guest memory would reach past its region into the rest of the memory file
+/// (the simulator's file holds every zone). The C libraries' realloc falls back to
+/// malloc + copy when mremap fails.
+pub fn refusals() -> Vec<Refused> {
+    vec![Refused {
+        name: "mremap",
+        nr: libc::SYS_mremap,
+    }]
 }
 
 /// The allowlist of a device kind, or `None` while that kind has no worker.
@@ -120,15 +154,20 @@ pub fn allowlist(kind: DeviceKind) -> Option<Vec<Allowed>> {
 
 /// What every worker needs: its socket and eventfds, memory, and the runtime's own calls.
 fn common() -> Vec<Allowed> {
-    let mut list = vec![
+    vec![
         // eventfds (kick read, call write) and stderr
         sys!(SYS_read),
         sys!(SYS_write),
         sys!(SYS_close),
+        // Only asks whether an fd is open: std's debug builds check that before every close.
+        sys!(SYS_fcntl, [ArgCheck::eq(1, libc::F_GETFD)]),
         // the broker socket; fds arriving with a malformed message are closed
         sys!(SYS_recvmsg),
         sys!(SYS_sendmsg),
         sys!(SYS_epoll_pwait),
+        // glibc calls epoll_wait where the kernel has it; musl tries epoll_pwait first.
+        #[cfg(target_arch = "x86_64")]
+        sys!(SYS_epoll_wait),
         // Anonymous memory only, never executable: guest memory was mapped before the filter,
         // so no file-backed mapping (in particular of the zone memory fd) can be made again.
         sys!(
@@ -140,7 +179,7 @@ fn common() -> Vec<Allowed> {
         ),
         sys!(SYS_mprotect, [ArgCheck::clear(2, libc::PROT_EXEC)]),
         sys!(SYS_munmap),
-        // realloc of large buffers
+        // Allowed here only so that the refusal below wins over a kill (see `refusals`).
         sys!(SYS_mremap),
         sys!(SYS_brk),
         // free() returning pages: glibc uses DONTNEED, musl FREE
@@ -156,13 +195,13 @@ fn common() -> Vec<Allowed> {
         sys!(SYS_rt_sigprocmask),
         sys!(SYS_rt_sigreturn),
         sys!(SYS_sigaltstack),
+        // std names the thread by id in a panic message
+        sys!(SYS_gettid),
         sys!(SYS_restart_syscall),
         sys!(SYS_exit_group),
-    ];
-    // glibc calls epoll_wait where the kernel has it; musl tries epoll_pwait first.
-    #[cfg(target_arch = "x86_64")]
-    list.push(sys!(SYS_epoll_wait));
-    list
+        // ends only the calling thread (none can be started: clone is not allowed)
+        sys!(SYS_exit),
+    ]
 }
 
 /// virtio-blk: zero-copy I/O on the image fd.

@@ -16,7 +16,7 @@ use seccompiler::{
     SeccompRule, TargetArch,
 };
 
-pub use allowlist::{allowlist, Allowed, ArgCheck};
+pub use allowlist::{allowlist, refusals, Allowed, ArgCheck, Refused, REFUSED_ERRNO};
 
 /// What the filter does with a call outside the allowlist.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -72,8 +72,7 @@ pub enum PolicyError {
 /// Compiles the allowlist of `kind` into a BPF program for the architecture being built.
 pub fn compile(kind: DeviceKind, mode: SeccompMode) -> Result<BpfProgram, PolicyError> {
     let list = allowlist(kind).ok_or(PolicyError::NoAllowlist(kind))?;
-    let arch = TargetArch::try_from(std::env::consts::ARCH)
-        .map_err(|_| PolicyError::Arch(std::env::consts::ARCH))?;
+    let arch = target_arch()?;
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     for allowed in list {
         let alternatives = allowed
@@ -105,6 +104,27 @@ pub fn compile(kind: DeviceKind, mode: SeccompMode) -> Result<BpfProgram, Policy
     Ok(filter.try_into()?)
 }
 
+/// Compiles [`refusals`] into a filter that fails those calls with [`REFUSED_ERRNO`] and
+/// allows everything else; stacked on the allowlist, the kernel applies the stricter answer.
+pub fn compile_refusals() -> Result<BpfProgram, PolicyError> {
+    let rules = refusals()
+        .iter()
+        .map(|r| (r.nr, Vec::new()))
+        .collect::<BTreeMap<i64, Vec<SeccompRule>>>();
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(REFUSED_ERRNO as u32),
+        target_arch()?,
+    )?;
+    Ok(filter.try_into()?)
+}
+
+fn target_arch() -> Result<TargetArch, PolicyError> {
+    TargetArch::try_from(std::env::consts::ARCH)
+        .map_err(|_| PolicyError::Arch(std::env::consts::ARCH))
+}
+
 /// Confines the calling process for good. The order matters: each step needs a privilege that
 /// a later step takes away, and the filter comes last so it never has to allow `capset` or
 /// `prctl`.
@@ -114,21 +134,26 @@ pub fn compile(kind: DeviceKind, mode: SeccompMode) -> Result<BpfProgram, Policy
 pub fn enter(kind: DeviceKind, mode: SeccompMode) -> Result<(), PolicyError> {
     // Compiled first: a kind without a policy must fail before anything is dropped.
     let program = compile(kind, mode)?;
+    let refusals = compile_refusals()?;
 
     // Namespaces (user, pid, mount, net, ipc), pivot_root into an empty root, the uid/gid change
     // and rlimits go here, before capabilities are dropped: they need them.
 
     drop_capabilities()?;
     nix::sys::prctl::set_no_new_privs().map_err(PolicyError::NoNewPrivs)?;
+    // The refusals first: once the allowlist is in, seccomp() itself is no longer allowed.
+    seccompiler::apply_filter_all_threads(&refusals)?;
     seccompiler::apply_filter_all_threads(&program)?;
     Ok(())
 }
 
 /// Empties every capability set of the calling thread.
 fn drop_capabilities() -> Result<(), PolicyError> {
-    let fail = |set: &'static str| move |e: caps::errors::CapsError| PolicyError::Caps {
-        set,
-        reason: e.to_string(),
+    let fail = |set: &'static str| {
+        move |e: caps::errors::CapsError| PolicyError::Caps {
+            set,
+            reason: e.to_string(),
+        }
     };
     // Bounding first, while CAP_SETPCAP is still effective. Without CAP_SETPCAP (a worker started
     // unprivileged) the bounding set cannot be changed; it only limits what execve could grant,

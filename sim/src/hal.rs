@@ -185,8 +185,8 @@ unsafe impl<const SLOT: usize> Hal for ZoneHal<SLOT> {
 
     unsafe fn share(buffer: NonNull<[u8]>, direction: BufferDirection) -> PhysAddr {
         let len = buffer.len();
-        let (gpa, host) = Self::alloc(len as u64, BOUNCE_ALIGN)
-            .expect("zone RAM exhausted by bounce buffers");
+        let (gpa, host) =
+            Self::alloc(len as u64, BOUNCE_ALIGN).expect("zone RAM exhausted by bounce buffers");
         if direction != BufferDirection::DeviceToDriver {
             // SAFETY: the caller guarantees `buffer` is readable; `host` has `len` bytes.
             unsafe { std::ptr::copy_nonoverlapping(buffer.cast::<u8>().as_ptr(), host, len) };
@@ -277,9 +277,8 @@ mod tests {
         assert_eq!(pa, 0x8000_0000);
         assert_eq!(pa % PAGE_SIZE as u64, 0);
         // SAFETY: two pages were just allocated at `va`.
-        assert!(unsafe { std::slice::from_raw_parts(va.as_ptr(), 2 * PAGE_SIZE) }
-            .iter()
-            .all(|&b| b == 0));
+        let pages = unsafe { std::slice::from_raw_parts(va.as_ptr(), 2 * PAGE_SIZE) };
+        assert!(pages.iter().all(|&b| b == 0));
 
         let mut data = *b"hello, device";
         let buf = NonNull::from(&mut data[..]);

@@ -11,12 +11,12 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use hvisor_protocol::bridge::{BridgeMap, DeviceReq, MAX_CPUS, QUEUE_NOTIFY_OFFSET};
-use hvisor_protocol::channel::{recv_raw, ChannelError};
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::socket::MsgFlags;
+use protocol::bridge::{BridgeMap, DeviceReq, MAX_CPUS, QUEUE_NOTIFY_OFFSET};
+use protocol::channel::{recv_raw, ChannelError};
 
 use crate::layout::Machine;
 
@@ -144,7 +144,13 @@ pub struct Hypervisor {
 }
 
 impl Hypervisor {
-    pub fn new(bridge: BridgeMap, machine: Machine, wakeup: Wakeup) -> Arc<Self> {
+    /// `watchdog`: how long a vCPU waits for an answer before giving up.
+    pub fn new(
+        bridge: BridgeMap,
+        machine: Machine,
+        wakeup: Wakeup,
+        watchdog: Duration,
+    ) -> Arc<Self> {
         Arc::new(Hypervisor {
             bridge,
             machine,
@@ -157,7 +163,7 @@ impl Hypervisor {
             requests: AtomicU64::new(0),
             wakeups: AtomicU64::new(0),
             finishes: AtomicU64::new(0),
-            watchdog: Duration::from_secs(10),
+            watchdog,
         })
     }
 
@@ -292,7 +298,9 @@ impl Hypervisor {
         const STOP: u64 = 3;
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).expect("epoll_create");
         let add = |fd: std::os::fd::BorrowedFd<'_>, flags: EpollFlags, tag| {
-            epoll.add(fd, EpollEvent::new(flags, tag)).expect("epoll_ctl");
+            epoll
+                .add(fd, EpollEvent::new(flags, tag))
+                .expect("epoll_ctl");
         };
         add(finish.as_fd(), EpollFlags::EPOLLIN, FINISH);
         add(
@@ -317,14 +325,10 @@ impl Hypervisor {
                         }
                         self.drain_res();
                     }
-                    SOCK if sock_open => {
-                        if self.check_socket(&sock) {
-                            sock_open = false;
-                            let _ = epoll.delete(sock.as_fd());
-                            // Interrupts the broker queued before it died still count.
-                            self.drain_res();
-                            self.mark_gone();
-                        }
+                    SOCK if sock_open && self.check_socket(&sock) => {
+                        sock_open = false;
+                        let _ = epoll.delete(sock.as_fd());
+                        self.mark_gone();
                     }
                     STOP => return,
                     _ => {}

@@ -44,8 +44,8 @@ pub struct Machine {
 }
 
 impl Machine {
-    pub fn from_config(cfg: &hvisor_config::Config) -> Self {
-        use hvisor_config::DeviceConfig;
+    pub fn from_config(cfg: &config::Config) -> Self {
+        use config::DeviceConfig;
         let zones = cfg
             .zones
             .iter()

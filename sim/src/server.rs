@@ -5,14 +5,14 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use hvisor_protocol::bridge::{MAX_CPUS, MMAP_SIZE};
-use hvisor_protocol::sim::{recv_init, send_reply, Reply, SIGNAL_WAKEUP};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::memfd::{memfd_create, MFdFlags};
 use nix::sys::socket::{
-    accept, bind, getsockopt, listen, socket, sockopt, AddressFamily, Backlog, SockFlag,
-    SockType, UnixAddr,
+    accept, bind, getsockopt, listen, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
+    UnixAddr,
 };
+use protocol::bridge::{MAX_CPUS, MMAP_SIZE};
+use protocol::sim::{recv_init, send_reply, Reply, SIGNAL_WAKEUP};
 
 use crate::hv::Wakeup;
 

@@ -3,6 +3,7 @@
 //! config space, as a guest kernel's `readl`/`readb` would do.
 
 use std::cell::RefCell;
+use std::sync::{Arc, Mutex};
 
 use virtio_drivers::transport::{DeviceStatus, DeviceType, InterruptStatus, Transport};
 use virtio_drivers::{Error, PhysAddr};
@@ -40,12 +41,27 @@ pub mod reg {
     pub const MAGIC: u32 = 0x7472_6976;
 }
 
+/// Prefix of the panic that ends a guest thread whose vCPU access failed.
+pub const GUEST_FAULT: &str = "guest vCPU fault";
+
+/// Guest-physical addresses of queue 0's rings, as the driver gave them to the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RingAddrs {
+    pub size: u32,
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+}
+
 /// The transport of one device: a vCPU of its zone plus the device's MMIO base.
 pub struct SimTransport<'a> {
     vcpu: &'a Vcpu,
     base: u64,
     len: u64,
     device_type: DeviceType,
+    /// Kept outside the transport's owner (a driver that does not give it back) so the
+    /// guest can still find the rings, e.g. to give up on a request.
+    rings: Arc<Mutex<Option<RingAddrs>>>,
     /// The first failed access: the methods of [`Transport`] cannot return it.
     error: RefCell<Option<VcpuError>>,
 }
@@ -71,8 +87,14 @@ impl<'a> SimTransport<'a> {
             base,
             len,
             device_type,
+            rings: Arc::new(Mutex::new(None)),
             error: RefCell::new(None),
         })
+    }
+
+    /// Where queue 0's rings are, while it is set up.
+    pub fn rings(&self) -> Arc<Mutex<Option<RingAddrs>>> {
+        self.rings.clone()
     }
 
     pub fn base(&self) -> u64 {
@@ -91,7 +113,7 @@ impl<'a> SimTransport<'a> {
         if std::thread::panicking() {
             return 0;
         }
-        panic!("guest vCPU fault: {e}");
+        panic!("{GUEST_FAULT}: {e}");
     }
 
     pub fn read(&self, off: u64, size: u64) -> u64 {
@@ -190,9 +212,20 @@ impl Transport for SimTransport<'_> {
         self.w32(reg::QUEUE_DEVICE_LOW, device_area as u32);
         self.w32(reg::QUEUE_DEVICE_HIGH, (device_area >> 32) as u32);
         self.w32(reg::QUEUE_READY, 1);
+        if queue == 0 {
+            *self.rings.lock().unwrap() = Some(RingAddrs {
+                size,
+                desc: descriptors,
+                avail: driver_area,
+                used: device_area,
+            });
+        }
     }
 
     fn queue_unset(&mut self, queue: u16) {
+        if queue == 0 {
+            *self.rings.lock().unwrap() = None;
+        }
         self.w32(reg::QUEUE_SEL, queue.into());
         self.w32(reg::QUEUE_READY, 0);
         // Spec 4.2.2.2: wait until the device agrees, but not forever.

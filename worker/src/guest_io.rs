@@ -12,7 +12,11 @@ const IOV_MAX: usize = 1024;
 
 /// Fills `bufs`, in order, from `fd` starting at byte `offset`. End of file before the buffers
 /// are full is an `UnexpectedEof` error.
-pub fn read_exact_at(fd: BorrowedFd<'_>, bufs: &[VolatileSlice<'_>], offset: u64) -> io::Result<()> {
+pub fn read_exact_at(
+    fd: BorrowedFd<'_>,
+    bufs: &[VolatileSlice<'_>],
+    offset: u64,
+) -> io::Result<()> {
     transfer(fd, bufs, offset, Direction::Read)
 }
 
@@ -120,9 +124,11 @@ mod tests {
     #[test]
     fn scatter_gather_round_trip() {
         // two adjacent regions, so one range yields two slices
-        let mem =
-            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000), (GuestAddress(0x1000), 0x1000)])
-                .unwrap();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[
+            (GuestAddress(0), 0x1000),
+            (GuestAddress(0x1000), 0x1000),
+        ])
+        .unwrap();
         let mut file = tempfile::tempfile().unwrap();
         let data: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
         file.write_all(&data).unwrap();

@@ -115,7 +115,6 @@ where
         .map_err(|e| format!("waiting for Hello: {e}"))?;
     let BrokerMsg::Hello {
         version,
-        label,
         regions,
         num_queues,
         setup,
@@ -132,7 +131,7 @@ where
     if setup.kind() != kind {
         return Err(format!("a {} setup sent to a {kind} worker", setup.kind()));
     }
-    info!("{label}: starting, {num_queues} queue(s)");
+    info!("worker starting, {num_queues} queue(s)");
 
     // The channel checked the count: memory, kicks, calls, then the device's fds.
     let n = num_queues as usize;
@@ -142,8 +141,8 @@ where
     let calls: Vec<OwnedFd> = fds.by_ref().take(n).collect();
     let device_fds: Vec<OwnedFd> = fds.collect();
 
-    let mem = memory::map_regions(mem_fd.as_fd(), &regions)
-        .map_err(|e| format!("guest memory: {e}"))?;
+    let mem =
+        memory::map_regions(mem_fd.as_fd(), &regions).map_err(|e| format!("guest memory: {e}"))?;
     // Closed before any guest data is read: on hvisor this fd reaches all physical memory.
     drop(mem_fd);
 
@@ -223,9 +222,15 @@ mod tests {
     fn options() {
         let parse = |a: &[&str]| Options::parse(a.iter().map(|s| s.to_string()));
         let o = parse(&[]).unwrap();
-        assert_eq!((o.seccomp, o.log_level), (SeccompMode::Kill, LevelFilter::Info));
+        assert_eq!(
+            (o.seccomp, o.log_level),
+            (SeccompMode::Kill, LevelFilter::Info)
+        );
         let o = parse(&["--seccomp=trap", "--log-level=debug"]).unwrap();
-        assert_eq!((o.seccomp, o.log_level), (SeccompMode::Trap, LevelFilter::Debug));
+        assert_eq!(
+            (o.seccomp, o.log_level),
+            (SeccompMode::Trap, LevelFilter::Debug)
+        );
         assert!(parse(&["--seccomp=off"]).is_err());
         assert!(parse(&["--verbose"]).is_err());
     }

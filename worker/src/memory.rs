@@ -74,9 +74,10 @@ pub fn map_regions(
             .map_err(|e| fail(format!("mmap: {e}")))?;
         // SAFETY: `ptr..ptr + size` is exactly the mapping made above, with these prot and flags,
         // and it stays mapped for the life of the process.
-        let region =
-            unsafe { MmapRegion::build_raw(ptr.as_ptr().cast(), size.get(), prot.bits(), flags.bits()) }
-                .map_err(|e| fail(e.to_string()))?;
+        let region = unsafe {
+            MmapRegion::build_raw(ptr.as_ptr().cast(), size.get(), prot.bits(), flags.bits())
+        }
+        .map_err(|e| fail(e.to_string()))?;
         let region = GuestRegionMmap::new(region, GuestAddress(r.guest_addr))
             .ok_or_else(|| fail("guest range overflows".into()))?;
         mapped.push(region);

@@ -22,13 +22,16 @@ pub fn run<H: Hal>(g: &mut GuestDev<'_>, rep: &mut DeviceReport) -> Result<Bench
     let img = std::fs::File::open(&img_path)
         .with_context(|| format!("opening {} for the baseline", img_path.display()))?;
     let t = SimTransport::new(g.vcpu, g.spec.addr, g.spec.len)?;
-    let mut pipe = Pipe::<H>::open(t, 1).context("driver initialisation")?;
+    let mut pipe = Pipe::<H>::open(t, g.mem, 1).context("driver initialisation")?;
     let cap = pipe.blk.capacity();
     rep.capacity_sectors = cap;
     rep.readonly = pipe.blk.readonly();
     rep.features.stock = pipe.features;
     let disk = cap * SECTOR;
-    anyhow::ensure!(disk >= RAND_BLOCK, "disk too small to benchmark ({cap} sectors)");
+    anyhow::ensure!(
+        disk >= RAND_BLOCK,
+        "disk too small to benchmark ({cap} sectors)"
+    );
 
     // Warm the page cache once, untimed, for both sides.
     let mut buf = vec![0u8; SEQ_BLOCK as usize];
@@ -65,6 +68,14 @@ pub fn run<H: Hal>(g: &mut GuestDev<'_>, rep: &mut DeviceReport) -> Result<Bench
         seqread_128k,
     };
     print_table(&b);
+    rep.check(
+        "bench_completed",
+        true,
+        format!(
+            "{} register reads, {} + {} device reads",
+            b.sync_read.count, b.randread_4k_qd1.ops, b.seqread_128k.ops
+        ),
+    );
     Ok(b)
 }
 
@@ -102,7 +113,12 @@ fn throughput<H: Hal>(
     offset: impl Fn(usize) -> u64,
 ) -> Result<Throughput> {
     let mut read_at = |i: usize| -> Result<()> {
-        pipe.submit(&mut g.irq, false, offset(i) / SECTOR, vec![0; block as usize])?;
+        pipe.submit(
+            &mut g.irq,
+            false,
+            offset(i) / SECTOR,
+            vec![0; block as usize],
+        )?;
         pipe.drain(&mut g.irq)?;
         for d in pipe.take_done() {
             d.result

@@ -1,5 +1,7 @@
 //! `blk-demo`: what a person watching should see: the device, a few writes, their read-back.
 
+use std::os::unix::fs::FileExt;
+
 use anyhow::{bail, Context, Result};
 use virtio_drivers::Hal;
 
@@ -13,7 +15,7 @@ pub fn run<H: Hal>(g: &mut GuestDev<'_>, rep: &mut DeviceReport) -> Result<()> {
     let addr = g.spec.addr;
     let say = |msg: String| println!("[zone {zone} blk@0x{addr:x}] {msg}");
     let t = SimTransport::new(g.vcpu, addr, g.spec.len)?;
-    let mut pipe = Pipe::<H>::open(t, 1).context("driver initialisation")?;
+    let mut pipe = Pipe::<H>::open(t, g.mem, 1).context("driver initialisation")?;
     let cap = pipe.blk.capacity();
     let ro = pipe.blk.readonly();
     rep.capacity_sectors = cap;
@@ -31,20 +33,24 @@ pub fn run<H: Hal>(g: &mut GuestDev<'_>, rep: &mut DeviceReport) -> Result<()> {
     }
 
     // A few multi-sector patterns spread over the disk.
-    let patterns: Vec<(u64, Vec<u8>)> = [(0u64, 8u64, b'A'), (cap / 2, 16, b'h'), (cap - 4, 4, b'z')]
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let patterns: Vec<(u64, Vec<u8>)> = [(0u64, 8u64, 0u64), (cap / 2, 16, 33), (cap - 4, 4, 51)]
         .iter()
-        .map(|&(sector, n, base)| {
+        .map(|&(sector, n, first)| {
             let buf = (0..n * SECTOR)
-                .map(|i| base.wrapping_add((i % 26) as u8))
+                .map(|i| ALPHABET[((first + i) % ALPHABET.len() as u64) as usize])
                 .collect();
             (sector, buf)
         })
         .collect();
     let mut verified = 0u64;
+    let image = g.image().and_then(|p| std::fs::File::open(p).ok());
     for (sector, data) in &patterns {
         let n = data.len() as u64 / SECTOR;
         if ro {
-            say(format!("read-only: reading {n} sectors at {sector} instead of writing"));
+            say(format!(
+                "read-only: reading {n} sectors at {sector} instead of writing"
+            ));
         } else {
             say(format!(
                 "write {n} sectors at sector {sector}: \"{}...\"",
@@ -63,7 +69,31 @@ pub fn run<H: Hal>(g: &mut GuestDev<'_>, rep: &mut DeviceReport) -> Result<()> {
             d.result.context("read")?;
             rep.reads += 1;
             if ro {
-                say(format!("read {} bytes", d.buf.len()));
+                // Nothing to write: check the read against the image itself, if readable.
+                let mut want = vec![0u8; d.buf.len()];
+                let same = image
+                    .as_ref()
+                    .and_then(|f| f.read_exact_at(&mut want, sector * SECTOR).ok())
+                    .map(|()| want == d.buf);
+                if same == Some(true) {
+                    verified += d.buf.len() as u64;
+                }
+                if let Some(same) = same {
+                    rep.check(
+                        &format!("image_at_{sector}"),
+                        same,
+                        format!("{} bytes", d.buf.len()),
+                    );
+                }
+                say(format!(
+                    "read {} bytes at sector {sector}{}",
+                    d.buf.len(),
+                    match same {
+                        Some(true) => ": matches the image",
+                        Some(false) => ": DIFFERS from the image",
+                        None => "",
+                    }
+                ));
                 continue;
             }
             let ok = d.buf == *data;
@@ -76,7 +106,9 @@ pub fn run<H: Hal>(g: &mut GuestDev<'_>, rep: &mut DeviceReport) -> Result<()> {
                 verified += d.buf.len() as u64;
                 say(format!("read back {n} sectors at sector {sector}: match"));
             } else {
-                say(format!("read back {n} sectors at sector {sector}: MISMATCH"));
+                say(format!(
+                    "read back {n} sectors at sector {sector}: MISMATCH"
+                ));
             }
         }
     }

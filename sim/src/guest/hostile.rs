@@ -61,7 +61,11 @@ fn probes(g: &GuestDev<'_>, rep: &mut DeviceReport) -> Result<()> {
     for sel in [1u64, 7, 0xffff_ffff] {
         p.wr(reg::QUEUE_SEL, 4, sel)?;
         let max = p.rd(reg::QUEUE_NUM_MAX, 4)?;
-        rep.check(&format!("queue_sel_{sel:#x}_num_max_zero"), max == 0, hex(max));
+        rep.check(
+            &format!("queue_sel_{sel:#x}_num_max_zero"),
+            max == 0,
+            hex(max),
+        );
         p.wr(reg::QUEUE_NUM, 4, 16)?;
         p.wr(reg::QUEUE_DESC_LOW, 4, 0xdead_0000)?;
         p.wr(reg::QUEUE_DESC_HIGH, 4, 0xffff)?;
@@ -172,11 +176,7 @@ fn probes(g: &GuestDev<'_>, rep: &mut DeviceReport) -> Result<()> {
         );
     }
     let b1 = p.rd(reg::CONFIG + 1, 1)?;
-    rep.check(
-        "config_read_byte_1",
-        b1 == (cap >> 8) & 0xff,
-        hex(b1),
-    );
+    rep.check("config_read_byte_1", b1 == (cap >> 8) & 0xff, hex(b1));
 
     // Kicks the device cannot act on: a queue that does not exist, and one before DRIVER_OK.
     p.wr(reg::QUEUE_NOTIFY, 4, 5)?;
@@ -197,6 +197,10 @@ fn probes(g: &GuestDev<'_>, rep: &mut DeviceReport) -> Result<()> {
     );
     p.wr(reg::STATUS, 4, 0)?;
     let st = p.rd(reg::STATUS, 4)?;
-    rep.check("reset_after_probes", st == 0, format!("Status reads {}", hex(st)));
+    rep.check(
+        "reset_after_probes",
+        st == 0,
+        format!("Status reads {}", hex(st)),
+    );
     Ok(())
 }

@@ -112,7 +112,8 @@ impl IrqWaiter {
     }
 
     pub fn wait_for(&mut self, timeout: Duration) -> bool {
-        self.hv.wait_irq(self.zone, self.irq, &mut self.seen, timeout)
+        self.hv
+            .wait_irq(self.zone, self.irq, &mut self.seen, timeout)
     }
 
     /// Interrupts delivered since this waiter was made.
@@ -132,6 +133,8 @@ impl IrqWaiter {
 /// Everything a workload needs for one device.
 pub struct GuestDev<'a> {
     pub vcpu: &'a Vcpu,
+    /// The zone's RAM as this process sees it.
+    pub mem: &'a PhysMem,
     pub spec: &'a DevSpec,
     pub opts: &'a GuestOptions,
     pub irq: IrqWaiter,
@@ -206,14 +209,15 @@ fn run_devices<H: Hal>(
         .devices
         .iter()
         .filter(|d| matches!(d.kind, DevKind::Blk { .. }));
-    for spec in blks {
-        let mut dev_rep = DeviceReport::new(job.zone.id, spec.addr, spec.irq, "blk");
-        if job.opts.workload == Workload::Bench && (!job.bench || bench.is_some()) {
+    for (i, spec) in blks.enumerate() {
+        if job.opts.workload == Workload::Bench && (!job.bench || i > 0) {
             // The benchmark measures one device; the others stay idle.
             continue;
         }
+        let mut dev_rep = DeviceReport::new(job.zone.id, spec.addr, spec.irq, "blk");
         let mut g = GuestDev {
             vcpu,
+            mem: &job.mem,
             spec,
             opts: &job.opts,
             irq: IrqWaiter::new(vcpu, spec.irq, job.opts.irq_timeout),

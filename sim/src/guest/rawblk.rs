@@ -139,7 +139,11 @@ impl<'a, H: Hal> RawBlk<'a, H> {
                 bail!(
                     "no completion of request type {typ} within {:?}{}",
                     irq.timeout(),
-                    if irq.broker_gone() { " (broker gone)" } else { "" }
+                    if irq.broker_gone() {
+                        " (broker gone)"
+                    } else {
+                        ""
+                    }
                 );
             }
             self.t.read_isr_and_ack();

@@ -2,15 +2,17 @@
 //! up to a few requests in flight, completion only after the device's interrupt
 //! (InterruptStatus read + InterruptACK write, then the used ring).
 
-use std::sync::atomic::{fence, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{fence, AtomicBool, AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use virtio_drivers::device::blk::{BlkReq, BlkResp, VirtIOBlk, SECTOR_SIZE};
 use virtio_drivers::{Error, Hal};
 
 use super::IrqWaiter;
-use crate::transport::SimTransport;
+use crate::mem::PhysMem;
+use crate::transport::{RingAddrs, SimTransport};
 
 pub const SECTOR: u64 = SECTOR_SIZE as u64;
 
@@ -36,6 +38,9 @@ pub struct Done {
 
 pub struct Pipe<'a, H: Hal> {
     pub blk: VirtIOBlk<H, SimTransport<'a>>,
+    mem: &'a PhysMem,
+    zone: u32,
+    rings: Arc<Mutex<Option<RingAddrs>>>,
     inflight: Vec<Inflight>,
     finished: Vec<Done>,
     depth: usize,
@@ -47,12 +52,17 @@ pub struct Pipe<'a, H: Hal> {
 
 impl<'a, H: Hal> Pipe<'a, H> {
     /// Probes the device features, then lets the stock driver initialise the device.
-    pub fn open(mut t: SimTransport<'a>, depth: usize) -> Result<Self> {
+    pub fn open(mut t: SimTransport<'a>, mem: &'a PhysMem, depth: usize) -> Result<Self> {
         use virtio_drivers::transport::Transport;
         let features = t.read_device_features() & STOCK_FEATURES;
+        let zone = t.vcpu().zone();
+        let rings = t.rings();
         let blk = VirtIOBlk::new(t)?;
         Ok(Pipe {
             blk,
+            mem,
+            zone,
+            rings,
             inflight: Vec::new(),
             finished: Vec::new(),
             depth,
@@ -209,15 +219,82 @@ impl<'a, H: Hal> Pipe<'a, H> {
         if self.features & (1 << 9) == 0 {
             return Ok(false);
         }
-        self.blk.flush()?;
+        self.bounded("FLUSH", irq.timeout(), |blk| blk.flush())??;
         self.settle_interrupt(irq);
         Ok(true)
     }
 
     pub fn device_id(&mut self, irq: &mut IrqWaiter) -> Result<String> {
         let mut id = [0u8; 20];
-        let n = self.blk.device_id(&mut id)?;
+        let n = self.bounded("GET_ID", irq.timeout(), |blk| blk.device_id(&mut id))??;
         self.settle_interrupt(irq);
         Ok(String::from_utf8_lossy(&id[..n]).into_owned())
     }
+
+    /// Runs a blocking call of the stock driver, which spins on the used ring for ever. If
+    /// the device has not answered within `timeout`, the guest gives up on the request the
+    /// way a driver's timeout handler would: it retires the chain itself (a used entry of
+    /// length 0), which ends the spin; the device is then treated as failed.
+    fn bounded<R>(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        f: impl FnOnce(&mut VirtIOBlk<H, SimTransport<'a>>) -> R,
+    ) -> Result<R> {
+        if self.in_flight() > 0 {
+            bail!("{what} with requests in flight");
+        }
+        let rings = (*self.rings.lock().unwrap()).context("queue 0 is not set up")?;
+        let (mem, zone) = (self.mem, self.zone);
+        let done = AtomicBool::new(false);
+        let gave_up = AtomicBool::new(false);
+        let r = std::thread::scope(|s| {
+            let watcher = s.spawn(|| {
+                let deadline = Instant::now() + timeout;
+                while !done.load(Ordering::Acquire) {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        gave_up.store(retire_last_chain(mem, zone, &rings), Ordering::Release);
+                        return;
+                    }
+                    std::thread::park_timeout(left);
+                }
+            });
+            let r = f(&mut self.blk);
+            done.store(true, Ordering::Release);
+            watcher.thread().unpark();
+            r
+        });
+        if gave_up.load(Ordering::Acquire) {
+            bail!("the device did not complete {what} within {timeout:?}; the guest gave up on it");
+        }
+        Ok(r)
+    }
+}
+
+/// Puts the most recently added chain of the queue into its used ring, as if the device had
+/// completed it having written nothing. False if the rings are not in the zone's RAM.
+fn retire_last_chain(mem: &PhysMem, zone: u32, r: &RingAddrs) -> bool {
+    let size = r.size as u64;
+    let (Some(avail), Some(used)) = (
+        mem.translate(zone, r.avail, 4 + 2 * size),
+        mem.translate(zone, r.used, 4 + 8 * size),
+    ) else {
+        return false;
+    };
+    // SAFETY: both rings lie inside the zone's mapping (`translate` checked their whole
+    // extent) and are 4-byte aligned; the indices are accessed atomically, as the device and
+    // the driver do, and the used slot written is one the device has not published.
+    unsafe {
+        let avail_idx = (*avail.add(2).cast::<AtomicU16>()).load(Ordering::Acquire);
+        let slot = (avail_idx.wrapping_sub(1) as u64 % size) as usize;
+        let head = avail.add(4 + 2 * slot).cast::<u16>().read_volatile();
+        let used_idx = &*used.add(2).cast::<AtomicU16>();
+        let ui = used_idx.load(Ordering::Acquire);
+        let elem = used.add(4 + 8 * (ui as u64 % size) as usize);
+        elem.cast::<u32>().write_volatile(head as u32);
+        elem.add(4).cast::<u32>().write_volatile(0);
+        used_idx.store(ui.wrapping_add(1), Ordering::Release);
+    }
+    true
 }

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use virtio_drivers::Hal;
 
 use super::rawblk::{self, feat, status, RawBlk};
-use super::stock::{Done, Pipe, SECTOR};
+use super::stock::{Pipe, SECTOR};
 use super::{GuestDev, Rng};
 use crate::report::{DeviceReport, Features};
 use crate::transport::SimTransport;
@@ -54,7 +54,7 @@ pub fn run<H: Hal>(g: &mut GuestDev<'_>, rep: &mut DeviceReport, full: bool) -> 
     let spec = g.spec;
     let mut rng = Rng::new(g.opts.seed ^ spec.addr ^ ((g.zone() as u64) << 48));
     let t = SimTransport::new(g.vcpu, spec.addr, spec.len)?;
-    let mut pipe = Pipe::<H>::open(t, DEPTH).context("stock driver initialisation")?;
+    let mut pipe = Pipe::<H>::open(t, g.mem, DEPTH).context("stock driver initialisation")?;
     let cap = pipe.blk.capacity();
     let ro = pipe.blk.readonly();
     rep.capacity_sectors = cap;
@@ -64,7 +64,11 @@ pub fn run<H: Hal>(g: &mut GuestDev<'_>, rep: &mut DeviceReport, full: bool) -> 
     if cap == 0 || cap * SECTOR > MAX_SHADOW {
         bail!("capacity of {cap} sectors is outside what blk-verify can shadow");
     }
-    let image = g.image().and_then(|p| std::fs::File::open(p).ok());
+    // The image is compared directly only when it is a plain file the simulator can read.
+    let image = g
+        .image()
+        .and_then(|p| std::fs::File::open(p).ok())
+        .filter(|f| f.metadata().is_ok_and(|m| m.is_file()));
     if let Some(f) = &image {
         let len = f.metadata()?.len();
         rep.check(
@@ -74,7 +78,11 @@ pub fn run<H: Hal>(g: &mut GuestDev<'_>, rep: &mut DeviceReport, full: bool) -> 
         );
     }
     rep.device_id = pipe.device_id(&mut g.irq).context("GET_ID (stock)")?;
-    rep.check("device_id", !rep.device_id.is_empty(), rep.device_id.clone());
+    rep.check(
+        "device_id",
+        !rep.device_id.is_empty(),
+        rep.device_id.clone(),
+    );
 
     let mut tally = Tally::default();
     // The whole disk as it is now: the shadow every later read is checked against.
@@ -132,6 +140,8 @@ pub fn run<H: Hal>(g: &mut GuestDev<'_>, rep: &mut DeviceReport, full: bool) -> 
             while pipe.conflicts(sector, n, write) {
                 pipe.reap(&mut g.irq)?;
             }
+            // Reads finished so far are checked before this write changes the shadow.
+            check_done(&mut pipe, &shadow, &mut tally, ro, &mut ro_write_refused)?;
             let mut buf = vec![0u8; (n * SECTOR) as usize];
             if write {
                 rng.fill(&mut buf);
@@ -144,22 +154,7 @@ pub fn run<H: Hal>(g: &mut GuestDev<'_>, rep: &mut DeviceReport, full: bool) -> 
                 pipe.drain(&mut g.irq)?;
             }
         }
-        for d in pipe.take_done() {
-            if d.write {
-                if ro {
-                    ro_write_refused = Some(d.result.is_err());
-                } else {
-                    d.result
-                        .with_context(|| format!("write at sector {}", d.sector))?;
-                }
-            } else {
-                d.result
-                    .with_context(|| format!("read at sector {}", d.sector))?;
-                tally.reads += 1;
-                let want = &shadow[range(d.sector, d.buf.len())];
-                tally.verify("random read", d.sector, &d.buf, want);
-            }
-        }
+        check_done(&mut pipe, &shadow, &mut tally, ro, &mut ro_write_refused)?;
         if finished {
             break;
         }
@@ -262,7 +257,11 @@ pub fn run<H: Hal>(g: &mut GuestDev<'_>, rep: &mut DeviceReport, full: bool) -> 
     rep.check(
         "final_readback",
         tally.mismatches.len() == before,
-        tally.mismatches[before..].join("; "),
+        if tally.mismatches.len() == before {
+            format!("{} bytes", shadow.len())
+        } else {
+            tally.mismatches[before..].join("; ")
+        },
     );
     if let Some(orig) = &original {
         rep.check(
@@ -298,8 +297,8 @@ pub fn run<H: Hal>(g: &mut GuestDev<'_>, rep: &mut DeviceReport, full: bool) -> 
 
     if let Some(dir) = &g.opts.shadow_dir {
         let path = dir.join(format!("zone{}-0x{:x}.img", g.zone(), spec.addr));
-        let mut f = std::fs::File::create(&path)
-            .with_context(|| format!("creating {}", path.display()))?;
+        let mut f =
+            std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
         f.write_all(&shadow)?;
         rep.shadow_file = Some(path.display().to_string());
     }
@@ -312,6 +311,33 @@ pub fn run<H: Hal>(g: &mut GuestDev<'_>, rep: &mut DeviceReport, full: bool) -> 
         tally.verified,
         g.irq.delivered()
     );
+    Ok(())
+}
+
+/// Checks the requests of the random phase that finished.
+fn check_done<H: Hal>(
+    pipe: &mut Pipe<'_, H>,
+    shadow: &[u8],
+    tally: &mut Tally,
+    ro: bool,
+    ro_write_refused: &mut Option<bool>,
+) -> Result<()> {
+    for d in pipe.take_done() {
+        if d.write {
+            if ro {
+                *ro_write_refused = Some(d.result.is_err());
+            } else {
+                d.result
+                    .with_context(|| format!("write at sector {}", d.sector))?;
+            }
+        } else {
+            d.result
+                .with_context(|| format!("read at sector {}", d.sector))?;
+            tally.reads += 1;
+            let want = &shadow[range(d.sector, d.buf.len())];
+            tally.verify("random read", d.sector, &d.buf, want);
+        }
+    }
     Ok(())
 }
 
@@ -387,7 +413,11 @@ fn zero_op<H: Hal>(
     rep.check(
         &format!("{name}_reads_zero"),
         zeros,
-        format!("read back {}: {}", status::name(st), if zeros { "zeros" } else { "data" }),
+        format!(
+            "read back {}: {}",
+            status::name(st),
+            if zeros { "zeros" } else { "data" }
+        ),
     );
     Ok(())
 }
@@ -414,7 +444,12 @@ fn write_checks<H: Hal>(
     let mut back = vec![0u8; data.len()];
     let st = raw.request(&mut g.irq, rawblk::req::IN, sector, &[], &mut back)?;
     tally.reads += 1;
-    tally.verify("own-driver read", sector, &back, &shadow[range(sector, back.len())]);
+    tally.verify(
+        "own-driver read",
+        sector,
+        &back,
+        &shadow[range(sector, back.len())],
+    );
     rep.check(
         "read_own_driver",
         st == status::OK && back == data,
@@ -424,7 +459,16 @@ fn write_checks<H: Hal>(
     let c = raw.config.clone();
     if raw.has(feat::DISCARD) {
         let r = pick_range(rng, cap, c.max_discard_sectors, c.discard_sector_alignment);
-        zero_op(raw, g, rep, shadow, tally, "discard", rawblk::req::DISCARD, r)?;
+        zero_op(
+            raw,
+            g,
+            rep,
+            shadow,
+            tally,
+            "discard",
+            rawblk::req::DISCARD,
+            r,
+        )?;
         rep.discards += 1;
     } else {
         rep.check("discard", true, "not offered by the device; skipped");
@@ -457,13 +501,13 @@ fn readonly_checks<H: Hal>(
 ) -> Result<()> {
     let data = vec![0x5au8; SECTOR as usize];
     let st = raw.request(&mut g.irq, rawblk::req::OUT, cap / 2, &data, &mut [])?;
-    rep.check(
-        "readonly_out_ioerr",
-        st == status::IOERR,
-        status::name(st),
-    );
+    rep.check("readonly_out_ioerr", st == status::IOERR, status::name(st));
     for (name, typ, f) in [
-        ("readonly_discard_ioerr", rawblk::req::DISCARD, feat::DISCARD),
+        (
+            "readonly_discard_ioerr",
+            rawblk::req::DISCARD,
+            feat::DISCARD,
+        ),
         (
             "readonly_write_zeroes_ioerr",
             rawblk::req::WRITE_ZEROES,

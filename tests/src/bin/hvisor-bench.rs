@@ -10,7 +10,10 @@ use hvisor_tests::*;
 use serde_json::json;
 
 fn main() -> anyhow::Result<()> {
-    let mib: u64 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(256);
+    let mib: u64 = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(256);
     let s = Scratch::new();
     let img = s.path("bench.img");
     {
@@ -44,14 +47,24 @@ fn main() -> anyhow::Result<()> {
     println!("resident memory (VmRSS now / VmHWM peak), target < 16 MiB each:");
     let mem = |pid| {
         let rss = rss_kib(pid).unwrap_or(0);
-        let hwm = proc_status(pid, "VmHWM").and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok()).unwrap_or(0);
+        let hwm = proc_status(pid, "VmHWM")
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0);
         (rss, hwm)
     };
     let (rss, hwm) = mem(broker);
-    println!("  hvisor-broker      {:>6.1} MiB / {:>6.1} MiB", rss as f64 / 1024.0, hwm as f64 / 1024.0);
+    println!(
+        "  hvisor-broker      {:>6.1} MiB / {:>6.1} MiB",
+        rss as f64 / 1024.0,
+        hwm as f64 / 1024.0
+    );
     for w in &workers {
         let (rss, hwm) = mem(*w);
-        println!("  hvisor-worker-blk  {:>6.1} MiB / {:>6.1} MiB", rss as f64 / 1024.0, hwm as f64 / 1024.0);
+        println!(
+            "  hvisor-worker-blk  {:>6.1} MiB / {:>6.1} MiB",
+            rss as f64 / 1024.0,
+            hwm as f64 / 1024.0
+        );
     }
     let st = stack.stop_broker()?;
     if !st.success() {

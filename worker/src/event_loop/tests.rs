@@ -21,6 +21,10 @@ use crate::Device;
 
 const QSIZE: u16 = 16;
 const RING: GuestAddress = GuestAddress(0x1000);
+/// The used ring, placed by hand: `MockSplitQueue::create` puts it over the tail of the
+/// available ring (its ring `end()` adds the element count, not the byte length), so the
+/// device's used elements would overwrite `used_event`.
+const USED: GuestAddress = GuestAddress(0x4000);
 const EVENT_IDX: u64 = 1 << 29;
 
 /// Writes "pong" into every chain.
@@ -66,8 +70,8 @@ fn dup(fd: &EventFd) -> OwnedFd {
 }
 
 fn start() -> Harness {
-    let memfd = nix::sys::memfd::memfd_create("ram", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
-        .unwrap();
+    let memfd =
+        nix::sys::memfd::memfd_create("ram", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap();
     nix::unistd::ftruncate(&memfd, 0x10_0000).unwrap();
     let regions = [protocol::MemoryRegion {
         guest_addr: 0,
@@ -99,6 +103,19 @@ fn start() -> Harness {
     }
 }
 
+/// The driver's view of the used ring at `USED`.
+fn used_idx(mem: &GuestMemoryMmap) -> u16 {
+    mem.read_obj(USED.unchecked_add(2)).unwrap()
+}
+
+fn used_elem(mem: &GuestMemoryMmap, i: u16) -> (u32, u32) {
+    let at = USED.unchecked_add(4 + 8 * u64::from(i % QSIZE));
+    (
+        mem.read_obj(at).unwrap(),
+        mem.read_obj(at.unchecked_add(4)).unwrap(),
+    )
+}
+
 impl Harness {
     fn send(&self, msg: BrokerMsg) {
         self.broker.send(&msg, &[], false).unwrap();
@@ -120,7 +137,7 @@ impl Harness {
                 size: QSIZE,
                 desc: q.desc_table_addr().0,
                 avail: q.avail_addr().0,
-                used: q.used_addr().0,
+                used: USED.0,
             }],
         });
     }
@@ -135,7 +152,7 @@ fn serves_kicks_with_event_idx_and_obeys_reset_and_shutdown() {
     let h = start();
     let q = MockSplitQueue::create(&h.mem, RING, QSIZE);
     let used_event = q.avail_addr().unchecked_add(4 + 2 * QSIZE as u64);
-    let avail_event = q.used_addr().unchecked_add(4 + 8 * QSIZE as u64);
+    let avail_event = USED.unchecked_add(4 + 8 * QSIZE as u64);
 
     // a buffer and a kick before activation: nothing happens yet
     q.add_desc_chains(&[writable(0x8000, 16)], 0).unwrap();
@@ -145,10 +162,12 @@ fn serves_kicks_with_event_idx_and_obeys_reset_and_shutdown() {
     // activation looks at the queue at once
     h.activate(&q, EVENT_IDX);
     assert!(h.called(Duration::from_secs(5)));
-    assert_eq!(q.used().idx().load(), 1);
-    let elem = q.used().ring().ref_at(0).unwrap().load();
-    assert_eq!((elem.id(), elem.len()), (0, 4));
-    assert_eq!(&h.mem.read_obj::<[u8; 4]>(GuestAddress(0x8000)).unwrap(), b"pong");
+    assert_eq!(used_idx(&h.mem), 1);
+    assert_eq!(used_elem(&h.mem, 0), (0, 4));
+    assert_eq!(
+        &h.mem.read_obj::<[u8; 4]>(GuestAddress(0x8000)).unwrap(),
+        b"pong"
+    );
     // the device published how far it got, so the driver knows when to kick again
     assert_eq!(h.mem.read_obj::<u16>(avail_event).unwrap(), 1);
 
@@ -156,21 +175,21 @@ fn serves_kicks_with_event_idx_and_obeys_reset_and_shutdown() {
     q.add_desc_chains(&[writable(0x9000, 16)], 1).unwrap();
     h.kick.write(1).unwrap();
     assert!(!h.called(Duration::from_millis(200)));
-    assert_eq!(q.used().idx().load(), 2);
+    assert_eq!(used_idx(&h.mem), 2);
 
     // ... but wants one after the third
     h.mem.write_obj(2u16, used_event).unwrap();
     q.add_desc_chains(&[writable(0xa000, 16)], 2).unwrap();
     h.kick.write(1).unwrap();
     assert!(h.called(Duration::from_secs(5)));
-    assert_eq!(q.used().idx().load(), 3);
+    assert_eq!(used_idx(&h.mem), 3);
 
     // after a reset kicks are ignored
     h.send(BrokerMsg::Reset);
     q.add_desc_chains(&[writable(0xb000, 16)], 3).unwrap();
     h.kick.write(1).unwrap();
     assert!(!h.called(Duration::from_millis(200)));
-    assert_eq!(q.used().idx().load(), 3);
+    assert_eq!(used_idx(&h.mem), 3);
     assert_eq!(h.resets.load(Ordering::SeqCst), 1);
 
     // config writes are accepted and ignored
@@ -197,20 +216,20 @@ fn bad_queues_are_left_unused_without_crashing() {
             used,
         }],
     };
-    let (d, a, u) = (q.desc_table_addr().0, q.avail_addr().0, q.used_addr().0);
+    let (d, a, u) = (q.desc_table_addr().0, q.avail_addr().0, USED.0);
     for msg in [
-        bad(0x20_0000, a, u, QSIZE, 0),      // outside guest memory
-        bad(d + 8, a, u, QSIZE, 0),          // misaligned
-        bad(d, a, 0xf_fff0, QSIZE, 0),       // used ring runs off the end
-        bad(d, a, u, 12, 0),                 // not a power of two
-        bad(d, a, u, 0, 0),                  // zero
-        bad(d, a, u, QSIZE, 7),              // no such queue
+        bad(0x20_0000, a, u, QSIZE, 0), // outside guest memory
+        bad(d + 8, a, u, QSIZE, 0),     // misaligned
+        bad(d, a, 0xf_fff0, QSIZE, 0),  // used ring runs off the end
+        bad(d, a, u, 12, 0),            // not a power of two
+        bad(d, a, u, 0, 0),             // zero
+        bad(d, a, u, QSIZE, 7),         // no such queue
     ] {
         h.send(msg);
         h.kick.write(1).unwrap();
         assert!(!h.called(Duration::from_millis(50)));
     }
-    assert_eq!(q.used().idx().load(), 0);
+    assert_eq!(used_idx(&h.mem), 0);
 
     // a bogus available index: the worker neither spins nor dies
     h.activate(&q, 0);

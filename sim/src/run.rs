@@ -1,0 +1,268 @@
+//! The `hvisor-sim` program: build the machine, serve one broker, run the guests, report.
+
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use protocol::bridge::BridgeMap;
+
+use crate::guest::{self, GuestOptions, Workload, ZoneJob};
+use crate::hal::SLOTS;
+use crate::hv::Hypervisor;
+use crate::layout::{DevKind, Machine};
+use crate::mem::PhysMem;
+use crate::report::Report;
+use crate::server::{Listener, SharedFds};
+
+/// A simulated hvisor with guest zones, serving one hvisor-broker over the simulator socket.
+#[derive(Debug, Parser)]
+#[command(name = "hvisor-sim", version)]
+pub struct Args {
+    /// The backend JSON (zones, RAM regions, devices).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Path of the SOCK_SEQPACKET socket to listen on.
+    #[arg(long)]
+    pub socket: PathBuf,
+    /// Emulate the driver before February 2026: refuse eventfd INIT, wake with SIGUSR1.
+    #[arg(long)]
+    pub legacy_driver: bool,
+    /// The guest workload.
+    #[arg(long, value_enum)]
+    pub guest: Workload,
+    /// Seed of every random choice.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Write the run report here, as JSON.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Write each blk device's expected content here (zone<id>-0x<addr>.img).
+    #[arg(long)]
+    pub shadow_dir: Option<PathBuf>,
+    /// Give up (exit 3) if the workload has not finished this many seconds after listening.
+    #[arg(long, default_value_t = 60)]
+    pub timeout: u64,
+    /// After the workload, keep serving until the broker disconnects.
+    #[arg(long)]
+    pub stay: bool,
+    /// Start the guests only once this file exists (the broker is connected meanwhile).
+    #[arg(long)]
+    pub wait_for: Option<PathBuf>,
+}
+
+/// Exit status of a setup failure.
+const EXIT_SETUP: i32 = 2;
+const EXIT_TIMEOUT: i32 = 3;
+/// How long a vCPU (or a guest waiting for an interrupt) waits for the broker.
+const VCPU_WATCHDOG: Duration = Duration::from_secs(10);
+
+/// Runs the program; returns the exit status.
+pub fn main(args: Args) -> i32 {
+    quiet_guest_faults();
+    match run(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("hvisor-sim: {e:#}");
+            EXIT_SETUP
+        }
+    }
+}
+
+fn run(args: Args) -> Result<i32> {
+    let loaded = config::load(&args.config)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.config.display()))?;
+    for w in &loaded.warnings {
+        eprintln!("hvisor-sim: warning: {w}");
+    }
+    let machine = Machine::from_config(&loaded.config);
+    anyhow::ensure!(
+        machine.zones.len() <= SLOTS,
+        "{} zones configured; the simulator drives at most {SLOTS}",
+        machine.zones.len()
+    );
+    if let Some(dir) = &args.shadow_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mem = Arc::new(PhysMem::new(&machine)?);
+    let shared = SharedFds::new()?;
+    let bridge = BridgeMap::map(shared.bridge.as_fd()).context("mapping the bridge page")?;
+    let listener = Listener::bind(&args.socket)?;
+    let started = Instant::now();
+    println!("hvisor-sim: listening on {}", args.socket.display());
+
+    let watchdog = start_watchdog(Duration::from_secs(args.timeout));
+    let (conn, wakeup) =
+        listener.accept_broker(&shared, mem.fd(), mem.size(), args.legacy_driver)?;
+    // One broker only: later connection attempts are refused rather than left waiting.
+    drop(listener);
+    println!(
+        "hvisor-sim: broker connected ({} wakeup)",
+        wakeup.describe()
+    );
+    let hv = Hypervisor::new(bridge, machine.clone(), wakeup, VCPU_WATCHDOG);
+    let _hv_thread = hv.spawn(conn, shared.finish)?;
+
+    if let Some(go) = &args.wait_for {
+        println!("hvisor-sim: guests wait for {}", go.display());
+        while !go.exists() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let opts = GuestOptions {
+        workload: args.guest,
+        seed: args.seed,
+        shadow_dir: args.shadow_dir.clone(),
+        irq_timeout: hv.watchdog,
+    };
+    let bench_zone = machine
+        .zones
+        .iter()
+        .find(|z| {
+            z.devices
+                .iter()
+                .any(|d| matches!(d.kind, DevKind::Blk { .. }))
+        })
+        .map(|z| z.id);
+    let mut threads = Vec::new();
+    for (i, zone) in machine.zones.iter().enumerate() {
+        let job = ZoneJob {
+            hv: hv.clone(),
+            mem: mem.clone(),
+            zone: zone.clone(),
+            cpu: i as u64 + 1,
+            slot: i,
+            opts: opts.clone(),
+            bench: Some(zone.id) == bench_zone,
+        };
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("zone{}", zone.id))
+                .spawn(move || guest::run_zone(job))?,
+        );
+    }
+    let mut report = Report {
+        workload: args.guest.name().into(),
+        seed: args.seed,
+        wakeup: hv.wakeup_kind().into(),
+        ..Default::default()
+    };
+    for t in threads {
+        let (z, b) = t.join().expect("zone threads catch their panics");
+        report.zones.push(z);
+        if b.is_some() {
+            report.bench = b;
+        }
+    }
+    drop(watchdog);
+    if args.guest == Workload::Bench && bench_zone.is_none() {
+        eprintln!("hvisor-sim: bench: the configuration has no blk device");
+    }
+    report.elapsed_s = started.elapsed().as_secs_f64();
+    report.broker_gone = hv.broker_gone();
+    report.hypervisor = hv.stats();
+    report.tally();
+    if args.guest == Workload::Bench && report.bench.is_none() {
+        report.ok = false;
+    }
+    print_summary(&report);
+    if let Some(path) = &args.report {
+        // Written aside and renamed, so a reader never sees half a report.
+        let json = serde_json::to_vec_pretty(&report)?;
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        std::fs::write(&tmp, json).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let code = if report.ok { 0 } else { 1 };
+    if args.stay && !hv.broker_gone() {
+        println!("hvisor-sim: workload finished; serving until the broker disconnects");
+        hv.wait_broker_gone();
+    }
+    Ok(code)
+}
+
+/// A vCPU fault unwinds its guest thread and lands in the report and the summary; the default
+/// hook would add a panic message and backtrace to stderr for what is an expected outcome.
+fn quiet_guest_faults() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .unwrap_or("");
+        if !msg.starts_with(crate::transport::GUEST_FAULT) {
+            default(info);
+        }
+    }));
+}
+
+/// Ends the process with status 3 unless dropped within `timeout`.
+fn start_watchdog(timeout: Duration) -> mpsc::Sender<()> {
+    let (tx, rx) = mpsc::channel::<()>();
+    std::thread::Builder::new()
+        .name("watchdog".into())
+        .spawn(move || {
+            if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(timeout) {
+                eprintln!(
+                    "hvisor-sim: guest workload did not finish within {} s",
+                    timeout.as_secs()
+                );
+                std::process::exit(EXIT_TIMEOUT);
+            }
+        })
+        .expect("spawning the watchdog");
+    tx
+}
+
+fn print_summary(r: &Report) {
+    println!("hvisor-sim: summary of {} (seed {})", r.workload, r.seed);
+    for z in &r.zones {
+        if let Some(e) = &z.error {
+            println!("  zone {} (cpu {}): FAILED: {e}", z.zone, z.cpu);
+        }
+        for d in &z.devices {
+            let failed: Vec<_> = d.checks.iter().filter(|c| !c.pass).collect();
+            println!(
+                "  zone {} blk@{}: {} ({} checks, {} failed; {} writes, {} reads, {} bytes verified, {} interrupts)",
+                d.zone,
+                d.addr_hex,
+                if d.ok { "ok" } else { "FAILED" },
+                d.checks.len(),
+                failed.len(),
+                d.writes,
+                d.reads,
+                d.verified_bytes,
+                d.interrupts
+            );
+            for c in failed {
+                println!("    FAIL {}: {}", c.name, c.detail);
+            }
+        }
+    }
+    let h = &r.hypervisor;
+    println!(
+        "  hypervisor: {} requests, {} wakeups, {} finish signals, {} interrupts ({} stray){}",
+        h.requests,
+        h.wakeups,
+        h.finish_signals,
+        h.interrupts,
+        h.stray_interrupts,
+        if r.broker_gone {
+            "; the broker went away"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "hvisor-sim: result: {} ({} checks passed, {} failed, {:.1} s)",
+        if r.ok { "PASS" } else { "FAIL" },
+        r.checks_passed,
+        r.checks_failed,
+        r.elapsed_s
+    );
+}

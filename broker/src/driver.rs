@@ -14,7 +14,7 @@ use nix::errno::Errno;
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
-use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+use nix::sys::socket::{connect, UnixAddr};
 use protocol::bridge::{BridgeMap, VirtioBridge};
 use protocol::sim;
 
@@ -112,12 +112,7 @@ impl Driver {
     }
 
     fn open_sim(path: &Path) -> Result<Driver> {
-        let sock = socket(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )?;
+        let sock = protocol::channel::seqpacket_socket()?;
         let addr = UnixAddr::new(path)?;
         connect(sock.as_raw_fd(), &addr)
             .with_context(|| format!("connect to simulator {}", path.display()))?;

@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use hvisor_broker::serve::{self, Broker, Options};
 use hvisor_broker::{devices, driver, logging, supervisor};
-use nix::sys::socket::{bind, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+use nix::sys::socket::{bind, UnixAddr};
 
 #[derive(Parser)]
 #[command(
@@ -145,12 +145,7 @@ fn single_instance(driver: &Path) -> Result<OwnedFd> {
         canonical.hash(&mut h);
         name = format!("hvisor-broker:{:016x}", h.finish());
     }
-    let sock = socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
+    let sock = protocol::channel::seqpacket_socket()?;
     let addr = UnixAddr::new_abstract(name.as_bytes())?;
     match bind(sock.as_raw_fd(), &addr) {
         Ok(()) => Ok(sock),

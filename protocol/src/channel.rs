@@ -128,6 +128,16 @@ impl AsRawFd for Channel {
     }
 }
 
+/// An unconnected close-on-exec `AF_UNIX` `SOCK_SEQPACKET` socket.
+pub fn seqpacket_socket() -> nix::Result<OwnedFd> {
+    nix::sys::socket::socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+}
+
 /// Waits until `fd` is readable (or hung up) for at most `timeout`.
 pub fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) -> Result<(), ChannelError> {
     let ms = PollTimeout::try_from(timeout.as_millis().min(i32::MAX as u128) as i32)
@@ -197,13 +207,11 @@ pub fn recv_raw(
     let mut fds = Vec::new();
     for c in msg.cmsgs()? {
         if let ControlMessageOwned::ScmRights(received) = c {
-            // SAFETY: the kernel just installed these fds in our table for this message;
-            // nothing else owns them.
-            fds.extend(
-                received
-                    .into_iter()
-                    .map(|r| unsafe { OwnedFd::from_raw_fd(r) }),
-            );
+            for r in received {
+                // SAFETY: the kernel just installed `r` in our table for this message; nothing
+                // else owns it.
+                fds.push(unsafe { OwnedFd::from_raw_fd(r) });
+            }
         }
     }
     if msg.flags.contains(MsgFlags::MSG_CTRUNC) {

@@ -7,10 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::memfd::{memfd_create, MFdFlags};
-use nix::sys::socket::{
-    accept, bind, getsockopt, listen, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
-    UnixAddr,
-};
+use nix::sys::socket::{accept, bind, getsockopt, listen, sockopt, Backlog, UnixAddr};
 use protocol::bridge::{MAX_CPUS, MMAP_SIZE};
 use protocol::sim::{recv_init, send_reply, Reply, SIGNAL_WAKEUP};
 
@@ -55,13 +52,7 @@ impl Listener {
             Ok(_) => anyhow::bail!("{} exists and is not a socket", path.display()),
             Err(_) => {}
         }
-        let fd = socket(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .context("socket")?;
+        let fd = protocol::channel::seqpacket_socket().context("socket")?;
         let addr = UnixAddr::new(path).context("socket path")?;
         bind(fd.as_raw_fd(), &addr).with_context(|| format!("bind {}", path.display()))?;
         listen(&fd, Backlog::new(4).unwrap()).context("listen")?;

@@ -65,10 +65,10 @@ fn transfer(
             .collect();
         let pos = libc::off_t::try_from(offset)
             .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // The guest may touch these bytes concurrently: that is shared guest memory, and why no
+        // Rust reference to them is ever formed.
         // SAFETY: every iovec lies inside a `VolatileSlice` that vm-memory bounds-checked against
-        // a live guest memory mapping, which outlives this call (the slices borrow it). The kernel
-        // accesses only those bytes. The guest may touch them concurrently; that is the nature of
-        // shared guest memory and why no Rust reference to them is ever formed.
+        // a live guest mapping that outlives this call; the kernel accesses only those bytes.
         let n = unsafe {
             match dir {
                 Direction::Read => libc::preadv(fd.as_raw_fd(), iov.as_ptr(), iov.len() as _, pos),

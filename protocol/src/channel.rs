@@ -21,6 +21,8 @@ use crate::msg::{self, FdCount};
 
 /// The most fds one message may carry.
 pub const MAX_FDS: usize = 16;
+/// The most fds Linux passes in one message.
+const SCM_MAX_FD: usize = 253;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChannelError {
@@ -189,7 +191,9 @@ pub fn recv_raw(
     buf: &mut [u8],
     flags: MsgFlags,
 ) -> Result<(usize, Vec<OwnedFd>), ChannelError> {
-    let mut cmsg_buf = nix::cmsg_space!([RawFd; MAX_FDS]);
+    // Room for as many fds as the kernel passes in one message (SCM_MAX_FD), so that extra fds
+    // arrive owned and are closed on refusal instead of being cut off by the kernel.
+    let mut cmsg_buf = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
     let cap = buf.len();
     let mut iov = [IoSliceMut::new(buf)];
     let msg = loop {
@@ -205,7 +209,9 @@ pub fn recv_raw(
         }
     };
     let mut fds = Vec::new();
-    for c in msg.cmsgs()? {
+    // nix refuses to walk truncated control data (ENOBUFS).
+    let cmsgs = msg.cmsgs().map_err(|_| ChannelError::ControlTruncated)?;
+    for c in cmsgs {
         if let ControlMessageOwned::ScmRights(received) = c {
             for r in received {
                 // SAFETY: the kernel just installed `r` in our table for this message; nothing
@@ -216,6 +222,12 @@ pub fn recv_raw(
     }
     if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
         return Err(ChannelError::ControlTruncated);
+    }
+    if fds.len() > MAX_FDS {
+        return Err(ChannelError::FdCount {
+            got: fds.len(),
+            expected: MAX_FDS,
+        });
     }
     if msg.flags.contains(MsgFlags::MSG_TRUNC) || msg.bytes >= cap {
         return Err(ChannelError::Truncated(cap - 1));
@@ -278,18 +290,26 @@ mod tests {
     }
 
     #[test]
-    fn truncated_control_data_is_refused() {
+    fn more_fds_than_a_message_may_carry_are_refused() {
         let (a, b) = Channel::pair().unwrap();
         let f = tempfile_in_memory();
-        let fds: Vec<BorrowedFd> = (0..4).map(|_| f.as_fd()).collect();
-        send_raw(a.as_fd(), b"x", &fds, MsgFlags::empty()).unwrap();
-        // receive with room for a single fd only
-        let mut small = nix::cmsg_space!([RawFd; 1]);
+        // more fds than our receiver makes room for (send_raw itself would refuse them)
+        let raw: Vec<RawFd> = (0..MAX_FDS + 4).map(|_| f.as_raw_fd()).collect();
+        let cmsg = [ControlMessage::ScmRights(&raw)];
+        sendmsg::<()>(
+            a.as_raw_fd(),
+            &[IoSlice::new(b"x")],
+            &cmsg,
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
         let mut buf = [0u8; 8];
-        let mut iov = [IoSliceMut::new(&mut buf)];
-        let m =
-            recvmsg::<()>(b.as_raw_fd(), &mut iov, Some(&mut small), MsgFlags::empty()).unwrap();
-        assert!(m.flags.contains(MsgFlags::MSG_CTRUNC));
+        let r = recv_raw(b.as_fd(), &mut buf, MsgFlags::empty());
+        assert!(
+            matches!(r, Err(ChannelError::FdCount { got: 20, .. })),
+            "{r:?}"
+        );
         // and through our own receiver: a message larger than the buffer
         send_raw(a.as_fd(), &[0u8; 64], &[], MsgFlags::empty()).unwrap();
         let mut tiny = [0u8; 16];

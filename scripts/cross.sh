@@ -20,6 +20,9 @@ if command -v qemu-aarch64-static >/dev/null; then
   # and process tests stay native; these cover what differs between architectures.
   CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_RUNNER=qemu-aarch64-static \
     cargo test --release --target "$target" -p hvisor-protocol -p hvisor-config -p hvisor-broker
-  qemu-aarch64-static "target/$target/release/hvisor-broker" check examples/zone1.json >/dev/null
+  scratch=$(mktemp -d)
+  cp examples/zone1.json "$scratch/" && truncate -s 16M "$scratch/rootfs2.ext4"
+  (cd "$scratch" && qemu-aarch64-static "$OLDPWD/target/$target/release/hvisor-broker" check zone1.json)
+  rm -rf "$scratch"
   echo "aarch64: unit tests and \`check\` pass under qemu-aarch64-static"
 fi

@@ -23,18 +23,17 @@ echo "== hvisor-broker check zone1.json"
 echo
 echo "== hvisor-sim: a simulated hvisor with zone 1 (guest driver: virtio-drivers)"
 "$bin/hvisor-sim" --config zone1.json --socket hvisor.sock --guest blk-demo \
-  --report report.json > sim.out 2>&1 &
+  --report report.json >> run.out 2>&1 &
 sim_pid=$!
-for _ in $(seq 100); do grep -q "listening on" sim.out 2>/dev/null && break; sleep 0.1; done
+for _ in $(seq 100); do grep -q "listening on" run.out 2>/dev/null && break; sleep 0.1; done
 echo "== hvisor-broker start zone1.json --driver hvisor.sock"
-"$bin/hvisor-broker" start zone1.json --driver hvisor.sock > broker.out 2>&1 &
+"$bin/hvisor-broker" start zone1.json --driver hvisor.sock >> run.out 2>&1 &
 broker_pid=$!
-tail -q -n +1 -f sim.out broker.out --pid "$sim_pid" || true
+# the broker stops by itself when the simulated hypervisor goes away
+tail -n +1 -f run.out --pid "$broker_pid" || true
 status=0
 wait "$sim_pid" || status=$?
-# the broker stops by itself when the simulated hypervisor goes away
 wait "$broker_pid" || true
-tail -q -n +1 broker.out | tail -n 3
 broker_pid=""; sim_pid=""
 echo
 echo "== the image on the host now holds what the guest wrote:"

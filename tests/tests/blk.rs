@@ -283,3 +283,47 @@ fn a_killed_worker_is_reported_and_the_broker_keeps_serving() {
     );
     let _ = stack.stop_broker();
 }
+
+#[test]
+fn records_go_to_syslog_as_hvisor_broker_facility_daemon() {
+    let s = Scratch::new();
+    let img = s.image("disk.img", MIB);
+    let cfg = s.write_json(
+        "zone1.json",
+        &json!({ "zones": [zone_json(1, RAM, RAM_SIZE, &[BlkSpec { img: &img, addr: ADDR, irq: 78, readonly: false }])] }),
+    );
+    let log_path = s.path("log.sock");
+    let syslog = std::os::unix::net::UnixDatagram::bind(&log_path).unwrap();
+    syslog
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut stack = Stack::start(
+        &s,
+        SimRun::new(&cfg, "blk-demo"),
+        &["--syslog-socket", log_path.to_str().unwrap()],
+    )
+    .unwrap();
+    stack.wait_report(Duration::from_secs(60)).unwrap();
+    stack.broker.wait_exit(Duration::from_secs(10)).unwrap();
+    let mut records = Vec::new();
+    let mut buf = [0u8; 4096];
+    syslog.set_nonblocking(true).unwrap();
+    while let Ok(n) = syslog.recv(&mut buf) {
+        records.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    // <30> = facility daemon (3) * 8 + info (6)
+    let worker = records
+        .iter()
+        .find(|r| r.contains("zone1 blk@0xa003c00: worker starting"));
+    let worker = worker.unwrap_or_else(|| panic!("no worker record in syslog: {records:#?}"));
+    assert!(
+        worker.starts_with("<30>") && worker.contains("hvisor-broker["),
+        "{worker}"
+    );
+    // nothing went to stderr instead
+    assert!(
+        !stack.broker.text().contains("worker starting"),
+        "{}",
+        stack.broker.text()
+    );
+}

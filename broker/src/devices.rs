@@ -85,7 +85,7 @@ pub fn prepare(dev: &Device) -> Result<Option<Prepared>> {
                 fds: vec![file.into()],
             }))
         }
-        DeviceConfig::Net { .. } | DeviceConfig::Console => Ok(None),
+        DeviceConfig::Net { .. } | DeviceConfig::Console { .. } => Ok(None),
     }
 }
 

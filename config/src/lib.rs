@@ -58,23 +58,29 @@ pub struct Device {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeviceConfig {
     /// `img` is kept as written; a relative path is relative to the current directory.
-    Blk {
-        img: PathBuf,
-        readonly: bool,
+    Blk { img: PathBuf, readonly: bool },
+    /// `mtu` is our extension (default 1500): the largest IP packet, offered as VIRTIO_NET_F_MTU.
+    Net { tap: String, mac: [u8; 6], mtu: u16 },
+    /// Our extensions: `pty_link`, a stable symlink to the pty; `cols`/`rows`, the size the
+    /// guest sees (80x25 by default).
+    Console {
+        pty_link: Option<PathBuf>,
+        cols: u16,
+        rows: u16,
     },
-    Net {
-        tap: String,
-        mac: [u8; 6],
-    },
-    Console,
 }
+
+/// The default MTU of a net device.
+pub const DEFAULT_MTU: u16 = 1500;
+/// The default console size.
+pub const DEFAULT_CONSOLE_SIZE: (u16, u16) = (80, 25);
 
 impl DeviceConfig {
     pub fn type_name(&self) -> &'static str {
         match self {
             DeviceConfig::Blk { .. } => "blk",
             DeviceConfig::Net { .. } => "net",
-            DeviceConfig::Console => "console",
+            DeviceConfig::Console { .. } => "console",
         }
     }
 }
@@ -178,10 +184,19 @@ impl Config {
                         };
                         out.push_str(&format!(" img {} {mode} ({size})", img.display()));
                     }
-                    DeviceConfig::Net { tap, mac } => {
-                        out.push_str(&format!(" tap {tap} mac {}", format_mac(mac)));
+                    DeviceConfig::Net { tap, mac, mtu } => {
+                        out.push_str(&format!(" tap {tap} mac {} mtu {mtu}", format_mac(mac)));
                     }
-                    DeviceConfig::Console => {}
+                    DeviceConfig::Console {
+                        pty_link,
+                        cols,
+                        rows,
+                    } => {
+                        out.push_str(&format!(" pty {cols}x{rows}"));
+                        if let Some(link) = pty_link {
+                            out.push_str(&format!(" linked at {}", link.display()));
+                        }
+                    }
                 }
                 out.push('\n');
             }

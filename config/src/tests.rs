@@ -133,10 +133,18 @@ fn seed_example_parses() {
         net.kind,
         DeviceConfig::Net {
             tap: "tap0".into(),
-            mac: [2, 0, 0, 0, 1, 1]
+            mac: [2, 0, 0, 0, 1, 1],
+            mtu: 1500,
         }
     );
-    assert_eq!(z.devices[1].kind, DeviceConfig::Console);
+    assert_eq!(
+        z.devices[1].kind,
+        DeviceConfig::Console {
+            pty_link: None,
+            cols: 80,
+            rows: 25
+        }
+    );
     assert_eq!(z.devices[1].kind.type_name(), "console");
     assert_eq!(
         z.devices[2].kind,
@@ -213,7 +221,8 @@ fn numbers_in_every_base() {
         z.devices[0].kind,
         DeviceConfig::Net {
             tap: "tap0".into(),
-            mac: [2, 0, 0, 0, 1, 1]
+            mac: [2, 0, 0, 0, 1, 1],
+            mtu: 1500,
         }
     );
     // A plain JSON number above i32::MAX works here but not in hvisor-tool: warn.
@@ -814,4 +823,52 @@ fn hostile_inputs_do_not_panic() {
     ] {
         let _ = parse(text);
     }
+}
+
+#[test]
+fn net_and_console_extensions() {
+    let v = serde_json::json!({ "zones": [{ "id": 1,
+        "memory_region": [{ "zone0_ipa": "0x50000000", "zonex_ipa": "0x50000000", "size": "0x1000000" }],
+        "devices": [
+            { "type": "net", "addr": "0xa003600", "len": "0x200", "irq": 75, "tap": "tap0",
+              "mac": [2, 0, 0, 0, 1, 1], "mtu": 9000, "status": "enable" },
+            { "type": "console", "addr": "0xa003800", "len": "0x200", "irq": 76, "status": "enable",
+              "pty_link": "/run/hvisor/zone1-console", "cols": "132", "rows": 43 }
+        ] }] });
+    let loaded = parse(&v.to_string()).unwrap();
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    let d = &loaded.config.zones[0].devices;
+    assert_eq!(
+        d[0].kind,
+        DeviceConfig::Net {
+            tap: "tap0".into(),
+            mac: [2, 0, 0, 0, 1, 1],
+            mtu: 9000
+        }
+    );
+    assert_eq!(
+        d[1].kind,
+        DeviceConfig::Console {
+            pty_link: Some("/run/hvisor/zone1-console".into()),
+            cols: 132,
+            rows: 43
+        }
+    );
+    for mtu in [67, 70000] {
+        let mut bad = v.clone();
+        bad["zones"][0]["devices"][0]["mtu"] = serde_json::json!(mtu);
+        let e = parse(&bad.to_string()).unwrap_err().to_string();
+        assert!(e.contains("zones[0].devices[0].mtu"), "{e}");
+    }
+    let mut bad = v.clone();
+    bad["zones"][0]["devices"][1]["pty_link"] = serde_json::json!("console");
+    let e = parse(&bad.to_string()).unwrap_err().to_string();
+    assert!(
+        e.contains("zones[0].devices[1].pty_link: must be an absolute path"),
+        "{e}"
+    );
+    let mut bad = v.clone();
+    bad["zones"][0]["devices"][1]["cols"] = serde_json::json!(0);
+    let e = parse(&bad.to_string()).unwrap_err().to_string();
+    assert!(e.contains("zones[0].devices[1].cols"), "{e}");
 }

@@ -57,20 +57,25 @@ impl Kind {
     fn keys(self) -> &'static [&'static str] {
         match self {
             Kind::Blk => &["img", "readonly"],
-            Kind::Net => &["tap", "mac"],
-            Kind::Console => &[],
+            Kind::Net => &["tap", "mac", "mtu"],
+            Kind::Console => &["pty_link", "cols", "rows"],
             Kind::Gpu => &["width", "height"],
             Kind::Scmi => &["clock_ids", "reset_ids", "power_ids"],
         }
     }
 }
 
-/// Keys hvisor-tool knows on some device type (`readonly` is ours).
+/// Keys hvisor-tool knows on some device type (`readonly`, `mtu`, `pty_link`, `cols` and
+/// `rows` are ours).
 const ANY_DEVICE_KEYS: &[&str] = &[
     "img",
     "readonly",
     "tap",
     "mac",
+    "mtu",
+    "pty_link",
+    "cols",
+    "rows",
     "width",
     "height",
     "clock_ids",
@@ -587,7 +592,7 @@ impl Checker {
         let config = match kind {
             Some(Kind::Blk) => self.blk(obj, path),
             Some(Kind::Net) => self.net(obj, path),
-            Some(Kind::Console) => Some(DeviceConfig::Console),
+            Some(Kind::Console) => self.console(obj, path),
             _ => None,
         };
         let device = match (span, irq, config) {
@@ -644,10 +649,65 @@ impl Checker {
                 None => Some(t.to_string()),
             });
         let mac = self.mac(obj, path);
+        let mtu = self.small_number(obj, path, "mtu", crate::DEFAULT_MTU, 68..=65535);
         Some(DeviceConfig::Net {
             tap: tap?,
             mac: mac?,
+            mtu: mtu?,
         })
+    }
+
+    fn console(&mut self, obj: &Map<String, Value>, path: &str) -> Option<DeviceConfig> {
+        let (dcols, drows) = crate::DEFAULT_CONSOLE_SIZE;
+        let cols = self.small_number(obj, path, "cols", dcols, 1..=u16::MAX);
+        let rows = self.small_number(obj, path, "rows", drows, 1..=u16::MAX);
+        let pty_link = match obj.get("pty_link") {
+            None => Some(None),
+            Some(Value::String(s)) if s.starts_with('/') && s.len() > 1 => {
+                Some(Some(PathBuf::from(s)))
+            }
+            Some(v) => {
+                let what = match v {
+                    Value::String(s) => format!("{s:?}"),
+                    other => kind_of(other).to_string(),
+                };
+                self.err(
+                    join(path, "pty_link"),
+                    format!("must be an absolute path, not {what}"),
+                );
+                None
+            }
+        };
+        Some(DeviceConfig::Console {
+            pty_link: pty_link?,
+            cols: cols?,
+            rows: rows?,
+        })
+    }
+
+    /// An optional 16-bit number within `range`, `default` when absent.
+    fn small_number(
+        &mut self,
+        obj: &Map<String, Value>,
+        path: &str,
+        key: &str,
+        default: u16,
+        range: std::ops::RangeInclusive<u16>,
+    ) -> Option<u16> {
+        if !obj.contains_key(key) {
+            return Some(default);
+        }
+        let n = self.number(obj, path, key, 16)?;
+        match u16::try_from(n) {
+            Ok(v) if range.contains(&v) => Some(v),
+            _ => {
+                self.err(
+                    join(path, key),
+                    format!("{n} is outside {}..={}", range.start(), range.end()),
+                );
+                None
+            }
+        }
     }
 
     fn mac(&mut self, obj: &Map<String, Value>, path: &str) -> Option<[u8; 6]> {

@@ -103,18 +103,28 @@ pub enum DeviceSetup {
         /// The GET_ID answer, at most 20 bytes.
         serial: String,
     },
+    /// fds: the tap, opened with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR and non-blocking. The broker
+    /// keeps its control (header size, offloads); the worker only reads and writes frames.
+    Net {
+        /// Largest IP packet the guest may send (the MTU in the config space).
+        mtu: u16,
+    },
+    /// fds: the pty master, non-blocking, raw.
+    Console,
 }
 
 impl DeviceSetup {
     pub fn kind(&self) -> DeviceKind {
         match self {
             DeviceSetup::Blk { .. } => DeviceKind::Blk,
+            DeviceSetup::Net { .. } => DeviceKind::Net,
+            DeviceSetup::Console => DeviceKind::Console,
         }
     }
 
     fn fd_count(&self) -> usize {
         match self {
-            DeviceSetup::Blk { .. } => 1,
+            DeviceSetup::Blk { .. } | DeviceSetup::Net { .. } | DeviceSetup::Console => 1,
         }
     }
 }

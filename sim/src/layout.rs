@@ -73,7 +73,7 @@ impl Machine {
                                 readonly: *readonly,
                             },
                             DeviceConfig::Net { .. } => DevKind::Net,
-                            DeviceConfig::Console => DevKind::Console,
+                            DeviceConfig::Console { .. } => DevKind::Console,
                         },
                     })
                     .collect(),

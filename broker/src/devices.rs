@@ -12,6 +12,7 @@ use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
+use crate::host::{Pty, Tap};
 use crate::transport::DeviceModel;
 
 /// The GET_ID answer; hvisor-tool's, so guests see the same serial after the switch.
@@ -33,15 +34,19 @@ pub struct Prepared {
     pub setup: DeviceSetup,
     /// Passed to the worker after the memory and queue fds.
     pub fds: Vec<OwnedFd>,
+    /// What the broker keeps of the host side.
+    pub host: Host,
 }
 
-/// Whether this release has a worker for the device kind.
-pub fn served(kind: &DeviceConfig) -> bool {
-    matches!(kind, DeviceConfig::Blk { .. })
+/// The host side the broker keeps controlling while a worker serves the device.
+pub enum Host {
+    None,
+    Tap(Tap),
+    Pty(Pty),
 }
 
-/// Opens the host side of `dev`. Net and console are served from the next release on.
-pub fn prepare(dev: &Device) -> Result<Option<Prepared>> {
+/// Opens the host side of `dev`.
+pub fn prepare(dev: &Device) -> Result<Prepared> {
     match &dev.kind {
         DeviceConfig::Blk { img, readonly } => {
             let file = OpenOptions::new()
@@ -74,7 +79,7 @@ pub fn prepare(dev: &Device) -> Result<Option<Prepared>> {
                     size % SECTOR
                 );
             }
-            Ok(Some(Prepared {
+            Ok(Prepared {
                 kind: DeviceKind::Blk,
                 model: blk_model(size, *readonly),
                 setup: DeviceSetup::Blk {
@@ -83,9 +88,42 @@ pub fn prepare(dev: &Device) -> Result<Option<Prepared>> {
                     serial: BLK_SERIAL.into(),
                 },
                 fds: vec![file.into()],
-            }))
+                host: Host::None,
+            })
         }
-        DeviceConfig::Net { .. } | DeviceConfig::Console { .. } => Ok(None),
+        DeviceConfig::Net { tap, mac, mtu } => {
+            let tap = Tap::open(tap).with_context(|| format!("{}.tap", dev.json_path))?;
+            Ok(Prepared {
+                kind: DeviceKind::Net,
+                model: net_model(mac, *mtu),
+                setup: DeviceSetup::Net { mtu: *mtu },
+                fds: vec![tap.frames_fd()?],
+                host: Host::Tap(tap),
+            })
+        }
+        DeviceConfig::Console {
+            pty_link,
+            cols,
+            rows,
+        } => {
+            let pty = Pty::open(*cols, *rows, pty_link.as_deref())
+                .with_context(|| format!("{}: console pty", dev.json_path))?;
+            log::info!(
+                "zone {} console: {}{}",
+                dev.zone,
+                pty.path.display(),
+                pty.link()
+                    .map(|l| format!(" (linked at {})", l.display()))
+                    .unwrap_or_default()
+            );
+            Ok(Prepared {
+                kind: DeviceKind::Console,
+                model: console_model(*cols, *rows),
+                setup: DeviceSetup::Console,
+                fds: vec![pty.master.try_clone()?],
+                host: Host::Pty(pty),
+            })
+        }
     }
 }
 
@@ -152,6 +190,56 @@ pub fn blk_model(size: u64, readonly: bool) -> DeviceModel {
     }
 }
 
+pub const NET_QUEUE_MAX: u16 = 256;
+pub const CONSOLE_QUEUE_MAX: u16 = 256;
+/// VIRTIO_CONSOLE_F_SIZE (virtio-bindings has no console module).
+pub const VIRTIO_CONSOLE_F_SIZE: u32 = 0;
+
+/// virtio-net: receive queue 0, transmit queue 1. No offloads yet: each is offered once a
+/// guest that negotiates it proves it end to end.
+pub fn net_model(mac: &[u8; 6], mtu: u16) -> DeviceModel {
+    use virtio_bindings::virtio_net::*;
+    let features = 1u64 << VIRTIO_F_VERSION_1
+        | 1 << VIRTIO_RING_F_INDIRECT_DESC
+        | 1 << VIRTIO_RING_F_EVENT_IDX
+        | 1 << VIRTIO_NET_F_MAC
+        | 1 << VIRTIO_NET_F_STATUS
+        | 1 << VIRTIO_NET_F_MTU
+        | 1 << VIRTIO_NET_F_MRG_RXBUF;
+    // struct virtio_net_config up to mtu: mac, status, max_virtqueue_pairs, mtu.
+    let mut c = Vec::with_capacity(12);
+    c.extend_from_slice(mac);
+    c.extend_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+    c.extend_from_slice(&1u16.to_le_bytes());
+    c.extend_from_slice(&mtu.to_le_bytes());
+    DeviceModel {
+        device_id: DeviceKind::Net.virtio_id(),
+        features,
+        queue_max: vec![NET_QUEUE_MAX; 2],
+        config: c,
+    }
+}
+
+/// virtio-console, one port: receive queue 0, transmit queue 1.
+pub fn console_model(cols: u16, rows: u16) -> DeviceModel {
+    let features = 1u64 << VIRTIO_F_VERSION_1
+        | 1 << VIRTIO_RING_F_INDIRECT_DESC
+        | 1 << VIRTIO_RING_F_EVENT_IDX
+        | 1 << VIRTIO_CONSOLE_F_SIZE;
+    // struct virtio_console_config: cols, rows, max_nr_ports, emerg_wr.
+    let mut c = Vec::with_capacity(12);
+    c.extend_from_slice(&cols.to_le_bytes());
+    c.extend_from_slice(&rows.to_le_bytes());
+    c.extend_from_slice(&1u32.to_le_bytes());
+    c.extend_from_slice(&0u32.to_le_bytes());
+    DeviceModel {
+        device_id: DeviceKind::Console.virtio_id(),
+        features,
+        queue_max: vec![CONSOLE_QUEUE_MAX; 2],
+        config: c,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,5 +267,15 @@ mod tests {
         assert_eq!(m.config[56], 1);
         assert_ne!(m.features & (1 << VIRTIO_BLK_F_RO), 0);
         assert_eq!(blk_model(512, false).features & (1 << VIRTIO_BLK_F_RO), 0);
+    }
+
+    #[test]
+    fn net_and_console_config_layout() {
+        let n = net_model(&[2, 0, 0, 0, 1, 1], 1500);
+        assert_eq!(n.config, [2, 0, 0, 0, 1, 1, 1, 0, 1, 0, 0xdc, 0x05]);
+        assert_eq!(n.queue_max.len(), 2);
+        let c = console_model(80, 25);
+        assert_eq!(c.config, [80, 0, 25, 0, 1, 0, 0, 0, 0, 0, 0, 0]);
+        assert_ne!(c.features & 1, 0, "CONSOLE_F_SIZE");
     }
 }

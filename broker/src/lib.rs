@@ -6,6 +6,7 @@
 
 pub mod devices;
 pub mod driver;
+pub mod host;
 pub mod logging;
 pub mod serve;
 pub mod supervisor;

@@ -20,8 +20,9 @@ use protocol::bridge::{DeviceReq, DeviceRes, MAX_DEVS};
 use protocol::msg::PROTOCOL_VERSION;
 use protocol::{BrokerMsg, Channel, ChannelError, DeviceKind, MemoryRegion, WorkerMsg};
 
-use crate::devices::{self, Prepared};
+use crate::devices::{self, Host, Prepared};
 use crate::driver::Driver;
+use crate::host::Tap;
 use crate::supervisor;
 use crate::transport::{Effect, MmioTransport};
 
@@ -78,6 +79,37 @@ struct Slot {
     calls: Vec<EventFd>,
     worker: Option<Worker>,
     irq_pending: bool,
+    host: Host,
+}
+
+/// The tap follows what the driver negotiated: the legacy 10-byte header for drivers without
+/// VERSION_1 or MRG_RXBUF (RuxOS), and only the receive offloads the guest accepts.
+fn configure_tap(tap: &Tap, features: u64) -> Result<()> {
+    use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+    use virtio_bindings::virtio_net::*;
+    let has = |bit: u32| features & (1u64 << bit) != 0;
+    let hdr = if has(VIRTIO_F_VERSION_1) || has(VIRTIO_NET_F_MRG_RXBUF) {
+        12
+    } else {
+        10
+    };
+    tap.set_header_len(hdr)?;
+    let mut offloads = 0;
+    if has(VIRTIO_NET_F_GUEST_CSUM) {
+        offloads |= crate::host::TUN_F_CSUM;
+        if has(VIRTIO_NET_F_GUEST_TSO4) {
+            offloads |= crate::host::TUN_F_TSO4;
+        }
+        if has(VIRTIO_NET_F_GUEST_TSO6) {
+            offloads |= crate::host::TUN_F_TSO6;
+        }
+    }
+    tap.set_offloads(offloads)?;
+    log::debug!(
+        "tap {}: {hdr}-byte header, offloads {offloads:#x}",
+        tap.name
+    );
+    Ok(())
 }
 
 pub struct Broker {
@@ -95,17 +127,8 @@ pub fn prepare_all(config: &Config) -> Result<Vec<(Device, Prepared)>> {
     let mut out = Vec::new();
     for zone in &config.zones {
         for dev in &zone.devices {
-            match devices::prepare(dev)? {
-                Some(p) => out.push((dev.clone(), p)),
-                None => log::warn!(
-                    "zone{} {}@{:#x} ({}): this release serves blk devices only; the guest will not find this device",
-                    dev.zone, dev.kind.type_name(), dev.addr, dev.json_path
-                ),
-            }
+            out.push((dev.clone(), devices::prepare(dev)?));
         }
-    }
-    if out.is_empty() {
-        anyhow::bail!("no device that this release can serve");
     }
     Ok(out)
 }
@@ -240,6 +263,7 @@ impl Broker {
                 gone_since: None,
             }),
             irq_pending: false,
+            host: prep.host,
         });
         Ok(())
     }
@@ -360,6 +384,11 @@ impl Broker {
                     slot.label,
                     queues.len()
                 );
+                if let Host::Tap(tap) = &slot.host {
+                    if let Err(e) = configure_tap(tap, features) {
+                        log::error!("{}: {e:#}", slot.label);
+                    }
+                }
                 BrokerMsg::Activate { features, queues }
             }
             Effect::Reset => {

@@ -145,8 +145,8 @@ pub fn allowlist(kind: DeviceKind) -> Option<Vec<Allowed>> {
     let mut list = common();
     match kind {
         DeviceKind::Blk => list.extend(blk()),
-        // Net (tap readv/writev) and console (pty read/write) slot in here with their workers.
-        DeviceKind::Net | DeviceKind::Console => return None,
+        DeviceKind::Net => list.extend(net()),
+        DeviceKind::Console => list.extend(console()),
     }
     list.sort_by_key(|a| a.nr);
     Some(list)
@@ -213,4 +213,24 @@ fn blk() -> Vec<Allowed> {
         // DISCARD and WRITE_ZEROES (punch hole / zero range, also on block devices)
         sys!(SYS_fallocate),
     ]
+}
+
+/// The event loop re-arms its host fd (tap, pty) as the guest posts or stops posting buffers;
+/// it never adds a new fd.
+fn host_fd_events() -> Allowed {
+    sys!(
+        SYS_epoll_ctl,
+        [ArgCheck::eq(1, libc::EPOLL_CTL_MOD)],
+        [ArgCheck::eq(1, libc::EPOLL_CTL_DEL)]
+    )
+}
+
+/// virtio-net: frames read from and written to the tap fd.
+fn net() -> Vec<Allowed> {
+    vec![host_fd_events(), sys!(SYS_readv), sys!(SYS_writev)]
+}
+
+/// virtio-console: bytes read from and written to the pty master (`read`/`write` are common).
+fn console() -> Vec<Allowed> {
+    vec![host_fd_events(), sys!(SYS_readv), sys!(SYS_writev)]
 }

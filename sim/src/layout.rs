@@ -17,8 +17,8 @@ pub struct RamRegion {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DevKind {
     Blk { img: PathBuf, readonly: bool },
-    Net,
-    Console,
+    Net { tap: String, mac: [u8; 6], mtu: u16 },
+    Console { cols: u16, rows: u16 },
 }
 
 /// A trapped virtio-mmio region of a zone.
@@ -72,8 +72,15 @@ impl Machine {
                                 img: img.clone(),
                                 readonly: *readonly,
                             },
-                            DeviceConfig::Net { .. } => DevKind::Net,
-                            DeviceConfig::Console { .. } => DevKind::Console,
+                            DeviceConfig::Net { tap, mac, mtu } => DevKind::Net {
+                                tap: tap.clone(),
+                                mac: *mac,
+                                mtu: *mtu,
+                            },
+                            DeviceConfig::Console { cols, rows, .. } => DevKind::Console {
+                                cols: *cols,
+                                rows: *rows,
+                            },
                         },
                     })
                     .collect(),

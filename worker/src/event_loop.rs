@@ -12,10 +12,11 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
-use crate::Device;
+use crate::{Device, Interest};
 
-/// The epoll token of the broker socket; kick `i` uses `i`.
+/// The epoll token of the broker socket; kick `i` uses `i`, host fd `j` uses `HOST + j`.
 const SOCKET: u64 = u64::MAX;
+const HOST: u64 = 1 << 32;
 
 pub(crate) struct EventLoop {
     chan: Arc<Channel>,
@@ -26,6 +27,9 @@ pub(crate) struct EventLoop {
     /// `None` until activated, and for a queue the driver set up wrongly.
     queues: Vec<Option<Queue>>,
     device: Box<dyn Device>,
+    /// The interest each host fd is registered with now; `None` once it hung up and was
+    /// removed (a hung-up fd is reported whatever the interest, so it would spin the loop).
+    host_interest: Vec<Option<Interest>>,
 }
 
 impl EventLoop {
@@ -43,7 +47,13 @@ impl EventLoop {
             epoll.add(kick, EpollEvent::new(EpollFlags::EPOLLIN, i as u64))?;
         }
         let queues = kicks.iter().map(|_| None).collect();
-        Ok(EventLoop {
+        let host = device.host_fds();
+        for (j, fd) in host.iter().enumerate() {
+            epoll.add(fd, EpollEvent::new(EpollFlags::empty(), HOST + j as u64))?;
+        }
+        let host_interest = vec![Some(Interest::NONE); host.len()];
+        drop(host);
+        let mut event_loop = EventLoop {
             chan,
             epoll,
             mem,
@@ -51,7 +61,32 @@ impl EventLoop {
             calls,
             queues,
             device,
-        })
+            host_interest,
+        };
+        event_loop.update_interest()?;
+        Ok(event_loop)
+    }
+
+    /// Re-registers the host fds whose wanted events changed (one `epoll_ctl` each).
+    fn update_interest(&mut self) -> Result<(), Errno> {
+        for j in 0..self.host_interest.len() {
+            let want = self.device.host_interest(j);
+            if self.host_interest[j].is_none_or(|now| now == want) {
+                continue;
+            }
+            let mut flags = EpollFlags::empty();
+            if want.read {
+                flags |= EpollFlags::EPOLLIN;
+            }
+            if want.write {
+                flags |= EpollFlags::EPOLLOUT;
+            }
+            let fds = self.device.host_fds();
+            let mut event = EpollEvent::new(flags, HOST + j as u64);
+            self.epoll.modify(fds[j], &mut event)?;
+            self.host_interest[j] = Some(want);
+        }
+        Ok(())
     }
 
     /// Runs until the broker says Shutdown or goes away (success), or sends something malformed.
@@ -71,7 +106,37 @@ impl EventLoop {
                 }
             }
             for event in ready.iter().filter(|e| e.data() != SOCKET) {
-                self.on_kick(event.data() as usize);
+                if event.data() >= HOST {
+                    self.on_host(event);
+                } else {
+                    self.on_kick(event.data() as usize);
+                }
+            }
+            if let Err(e) = self.update_interest() {
+                return self.fail(format!("epoll: {e}"));
+            }
+        }
+    }
+
+    fn on_host(&mut self, event: &EpollEvent) {
+        let j = (event.data() - HOST) as usize;
+        let ev = event.events();
+        // A hang-up or error is reported whatever the interest: let the device read it.
+        let gone = ev.intersects(EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR);
+        let readable = ev.contains(EpollFlags::EPOLLIN) || gone;
+        let writable = ev.contains(EpollFlags::EPOLLOUT);
+        let queues = self.device.host_ready(j, readable, writable);
+        if gone && self.host_interest.get(j).is_some_and(Option::is_some) {
+            warn!("host fd {j} hung up; no longer watched");
+            let fds = self.device.host_fds();
+            if let Some(fd) = fds.get(j) {
+                let _ = self.epoll.delete(fd);
+            }
+            self.host_interest[j] = None;
+        }
+        for q in 0..self.queues.len().min(64) {
+            if queues & (1 << q) != 0 {
+                self.process(q);
             }
         }
     }

@@ -11,7 +11,7 @@ mod logger;
 pub mod memory;
 
 use std::io::Write;
-use std::os::fd::{AsFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,6 +51,51 @@ pub trait Device {
             data.len()
         );
     }
+
+    /// The host fds this device waits on (a tap, a pty), by index; registered once, before the
+    /// sandbox.
+    fn host_fds(&self) -> Vec<BorrowedFd<'_>> {
+        Vec::new()
+    }
+
+    /// What host fd `index` should wake the loop for now. Asked after every round, so a
+    /// device stops reading its host fd while the guest has no buffers (the data waits in the
+    /// kernel) and waits for writability only while output is pending.
+    fn host_interest(&self, _index: usize) -> Interest {
+        Interest::NONE
+    }
+
+    /// Host fd `index` is ready (or hung up); returns the queues to process now, as a bit mask
+    /// (bit q for queue q).
+    fn host_ready(&mut self, _index: usize, _readable: bool, _writable: bool) -> u64 {
+        0
+    }
+}
+
+/// What a host fd should wake the event loop for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Interest {
+    pub read: bool,
+    pub write: bool,
+}
+
+impl Interest {
+    pub const NONE: Interest = Interest {
+        read: false,
+        write: false,
+    };
+    pub const READ: Interest = Interest {
+        read: true,
+        write: false,
+    };
+    pub const WRITE: Interest = Interest {
+        read: false,
+        write: true,
+    };
+    pub const BOTH: Interest = Interest {
+        read: true,
+        write: true,
+    };
 }
 
 /// Exit codes besides success (0) and a failure reported to the broker (1).

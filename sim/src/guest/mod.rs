@@ -2,8 +2,10 @@
 //! virtio-drivers through [`SimTransport`] and [`ZoneHal`].
 
 pub mod bench;
+pub mod console;
 pub mod demo;
 pub mod hostile;
+pub mod net;
 pub mod rawblk;
 pub mod stock;
 pub mod verify;
@@ -28,6 +30,10 @@ pub enum Workload {
     BlkVerify,
     Hostile,
     Bench,
+    NetVerify,
+    NetBench,
+    ConsoleVerify,
+    ConsoleBench,
 }
 
 impl Workload {
@@ -37,6 +43,23 @@ impl Workload {
             Workload::BlkVerify => "blk-verify",
             Workload::Hostile => "hostile",
             Workload::Bench => "bench",
+            Workload::NetVerify => "net-verify",
+            Workload::NetBench => "net-bench",
+            Workload::ConsoleVerify => "console-verify",
+            Workload::ConsoleBench => "console-bench",
+        }
+    }
+
+    /// The device kind the workload drives.
+    pub fn serves(self, kind: &DevKind) -> bool {
+        match self {
+            Workload::BlkDemo | Workload::BlkVerify | Workload::Hostile | Workload::Bench => {
+                matches!(kind, DevKind::Blk { .. })
+            }
+            Workload::NetVerify | Workload::NetBench => matches!(kind, DevKind::Net { .. }),
+            Workload::ConsoleVerify | Workload::ConsoleBench => {
+                matches!(kind, DevKind::Console { .. })
+            }
         }
     }
 }
@@ -204,17 +227,22 @@ fn run_devices<H: Hal>(
     rep: &mut ZoneReport,
     bench: &mut Option<BenchReport>,
 ) {
-    let blks = job
+    let devices = job
         .zone
         .devices
         .iter()
-        .filter(|d| matches!(d.kind, DevKind::Blk { .. }));
-    for (i, spec) in blks.enumerate() {
+        .filter(|d| job.opts.workload.serves(&d.kind));
+    for (i, spec) in devices.enumerate() {
         if job.opts.workload == Workload::Bench && (!job.bench || i > 0) {
             // The benchmark measures one device; the others stay idle.
             continue;
         }
-        let mut dev_rep = DeviceReport::new(job.zone.id, spec.addr, spec.irq, "blk");
+        let kind = match spec.kind {
+            DevKind::Blk { .. } => "blk",
+            DevKind::Net { .. } => "net",
+            DevKind::Console { .. } => "console",
+        };
+        let mut dev_rep = DeviceReport::new(job.zone.id, spec.addr, spec.irq, kind);
         let mut g = GuestDev {
             vcpu,
             mem: &job.mem,
@@ -229,6 +257,10 @@ fn run_devices<H: Hal>(
             Workload::Bench => bench::run::<H>(&mut g, &mut dev_rep).map(|b| {
                 *bench = Some(b);
             }),
+            Workload::NetVerify => net::verify::<H>(&mut g, &mut dev_rep),
+            Workload::NetBench => net::bench::<H>(&mut g, &mut dev_rep),
+            Workload::ConsoleVerify => console::verify::<H>(&mut g, &mut dev_rep),
+            Workload::ConsoleBench => console::bench::<H>(&mut g, &mut dev_rep),
         }));
         let err = match out {
             Ok(Ok(())) => None,
@@ -243,7 +275,7 @@ fn run_devices<H: Hal>(
         dev_rep.interrupts = g.irq.delivered();
         if let Some(e) = err {
             println!(
-                "hvisor-sim: zone {} blk@0x{:x}: FAILED: {e}",
+                "hvisor-sim: zone {} {kind}@0x{:x}: FAILED: {e}",
                 job.zone.id, spec.addr
             );
             dev_rep.check("workload", false, e.clone());

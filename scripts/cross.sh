@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 target=aarch64-unknown-linux-musl
 cargo build --release --target "$target" --workspace --bins
-for b in hvisor-broker hvisor-worker-blk hvisor-sim; do
+for b in hvisor-broker hvisor-worker-blk hvisor-worker-net hvisor-worker-console hvisor-sim; do
   f="target/$target/release/$b"
   info=$(file -b "$f" 2>/dev/null || true)
   echo "$b: $info"
@@ -19,7 +19,7 @@ if command -v qemu-aarch64-static >/dev/null; then
   # seccomp cannot be installed under qemu-user (it refuses PR_SET_SECCOMP), so the policy
   # and process tests stay native; these cover what differs between architectures.
   CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_RUNNER=qemu-aarch64-static \
-    cargo test --release --target "$target" -p hvisor-protocol -p hvisor-config -p hvisor-broker
+    cargo test --release --target "$target" -p hvisor-protocol -p hvisor-config -p hvisor-broker -p hvisor-worker-console
   scratch=$(mktemp -d)
   cp examples/zone1.json "$scratch/" && truncate -s 16M "$scratch/rootfs2.ext4"
   (cd "$scratch" && qemu-aarch64-static "$OLDPWD/target/$target/release/hvisor-broker" check zone1.json)

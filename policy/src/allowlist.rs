@@ -225,12 +225,16 @@ fn host_fd_events() -> Allowed {
     )
 }
 
-/// virtio-net: frames read from and written to the tap fd.
+/// virtio-net: one `writev` per transmitted frame, straight out of the guest's buffers, and
+/// one `readv` per received frame into them (plus a local tail for what does not fit). The
+/// tap is watched for readability only while the guest has receive buffers.
 fn net() -> Vec<Allowed> {
     vec![host_fd_events(), sys!(SYS_readv), sys!(SYS_writev)]
 }
 
-/// virtio-console: bytes read from and written to the pty master (`read`/`write` are common).
+/// virtio-console: a chain's guest buffers are written to, or filled from, the pty master in
+/// one `writev`/`readv`, straight from guest memory; the loop watches the pty for writability
+/// only while output is held, for readability only while the guest has receive buffers.
 fn console() -> Vec<Allowed> {
     vec![host_fd_events(), sys!(SYS_readv), sys!(SYS_writev)]
 }

@@ -9,6 +9,7 @@
 //! hvisor-sim --config zone.json --socket PATH --guest WORKLOAD
 //!            [--legacy-driver] [--seed N] [--report FILE] [--shadow-dir DIR]
 //!            [--timeout SECS] [--stay] [--wait-for FILE]
+//!            [--net-guest IP] [--net-host IP] [--net-port PORT] [--net-bench-secs SECS]
 //! ```
 //!
 //! - `--config`: the backend JSON (the same file the broker reads); the simulator takes each
@@ -30,6 +31,11 @@
 //!   (lets a test act on the broker first); the wait counts against `--timeout`.
 //! - `--stay`: after the workload, keep serving (interrupts, vCPU state) until the broker
 //!   disconnects, then exit with the workload's status.
+//! - `--net-guest IP` (default 192.0.2.2), `--net-host IP` (default 192.0.2.1),
+//!   `--net-port PORT` (default 7777): the net workloads' IPv4 address of the guest, the host
+//!   side of the tap, and the UDP port of the peer there (the guest uses the same number).
+//!   Every net device of a run gets the same address, so give a run one net device.
+//! - `--net-bench-secs SECS` (default 2): how long `net-bench` measures each figure.
 //!
 //! Stdout carries, in this order: `hvisor-sim: listening on PATH` once the socket listens,
 //! `hvisor-sim: broker connected (eventfd wakeup)` or `(SIGUSR1 wakeup)`, the workload's
@@ -120,6 +126,103 @@
 //! A guest that fails adds a failed check named `workload` (and `error`) to its device, or
 //! sets `error` of its zone. Feature values are the 64-bit feature words; `stock` is what the
 //! stock driver accepted, `own` what our driver accepted.
+//!
+//! # Console workloads
+//!
+//! `console-verify` and `console-bench` drive every console device of each zone and need a
+//! host program on the pty (the broker logs `zone <id> console: /dev/pts/N`, plus
+//! ` (linked at PATH)` with `pty_link`). Guest and host take turns on the console itself; all
+//! lines end in `\n`, and a transfer `HVC <VERB> <len> <seed>` is followed by, or answered
+//! with, `len` bytes of the pattern of `seed`: the little-endian bytes of the splitmix64
+//! stream started at `seed` (state += 0x9e3779b97f4a7c15; z = state;
+//! z = (z ^ z >> 30) * 0xbf58476d1ce4e5b9; z = (z ^ z >> 27) * 0x94d049bb133111eb;
+//! output z ^ z >> 31; arithmetic mod 2^64), 8 bytes per step. The host answers a guest transfer with
+//! `HVC GOT <len> ok`, or `HVC GOT <len> bad@<offset of the first wrong byte>`.
+//!
+//! `console-verify`, in order:
+//! 1. The stock `VirtIOConsole` (it negotiates SIZE, INDIRECT_DESC, EVENT_IDX and VERSION_1
+//!    when offered) reads the size (check `size_stock`: cols x rows of the JSON, 80x25 by
+//!    default) and writes `hvisor-console-verify hello <cols>x<rows>`.
+//! 2. Our own driver resets and re-initialises the device (checks `features`: VERSION_1 and
+//!    SIZE offered, MULTIPORT and EMERG_WRITE not; `config_space`: cols, rows,
+//!    max_nr_ports = 1), then, with up to 256 chains of 1 byte to 16 KiB in one to three
+//!    parts in flight:
+//! 3. `HVC TX 1048576 <seed>` + the bytes; the host reads them as fast as it can and answers
+//!    (check `tx_1mib`).
+//! 4. `HVC SLOWTX 1048576 <seed>` + the bytes; the host reads them slowly (the test: 1 KiB
+//!    reads 1 ms apart, and no read for 0.5 s half-way) and answers (`tx_1mib_slow_reader`).
+//! 5. `HVC RX 1048576 <seed>`: the host writes the bytes at once; the guest offers no receive
+//!    buffer for 300 ms first, then reads them and compares them itself (`rx_1mib`).
+//! 6. `HVC DETACH`: the host writes `HVC DETACHING` and closes the pty; the guest then sends
+//!    `HVC AFTER 262144 <seed>` + the bytes, which wait while nobody reads. The host reopens
+//!    the pty (the test: after 0.7 s, through `pty_link` when there is one), reads the line
+//!    and the bytes, and answers (`detach_reattach`).
+//! 7. `HVC IDLE`: the guest waits for input with a receive buffer offered; the host waits as
+//!    long as it likes (the test measures the worker's CPU time meanwhile), then writes
+//!    `HVC BYE` (`idle_wakeup`). Check `interrupts`: no completion was found without its
+//!    interrupt. Last, the guest writes `HVC DONE`.
+//!
+//! `console-bench` (our driver only): `HVC BENCH-TX <len> <seed>` + 64 MiB in 16 KiB chains,
+//! a full queue in flight, timed until the device has completed them; the host answers as
+//! above. Then `HVC BENCH-RX <len> <seed>`: the host writes the bytes, received into 4 KiB
+//! buffers (a full queue offered) and compared; timed from the request to the last byte.
+//! Last `HVC DONE`. The same bytes are then copied through a pty pair of the simulator's own
+//! (a writer thread and a reader, 64 KiB at a time, raw mode) each way, and a table of MB/s
+//! (through the stack, pty copy, ratio) is printed. The figures are in the details of checks
+//! `bench_guest_to_host` and `bench_host_to_guest`:
+//! `mb_per_s=<x> baseline_mb_per_s=<y> ratio=<x/y>`.
+//!
+//! # Net workloads
+//!
+//! `net-verify` and `net-bench` drive every net device of each zone and need the tap's host
+//! side to have `--net-host` and a peer program listening there on `--net-port` (UDP). The
+//! guest runs an IPv4 stack of our own on top of the driver, which answers ARP requests for
+//! its address and ICMP echo requests by itself; the peer protocol (one message per datagram,
+//! DATA whose length and bytes both sides derive from a seed) is described in
+//! `src/guest/net.rs`.
+//!
+//! `net-verify`, first with the stock `VirtIONetRaw` (it negotiates VERSION_1, MAC, STATUS,
+//! EVENT_IDX and INDIRECT_DESC; receive buffers of MTU + 26 bytes, at least 1526):
+//! 1. `mac`: the driver's MAC is the configured one. `arp_resolves_host`: an ARP probe
+//!    (sender address 0.0.0.0, so the host learns nothing) is answered with the tap's MAC.
+//!    `arp_answers_host`: to answer the guest's HELLO, the host had to ask for the guest's
+//!    address, and the guest's answer got the HELLO answer through.
+//! 2. `icmp_echo_to_host`: echo requests of 0, 56, 1000 and MTU - 28 bytes (an IP packet at
+//!    the MTU) are answered by the host kernel byte for byte. `icmp_echo_from_host`: the peer
+//!    pings the guest three times with 56 and with MTU - 28 bytes; every reply matches.
+//! 3. `no_rx_buffers`: the guest stops offering receive buffers and has a burst of datagrams
+//!    fill the ones offered; then, with none offered at all, it asks for a burst of 300
+//!    datagrams of up to 400 bytes and waits 0.5 s. All 300 must then arrive in order and
+//!    intact, every one stamped by the peer before the guest offered buffers again.
+//! 4. `bulk_guest_to_host`, `bulk_host_to_guest`: 3000 datagrams of 16 to MTU - 28 bytes each
+//!    way, at most 192 beyond the receiver's acknowledgements; the receiver checks every byte,
+//!    the order and the UDP checksum. `mtu_guest_to_host`, `mtu_host_to_guest`: 300 each way
+//!    at exactly MTU - 28 bytes.
+//! 5. `rx_headers`: every received 12-byte header had num_buffers 1 and no flags.
+//!
+//! Then the device is reset and our own driver takes it: VERSION_1, MAC, STATUS, MTU and
+//! MRG_RXBUF, no EVENT_IDX (so the ring flags suppress notifications), transmit chains of two
+//! descriptors (header, frame) and receive buffers of 512 bytes, so a frame at the MTU spans
+//! several. Checks `own_features`, `own_config_space` (mac, status LINK_UP,
+//! max_virtqueue_pairs 1, mtu as configured), the steps above as `own_arp_resolves_host`,
+//! `own_icmp_echo_*`, `own_bulk_*` (1000 datagrams each way), `own_mtu_*` (200) and
+//! `own_no_rx_buffers` (up to MTU - 28 bytes), and `own_mergeable_rx`: frames took up to
+//! ceil((MTU + 26) / 512) buffers, with num_buffers right in every first header.
+//!
+//! Last, our driver again with MAC and STATUS only, as a guest without VERSION_1 (RuxOS):
+//! the 10-byte legacy header on both sides, `legacy_guest_to_host` and
+//! `legacy_host_to_guest` (300 datagrams each way) and `legacy_header`.
+//!
+//! `net-bench` (the stock driver): for `--net-bench-secs` each, the guest sends DATA of
+//! 1472 bytes (1514-byte frames; less with a smaller MTU) to the peer as fast as the ring
+//! takes them, then has the peer send it the same with at most 192 beyond its
+//! acknowledgements; then both again with 18-byte datagrams (60-byte frames). Each figure is
+//! frames per second between the first and last frame the receiver saw. The peer's baseline
+//! (BASELINE: the same frames on a bare tap, measured by the harness) is printed beside it
+//! as a table, and each figure is the detail of a check `bench_guest_to_host_big`,
+//! `bench_host_to_guest_big`, `bench_guest_to_host_small`, `bench_host_to_guest_small`:
+//! `frame_bytes=<n> frames_per_s=<x> mb_per_s=<x> baseline_frames_per_s=<y>
+//! baseline_mb_per_s=<y> ratio=<x/y> lost=<n>`.
 
 pub mod guest;
 pub mod hal;

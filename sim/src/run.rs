@@ -52,6 +52,8 @@ pub struct Args {
     /// Start the guests only once this file exists (the broker is connected meanwhile).
     #[arg(long)]
     pub wait_for: Option<PathBuf>,
+    #[command(flatten)]
+    pub net: guest::net::NetArgs,
 }
 
 /// Exit status of a setup failure.
@@ -112,6 +114,7 @@ fn run(args: Args) -> Result<i32> {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+    guest::net::configure(args.net.clone());
     let opts = GuestOptions {
         workload: args.guest,
         seed: args.seed,

@@ -1,9 +1,19 @@
-//! hvisor-worker-console: the sandboxed virtio-console backend of one device, started by hvisor-broker
-//! with its socket at fd 3.
+//! hvisor-worker-console: the sandboxed virtio-console backend of one device, started by
+//! hvisor-broker with its socket at fd 3. The broker opens the pty pair and keeps the slave;
+//! this process only moves bytes between the guest's buffers and the pty master.
+
+mod console;
+mod iov;
 
 use std::process::ExitCode;
 
+use protocol::DeviceKind;
+
 fn main() -> ExitCode {
-    eprintln!("hvisor-worker-console: not written yet");
-    ExitCode::FAILURE
+    worker::run(DeviceKind::Console, |setup, fds| {
+        Ok(Box::new(console::Console::new(setup, fds)?))
+    })
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,610 @@
+//! The console device driven through split queues in guest memory, as a driver would fill
+//! them, over a real pty pair. The tests play the event loop: they wait on the master the way
+//! `host_interest` asks and feed `host_ready`'s answer back into `process_queue`.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::pty::openpty;
+use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+use protocol::DeviceSetup;
+use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use worker::{Device, Interest};
+
+use crate::console::{Console, MAX_DESCRIPTORS, RXQ, TXQ};
+
+const MEM_SIZE: usize = 16 << 20;
+const QSIZE: u16 = 256;
+/// Guest buffers live from here on; the rings below.
+const DATA: u64 = 0x10_0000;
+
+/// The driver's side of one split queue: descriptor table, available ring and used ring, each
+/// on its own page.
+struct Ring {
+    base: u64,
+    next_desc: u16,
+    avail_idx: u16,
+    used_seen: u16,
+}
+
+/// One descriptor: guest address, length, device-writable.
+type Part = (u64, u32, bool);
+
+impl Ring {
+    fn new(base: u64) -> Ring {
+        Ring {
+            base,
+            next_desc: 0,
+            avail_idx: 0,
+            used_seen: 0,
+        }
+    }
+
+    fn desc(&self) -> u64 {
+        self.base
+    }
+    fn avail(&self) -> u64 {
+        self.base + 0x1000
+    }
+    fn used(&self) -> u64 {
+        self.base + 0x2000
+    }
+
+    fn queue(&self) -> Queue {
+        let mut q = Queue::new(QSIZE).unwrap();
+        q.try_set_desc_table_address(GuestAddress(self.desc()))
+            .unwrap();
+        q.try_set_avail_ring_address(GuestAddress(self.avail()))
+            .unwrap();
+        q.try_set_used_ring_address(GuestAddress(self.used()))
+            .unwrap();
+        q.set_ready(true);
+        q
+    }
+
+    fn write_desc(mem: &GuestMemoryMmap, at: u64, addr: u64, len: u32, flags: u16, next: u16) {
+        let mut d = [0u8; 16];
+        d[0..8].copy_from_slice(&addr.to_le_bytes());
+        d[8..12].copy_from_slice(&len.to_le_bytes());
+        d[12..14].copy_from_slice(&flags.to_le_bytes());
+        d[14..16].copy_from_slice(&next.to_le_bytes());
+        mem.write_slice(&d, GuestAddress(at)).unwrap();
+    }
+
+    /// Offers one chain; returns its head.
+    fn add(&mut self, mem: &GuestMemoryMmap, parts: &[Part]) -> u16 {
+        let head = self.next_desc;
+        for (i, &(addr, len, write)) in parts.iter().enumerate() {
+            let index = self.next_desc;
+            self.next_desc = (self.next_desc + 1) % QSIZE;
+            let mut flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
+            if i + 1 < parts.len() {
+                flags |= VRING_DESC_F_NEXT as u16;
+            }
+            let at = self.desc() + 16 * u64::from(index);
+            Self::write_desc(mem, at, addr, len, flags, self.next_desc);
+        }
+        self.publish(mem, head);
+        head
+    }
+
+    /// Offers one chain through an indirect table at `table`.
+    fn add_indirect(&mut self, mem: &GuestMemoryMmap, table: u64, parts: &[Part]) -> u16 {
+        for (i, &(addr, len, write)) in parts.iter().enumerate() {
+            let mut flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
+            if i + 1 < parts.len() {
+                flags |= VRING_DESC_F_NEXT as u16;
+            }
+            Self::write_desc(mem, table + 16 * i as u64, addr, len, flags, i as u16 + 1);
+        }
+        let head = self.next_desc;
+        self.next_desc = (self.next_desc + 1) % QSIZE;
+        let len = 16 * parts.len() as u32;
+        let at = self.desc() + 16 * u64::from(head);
+        Self::write_desc(mem, at, table, len, VRING_DESC_F_INDIRECT as u16, 0);
+        self.publish(mem, head);
+        head
+    }
+
+    fn publish(&mut self, mem: &GuestMemoryMmap, head: u16) {
+        let slot = self.avail() + 4 + 2 * u64::from(self.avail_idx % QSIZE);
+        mem.write_obj(head, GuestAddress(slot)).unwrap();
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        mem.write_obj(self.avail_idx, GuestAddress(self.avail() + 2))
+            .unwrap();
+    }
+
+    /// Used entries (head, length) published since the last call.
+    fn take_used(&mut self, mem: &GuestMemoryMmap) -> Vec<(u32, u32)> {
+        let idx: u16 = mem.read_obj(GuestAddress(self.used() + 2)).unwrap();
+        let mut out = Vec::new();
+        while self.used_seen != idx {
+            let at = self.used() + 4 + 8 * u64::from(self.used_seen % QSIZE);
+            out.push((
+                mem.read_obj(GuestAddress(at)).unwrap(),
+                mem.read_obj(GuestAddress(at + 4)).unwrap(),
+            ));
+            self.used_seen = self.used_seen.wrapping_add(1);
+        }
+        out
+    }
+}
+
+struct Rig {
+    mem: GuestMemoryMmap,
+    console: Console,
+    /// The host's end: where a user attaches.
+    slave: OwnedFd,
+    /// The test's own handle on the master, to wait on it as the event loop would.
+    master: OwnedFd,
+    rx: Ring,
+    tx: Ring,
+    rxq: Queue,
+    txq: Queue,
+}
+
+fn rig() -> Rig {
+    let pair = openpty(None, None).unwrap();
+    let mut t = tcgetattr(&pair.slave).unwrap();
+    cfmakeraw(&mut t);
+    tcsetattr(&pair.slave, SetArg::TCSANOW, &t).unwrap();
+    nonblocking(&pair.slave);
+    let master = pair.master.try_clone().unwrap();
+    let console = Console::new(&DeviceSetup::Console, vec![pair.master]).unwrap();
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let (rx, tx) = (Ring::new(0x1_0000), Ring::new(0x2_0000));
+    let (rxq, txq) = (rx.queue(), tx.queue());
+    Rig {
+        mem,
+        console,
+        slave: pair.slave,
+        master,
+        rx,
+        tx,
+        rxq,
+        txq,
+    }
+}
+
+fn nonblocking(fd: &OwnedFd) {
+    let fl = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL).unwrap());
+    fcntl(fd, FcntlArg::F_SETFL(fl | OFlag::O_NONBLOCK)).unwrap();
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    (0..len as u64)
+        .map(|i| (i.wrapping_mul(31).wrapping_add(i >> 9).wrapping_add(seed) % 253) as u8)
+        .collect()
+}
+
+/// Waits until `fd` is ready for `events` (true) or `ms` passed (false).
+fn wait_fd(fd: &OwnedFd, events: PollFlags, ms: u16) -> bool {
+    let mut fds = [PollFd::new(fd.as_fd(), events)];
+    poll(&mut fds, PollTimeout::from(ms)).unwrap() > 0
+}
+
+impl Rig {
+    fn put(&self, addr: u64, data: &[u8]) {
+        self.mem.write_slice(data, GuestAddress(addr)).unwrap();
+    }
+
+    fn get(&self, addr: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        self.mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
+        v
+    }
+
+    fn kick_tx(&mut self) -> bool {
+        self.console.process_queue(TXQ, &mut self.txq, &self.mem)
+    }
+
+    fn kick_rx(&mut self) -> bool {
+        self.console.process_queue(RXQ, &mut self.rxq, &self.mem)
+    }
+
+    fn interest(&self) -> Interest {
+        self.console.host_interest(0)
+    }
+
+    /// One round of the event loop over the master: waits for what the device asked for, then
+    /// processes the queues `host_ready` names. False if nothing became ready within `ms`.
+    fn host_round(&mut self, ms: u16) -> bool {
+        let want = self.interest();
+        let mut events = PollFlags::empty();
+        if want.read {
+            events |= PollFlags::POLLIN;
+        }
+        if want.write {
+            events |= PollFlags::POLLOUT;
+        }
+        if events.is_empty() {
+            return false;
+        }
+        let mut fds = [PollFd::new(self.master.as_fd(), events)];
+        if poll(&mut fds, PollTimeout::from(ms)).unwrap() == 0 {
+            return false;
+        }
+        let got = fds[0].revents().unwrap();
+        let mask = self.console.host_ready(
+            0,
+            got.contains(PollFlags::POLLIN),
+            got.contains(PollFlags::POLLOUT),
+        );
+        if mask & (1 << RXQ) != 0 {
+            self.kick_rx();
+        }
+        if mask & (1 << TXQ) != 0 {
+            self.kick_tx();
+        }
+        true
+    }
+
+    /// What a reader on the slave gets now (non-blocking).
+    fn read_slave(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 8192];
+        loop {
+            match nix::unistd::read(&self.slave, &mut buf) {
+                Ok(0) | Err(nix::errno::Errno::EAGAIN) => return out,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+                Err(e) => panic!("reading the slave: {e}"),
+            }
+        }
+    }
+
+    /// Reads the slave until `len` bytes came or nothing arrives for a while.
+    fn read_slave_exact(&self, len: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        while out.len() < len && wait_fd(&self.slave, PollFlags::POLLIN, 2000) {
+            out.extend(self.read_slave());
+        }
+        out
+    }
+
+    fn write_slave(&self, data: &[u8]) {
+        let mut at = 0;
+        while at < data.len() {
+            match nix::unistd::write(&self.slave, &data[at..]) {
+                Ok(n) => at += n,
+                Err(nix::errno::Errno::EAGAIN) => {
+                    assert!(wait_fd(&self.slave, PollFlags::POLLOUT, 2000));
+                }
+                Err(e) => panic!("writing the slave: {e}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn transmit_sends_each_chains_readable_bytes_in_order() {
+    let mut r = rig();
+    let (a, b) = (pattern(1, 700), pattern(2, 300));
+    r.put(DATA, &a);
+    r.put(DATA + 0x1000, &b);
+    r.put(DATA + 0x2000, b"!");
+    // a writable descriptor in a transmit chain is not the guest's output: skipped
+    r.tx.add(
+        &r.mem,
+        &[
+            (DATA, 700, false),
+            (DATA + 0x5000, 64, true),
+            (DATA + 0x1000, 300, false),
+        ],
+    );
+    r.tx.add(&r.mem, &[(DATA + 0x2000, 1, false)]);
+    // through an indirect table too
+    r.tx.add_indirect(&r.mem, DATA + 0x8000, &[(DATA + 0x1000, 10, false)]);
+    assert!(r.kick_tx());
+    assert_eq!(r.tx.take_used(&r.mem), [(0, 0), (3, 0), (4, 0)]);
+    let mut want = a.clone();
+    want.extend_from_slice(&b);
+    want.push(b'!');
+    want.extend_from_slice(&b[..10]);
+    assert_eq!(r.read_slave_exact(want.len()), want);
+    assert_eq!(r.interest(), Interest::NONE);
+    // nothing new: no work, no interrupt
+    assert!(!r.kick_tx());
+}
+
+#[test]
+fn a_full_pty_holds_the_chains_and_nothing_is_lost_or_reordered() {
+    let mut r = rig();
+    // far more than a pty buffers, in chains of several sizes
+    let sizes = [65536usize, 1, 4096, 100_000, 7, 65536, 30_000, 200_000];
+    let mut want = Vec::new();
+    let mut at = DATA;
+    for (i, &n) in sizes.iter().enumerate() {
+        let data = pattern(i as u64 + 10, n);
+        r.put(at, &data);
+        // split in two descriptors, so a stop may fall in either
+        let half = (n / 2) as u32;
+        r.tx.add(
+            &r.mem,
+            &[
+                (at, half, false),
+                (at + u64::from(half), n as u32 - half, false),
+            ],
+        );
+        want.extend_from_slice(&data);
+        at += n as u64 + 0x1000;
+    }
+    r.kick_tx();
+    let done = r.tx.take_used(&r.mem).len();
+    assert!(done < sizes.len(), "a pty cannot take {} bytes", want.len());
+    assert_eq!(r.interest(), Interest::WRITE);
+    // a kick while blocked changes nothing and costs no write
+    assert!(!r.kick_tx());
+    assert!(r.tx.take_used(&r.mem).is_empty());
+
+    // a slow reader drains it; the device follows writability only
+    let mut got = Vec::new();
+    let mut used = done;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got.len() < want.len() {
+        assert!(Instant::now() < deadline, "stalled at {} bytes", got.len());
+        got.extend(r.read_slave());
+        r.host_round(10);
+        used += r.tx.take_used(&r.mem).len();
+    }
+    assert_eq!(used, sizes.len());
+    assert_eq!(got.len(), want.len());
+    assert!(
+        got == want,
+        "first difference at {:?}",
+        first_diff(&got, &want)
+    );
+    assert_eq!(r.interest(), Interest::NONE);
+}
+
+fn first_diff(a: &[u8], b: &[u8]) -> Option<usize> {
+    a.iter().zip(b).position(|(x, y)| x != y)
+}
+
+#[test]
+fn receive_waits_for_buffers_and_input_stays_in_the_pty() {
+    let mut r = rig();
+    let input = pattern(7, 3000);
+    r.write_slave(&input);
+    assert!(wait_fd(&r.master, PollFlags::POLLIN, 2000));
+    // no receive buffers: the pty is not read, not even watched
+    assert!(!r.kick_rx());
+    assert_eq!(r.interest(), Interest::NONE);
+
+    // buffers arrive: two descriptors, a readable one among them ignored
+    r.rx.add(
+        &r.mem,
+        &[
+            (DATA, 1000, true),
+            (DATA + 0x8000, 16, false),
+            (DATA + 0x1000, 1000, true),
+        ],
+    );
+    r.rx.add(&r.mem, &[(DATA + 0x2000, 4096, true)]);
+    let mut got = Vec::new();
+    assert!(r.kick_rx());
+    for (head, len) in r.rx.take_used(&r.mem) {
+        let len = len as usize;
+        let parts: &[(u64, usize)] = if head == 0 {
+            &[(DATA, 1000), (DATA + 0x1000, 1000)]
+        } else {
+            &[(DATA + 0x2000, 4096)]
+        };
+        let mut left = len;
+        for &(addr, cap) in parts {
+            let n = left.min(cap);
+            got.extend(r.get(addr, n));
+            left -= n;
+        }
+    }
+    // what is left comes in the buffer still posted once the pty has it again
+    while got.len() < input.len() {
+        if r.interest().read {
+            assert!(
+                r.host_round(2000),
+                "no more input after {} bytes",
+                got.len()
+            );
+        }
+        for (_, len) in r.rx.take_used(&r.mem) {
+            got.extend(r.get(DATA + 0x2000, len as usize));
+        }
+    }
+    assert!(
+        got == input,
+        "first difference at {:?}",
+        first_diff(&got, &input)
+    );
+    // a buffer is posted and the pty is empty: watch it for input
+    r.rx.add(&r.mem, &[(DATA + 0x4000, 4096, true)]);
+    assert!(!r.kick_rx());
+    assert_eq!(r.interest(), Interest::READ);
+    r.write_slave(b"late");
+    assert!(r.host_round(2000));
+    let used = r.rx.take_used(&r.mem);
+    assert_eq!(used.len(), 1);
+    assert_eq!(r.get(DATA + 0x4000, used[0].1 as usize), b"late");
+    assert_eq!(r.interest(), Interest::NONE);
+}
+
+#[test]
+fn a_megabyte_each_way_with_few_buffers() {
+    let mut r = rig();
+    let out = pattern(3, 1 << 20);
+    let inp = pattern(4, 1 << 20);
+    let (mut got_out, mut got_in) = (Vec::new(), Vec::new());
+    let (mut sent, mut fed) = (0usize, 0usize);
+    // transmit slots in flight, oldest first (chains complete in order)
+    let mut tx_busy = std::collections::VecDeque::new();
+    let mut tx_next = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while got_out.len() < out.len() || got_in.len() < inp.len() {
+        assert!(Instant::now() < deadline, "stalled");
+        // keep 8 transmit chains of 16 KiB and 4 receive buffers of 4 KiB offered
+        while tx_busy.len() < 8 && sent < out.len() {
+            let n = (out.len() - sent).min(16 << 10);
+            let addr = DATA + (tx_next % 8) * 0x4000;
+            tx_next += 1;
+            r.put(addr, &out[sent..sent + n]);
+            r.tx.add(&r.mem, &[(addr, n as u32, false)]);
+            tx_busy.push_back(addr);
+            sent += n;
+        }
+        let posted = r.rx.avail_idx.wrapping_sub(r.rx.used_seen);
+        for _ in posted..4 {
+            let slot = u64::from(r.rx.avail_idx % 4);
+            r.rx.add(&r.mem, &[(DATA + 0x10_0000 + slot * 0x1000, 4096, true)]);
+        }
+        r.kick_tx();
+        r.kick_rx();
+        if fed < inp.len() {
+            if let Ok(n) = nix::unistd::write(&r.slave, &inp[fed..]) {
+                fed += n;
+            }
+        }
+        got_out.extend(r.read_slave());
+        r.host_round(1);
+        for _ in r.tx.take_used(&r.mem) {
+            tx_busy.pop_front();
+        }
+        for (head, len) in r.rx.take_used(&r.mem) {
+            // receive chains are single descriptors, so head % 4 is the slot they were posted in
+            let slot = u64::from(head) % 4;
+            got_in.extend(r.get(DATA + 0x10_0000 + slot * 0x1000, len as usize));
+        }
+    }
+    assert!(
+        got_out == out,
+        "output differs at {:?}",
+        first_diff(&got_out, &out)
+    );
+    assert!(
+        got_in == inp,
+        "input differs at {:?}",
+        first_diff(&got_in, &inp)
+    );
+}
+
+#[test]
+fn malformed_chains_are_returned_and_never_crash() {
+    let mut r = rig();
+    let outside = MEM_SIZE as u64 + 0x1000;
+    r.put(DATA, b"ok");
+    // transmit: outside guest memory, running off its end, too many descriptors: dropped
+    r.tx.add(&r.mem, &[(outside, 16, false)]);
+    r.tx.add(&r.mem, &[(MEM_SIZE as u64 - 8, 16, false)]);
+    let many: Vec<Part> = (0..MAX_DESCRIPTORS + 1).map(|_| (DATA, 1, false)).collect();
+    r.tx.add_indirect(&r.mem, DATA + 0x10_0000, &many);
+    // an indirect table of a length that is no multiple of 16 ends the chain at once
+    let head = r.tx.next_desc;
+    r.tx.next_desc += 1;
+    Ring::write_desc(
+        &r.mem,
+        r.tx.desc() + 16 * u64::from(head),
+        DATA + 0x20_0000,
+        24,
+        VRING_DESC_F_INDIRECT as u16,
+        0,
+    );
+    r.tx.publish(&r.mem, head);
+    // a loop: the chain ends when the queue size is used up
+    let head = r.tx.next_desc;
+    r.tx.next_desc += 1;
+    Ring::write_desc(
+        &r.mem,
+        r.tx.desc() + 16 * u64::from(head),
+        DATA,
+        1,
+        VRING_DESC_F_NEXT as u16,
+        head,
+    );
+    r.tx.publish(&r.mem, head);
+    r.tx.add(&r.mem, &[(DATA, 2, false)]);
+    assert!(r.kick_tx());
+    let used = r.tx.take_used(&r.mem);
+    assert_eq!(used.len(), 6);
+    assert!(used.iter().all(|&(_, len)| len == 0));
+    // only the well-formed output reached the pty (the loop's bytes included: it is bounded)
+    let got = r.read_slave_exact(2);
+    assert!(got.ends_with(b"ok"), "{got:?}");
+    assert!(got.len() <= 2 + usize::from(QSIZE), "{}", got.len());
+
+    // receive: outside memory, no writable room: returned empty, the input kept for later
+    r.write_slave(b"input");
+    assert!(wait_fd(&r.master, PollFlags::POLLIN, 2000));
+    r.rx.add(&r.mem, &[(outside, 64, true)]);
+    r.rx.add(&r.mem, &[(DATA, 64, false)]);
+    r.rx.add(&r.mem, &[(DATA + 0x1000, 0, true)]);
+    r.rx.add(&r.mem, &[(DATA + 0x3000, 64, true)]);
+    assert!(r.kick_rx());
+    let used = r.rx.take_used(&r.mem);
+    assert_eq!(&used[..3], &[(0, 0), (1, 0), (2, 0)]);
+    assert_eq!(used[3].0, 3);
+    assert_eq!(r.get(DATA + 0x3000, used[3].1 as usize), b"input");
+
+    // a queue whose available index jumps past its size: nothing taken, no spin
+    r.tx.avail_idx = r.tx.avail_idx.wrapping_add(1000);
+    r.mem
+        .write_obj(r.tx.avail_idx, GuestAddress(r.tx.avail() + 2))
+        .unwrap();
+    assert!(!r.kick_tx());
+}
+
+#[test]
+fn reset_forgets_a_blocked_chain_and_interest() {
+    let mut r = rig();
+    let big = pattern(5, 1 << 20);
+    r.put(DATA, &big);
+    r.tx.add(&r.mem, &[(DATA, big.len() as u32, false)]);
+    r.rx.add(&r.mem, &[(DATA + 0x20_0000, 64, true)]);
+    r.kick_tx();
+    r.kick_rx();
+    assert_eq!(r.interest(), Interest::BOTH);
+    assert!(r.tx.take_used(&r.mem).is_empty());
+    r.console.reset();
+    assert_eq!(r.interest(), Interest::NONE);
+    assert_eq!(r.console.host_ready(0, true, true), 0);
+    // a new driver, new rings: its first chain starts from its first byte
+    r.read_slave();
+    let mut tx = Ring::new(0x3_0000);
+    r.txq = tx.queue();
+    r.put(DATA + 0x30_0000, b"fresh");
+    tx.add(&r.mem, &[(DATA + 0x30_0000, 5, false)]);
+    // the pty still holds the old chain's head (the reader drained only some of it)
+    let mut got = Vec::new();
+    while !got.ends_with(b"fresh") {
+        r.kick_tx();
+        got.extend(r.read_slave_exact(1));
+        r.host_round(10);
+    }
+    assert_eq!(tx.take_used(&r.mem), [(0, 0)]);
+}
+
+#[test]
+fn setup_and_fds_are_checked() {
+    let pair = openpty(None, None).unwrap();
+    let blk = DeviceSetup::Blk {
+        readonly: false,
+        size: 512,
+        serial: String::new(),
+    };
+    assert!(Console::new(&blk, vec![pair.master.try_clone().unwrap()]).is_err());
+    assert!(Console::new(&DeviceSetup::Console, vec![]).is_err());
+    let two = vec![pair.master.try_clone().unwrap(), pair.slave];
+    assert!(Console::new(&DeviceSetup::Console, two).is_err());
+    // a blocking master is made non-blocking
+    let fl = OFlag::from_bits_truncate(fcntl(&pair.master, FcntlArg::F_GETFL).unwrap());
+    assert!(!fl.contains(OFlag::O_NONBLOCK));
+    let c = Console::new(
+        &DeviceSetup::Console,
+        vec![pair.master.try_clone().unwrap()],
+    )
+    .unwrap();
+    let fl = OFlag::from_bits_truncate(fcntl(&pair.master, FcntlArg::F_GETFL).unwrap());
+    assert!(fl.contains(OFlag::O_NONBLOCK));
+    assert_eq!(c.host_fds().len(), 1);
+    assert_eq!(c.host_interest(1), Interest::NONE);
+}

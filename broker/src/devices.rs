@@ -92,7 +92,7 @@ pub fn prepare(dev: &Device) -> Result<Prepared> {
             })
         }
         DeviceConfig::Net { tap, mac, mtu } => {
-            let tap = Tap::open(tap).with_context(|| format!("{}.tap", dev.json_path))?;
+            let tap = Tap::open(tap, *mtu).with_context(|| format!("{}.tap", dev.json_path))?;
             Ok(Prepared {
                 kind: DeviceKind::Net,
                 model: net_model(mac, *mtu),

@@ -35,6 +35,7 @@ nix::ioctl_write_int_bad!(
 );
 nix::ioctl_read_bad!(siocgifflags, libc::SIOCGIFFLAGS, libc::ifreq);
 nix::ioctl_write_ptr_bad!(siocsifflags, libc::SIOCSIFFLAGS, libc::ifreq);
+nix::ioctl_write_ptr_bad!(siocsifmtu, libc::SIOCSIFMTU, libc::ifreq);
 
 /// The broker's handle on a tap: the same open file the worker reads and writes frames on.
 pub struct Tap {
@@ -44,8 +45,9 @@ pub struct Tap {
 
 impl Tap {
     /// Opens (creating when needed) tap `name` with a virtio-net header, non-blocking.
-    /// A tap we create is brought up; an existing one keeps the state its owner gave it.
-    pub fn open(name: &str) -> Result<Tap> {
+    /// A tap we create gets the configured MTU and is brought up; an existing one keeps the
+    /// state its owner gave it.
+    pub fn open(name: &str, mtu: u16) -> Result<Tap> {
         let existed = Path::new("/sys/class/net").join(name).exists();
         let file = OpenOptions::new()
             .read(true)
@@ -64,9 +66,9 @@ impl Tap {
         };
         tap.set_header_len(12)?;
         if !existed {
-            tap.bring_up()
+            tap.bring_up(mtu)
                 .with_context(|| format!("bringing up the new tap {name}"))?;
-            log::info!("created tap {name} and set it up");
+            log::info!("created tap {name} (mtu {mtu}) and set it up");
         }
         Ok(tap)
     }
@@ -91,13 +93,17 @@ impl Tap {
         Ok(())
     }
 
-    fn bring_up(&self) -> Result<()> {
+    fn bring_up(&self, mtu: u16) -> Result<()> {
         let sock = nix::sys::socket::socket(
             nix::sys::socket::AddressFamily::Inet,
             nix::sys::socket::SockType::Datagram,
             nix::sys::socket::SockFlag::SOCK_CLOEXEC,
             None,
         )?;
+        let mut req = ifreq(&self.name)?;
+        req.ifr_ifru.ifru_mtu = libc::c_int::from(mtu);
+        // SAFETY: SIOCSIFMTU reads one ifreq on our stack.
+        unsafe { siocsifmtu(sock.as_raw_fd(), &req) }.context("SIOCSIFMTU")?;
         let mut req = ifreq(&self.name)?;
         // SAFETY: both ioctls read or write one ifreq on our stack.
         unsafe {

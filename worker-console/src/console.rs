@@ -16,7 +16,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 use worker::{Device, Interest};
 
-use crate::iov;
+use worker::guest_io;
 
 /// receiveq0: host to guest.
 pub const RXQ: usize = 0;
@@ -105,7 +105,7 @@ impl Console {
     fn write_chain(&mut self, bufs: &[VolatileSlice<'_>], mut done: usize) -> Option<usize> {
         let total: usize = bufs.iter().map(|b| b.len()).sum();
         while done < total {
-            match iov::write_from(self.pty.as_fd(), bufs, done) {
+            match guest_io::writev(self.pty.as_fd(), &[], bufs, done) {
                 Ok(n) if n > 0 => done += n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Some(done),
                 other => {
@@ -129,22 +129,24 @@ impl Console {
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
             let len = match gather(chain, mem, true) {
-                Ok(bufs) if !bufs.is_empty() => match iov::read_into(self.pty.as_fd(), &bufs) {
-                    Ok(n) if n > 0 => n,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        queue.go_to_previous_position();
-                        self.rx_waiting = true;
-                        break;
+                Ok(bufs) if !bufs.is_empty() => {
+                    match guest_io::readv(self.pty.as_fd(), &bufs, &mut []) {
+                        Ok(n) if n > 0 => n,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            queue.go_to_previous_position();
+                            self.rx_waiting = true;
+                            break;
+                        }
+                        other => {
+                            // EIO: no slave is open (the broker holds one, so not expected). The
+                            // buffer stays with us; the next kick tries again.
+                            let why = other.err().map_or("end of file".into(), |e| e.to_string());
+                            self.pty_error(&format!("reading the pty: {why}"));
+                            queue.go_to_previous_position();
+                            break;
+                        }
                     }
-                    other => {
-                        // EIO: no slave is open (the broker holds one, so not expected). The
-                        // buffer stays with us; the next kick tries again.
-                        let why = other.err().map_or("end of file".into(), |e| e.to_string());
-                        self.pty_error(&format!("reading the pty: {why}"));
-                        queue.go_to_previous_position();
-                        break;
-                    }
-                },
+                }
                 Ok(_) => 0,
                 Err(why) => {
                     debug!("receive chain {head}: {why}; returned empty");

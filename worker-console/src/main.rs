@@ -3,7 +3,6 @@
 //! this process only moves bytes between the guest's buffers and the pty master.
 
 mod console;
-mod iov;
 
 use std::process::ExitCode;
 

@@ -2,7 +2,6 @@
 //! with its socket at fd 3. The broker opens the tap and keeps its control (header size,
 //! offloads); this process only moves frames between the tap and the guest's rings.
 
-mod iov;
 mod net;
 
 use std::process::ExitCode;

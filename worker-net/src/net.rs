@@ -27,7 +27,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 use worker::{Device, Interest};
 
-use crate::iov::{self, IOV_MAX};
+use worker::guest_io::{self as iov, IOV_MAX};
 
 pub const RX: usize = 0;
 pub const TX: usize = 1;
@@ -168,7 +168,7 @@ impl Net {
     }
 
     fn send(&mut self, hdr: &[u8], frame: &[VolatileSlice<'_>], len: usize) {
-        match iov::write_frame(self.tap.as_fd(), hdr, frame) {
+        match iov::writev(self.tap.as_fd(), hdr, frame, 0) {
             Ok(_) => self.stats.tx_frames += 1,
             Err(e) => {
                 if self.stats.tx_errors.bump() {
@@ -234,7 +234,7 @@ impl Net {
                 return added;
             };
             self.starved = false;
-            let n = match iov::read_frame(self.tap.as_fd(), &bufs.slices, &mut self.tail) {
+            let n = match iov::readv(self.tap.as_fd(), &bufs.slices, &mut self.tail) {
                 Ok(n) => n,
                 Err(e) => {
                     // The buffer stays the guest's: the next read takes it again.

@@ -209,17 +209,26 @@ impl EventLoop {
         };
         let mem = &self.mem;
         let mut added = false;
+        let mut idle_rounds = 0;
         loop {
             if let Err(e) = queue.disable_notification(mem) {
                 warn!("queue {i}: {e}");
             }
             let before = queue.next_avail();
             added |= self.device.process_queue(i, queue, mem);
+            let progressed = queue.next_avail() != before;
             match queue.enable_notification(mem) {
-                Ok(true) if queue.next_avail() != before => {}
-                // The ring claims more buffers but none could be taken (a bad avail index):
-                // wait for the next kick rather than spin.
-                Ok(true) => break,
+                Ok(true) if progressed => idle_rounds = 0,
+                // More buffers than were taken: a round that took nothing may have run while
+                // notifications were off, so the driver added a chain without kicking. Look once
+                // more; a second empty round means the device is holding back (no room on the
+                // host side) or the avail index is bogus: wait for the next event, never spin.
+                Ok(true) => {
+                    idle_rounds += 1;
+                    if idle_rounds > 1 {
+                        break;
+                    }
+                }
                 Ok(false) => break,
                 Err(e) => {
                     warn!("queue {i}: {e}");

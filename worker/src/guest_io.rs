@@ -1,5 +1,7 @@
-//! Zero-copy file I/O on guest buffers: `preadv`/`pwritev` straight into and out of the guest
-//! memory slices that vm-memory has bounds-checked, without a bounce buffer.
+//! Zero-copy I/O on guest buffers: `preadv`/`pwritev` (disk images) and `readv`/`writev`
+//! (taps, ptys) straight into and out of the guest memory slices that vm-memory has
+//! bounds-checked, without a bounce buffer and without a Rust reference to bytes the guest may
+//! change at any time; plus small copies between such slices and local buffers.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -8,7 +10,7 @@ use vm_memory::volatile_memory::PtrGuardMut;
 use vm_memory::VolatileSlice;
 
 /// Linux's limit on iovecs per call (`UIO_MAXIOV`).
-const IOV_MAX: usize = 1024;
+pub const IOV_MAX: usize = 1024;
 
 /// Fills `bufs`, in order, from `fd` starting at byte `offset`. End of file before the buffers
 /// are full is an `UnexpectedEof` error.
@@ -17,12 +19,98 @@ pub fn read_exact_at(
     bufs: &[VolatileSlice<'_>],
     offset: u64,
 ) -> io::Result<()> {
-    transfer(fd, bufs, offset, Direction::Read)
+    transfer_at(fd, bufs, offset, Direction::Read)
 }
 
 /// Writes all of `bufs`, in order, to `fd` starting at byte `offset`.
 pub fn write_all_at(fd: BorrowedFd<'_>, bufs: &[VolatileSlice<'_>], offset: u64) -> io::Result<()> {
-    transfer(fd, bufs, offset, Direction::Write)
+    transfer_at(fd, bufs, offset, Direction::Write)
+}
+
+/// One `writev` of local `head` bytes, then `bufs` from byte `skip` on (a frame on a tap, the
+/// rest of a chain on a pty); returns what the fd took. More than [`IOV_MAX`] pieces is an
+/// `InvalidInput` error: the caller must not cut a frame in two.
+pub fn writev(
+    fd: BorrowedFd<'_>,
+    head: &[u8],
+    bufs: &[VolatileSlice<'_>],
+    skip: usize,
+) -> io::Result<usize> {
+    let guards: Vec<PtrGuardMut> = bufs.iter().map(|b| b.ptr_guard_mut()).collect();
+    let mut iov = Vec::with_capacity(bufs.len() + 1);
+    if !head.is_empty() {
+        iov.push(libc::iovec {
+            iov_base: head.as_ptr().cast_mut().cast(),
+            iov_len: head.len(),
+        });
+    }
+    iov.extend(guest_iovecs(&guards, skip));
+    if iov.len() > IOV_MAX {
+        return Err(io::ErrorKind::InvalidInput.into());
+    }
+    if iov.is_empty() {
+        return Ok(0);
+    }
+    // The guest may change its bytes meanwhile; the kernel copies them once.
+    // SAFETY: `head` is borrowed for the call; every other iovec lies inside a bounds-checked
+    // `VolatileSlice` of a live guest mapping. The kernel only reads them.
+    retry(|| unsafe { libc::writev(fd.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int) })
+}
+
+/// One `readv` into `bufs`, then into local `tail` once they are full (a frame longer than the
+/// guest's buffers, on a tap); returns the bytes read (0: end of file or no room).
+pub fn readv(fd: BorrowedFd<'_>, bufs: &[VolatileSlice<'_>], tail: &mut [u8]) -> io::Result<usize> {
+    let guards: Vec<PtrGuardMut> = bufs.iter().map(|b| b.ptr_guard_mut()).collect();
+    let mut iov = guest_iovecs(&guards, 0);
+    if !tail.is_empty() {
+        iov.push(libc::iovec {
+            iov_base: tail.as_mut_ptr().cast(),
+            iov_len: tail.len(),
+        });
+    }
+    if iov.len() > IOV_MAX {
+        return Err(io::ErrorKind::InvalidInput.into());
+    }
+    if iov.is_empty() {
+        return Ok(0);
+    }
+    // SAFETY: the guest iovecs lie inside bounds-checked `VolatileSlice`s of a live guest
+    // mapping (no Rust reference to those bytes exists); the last may be `tail`, borrowed
+    // mutably for the call.
+    retry(|| unsafe { libc::readv(fd.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int) })
+}
+
+/// The iovecs of `guards` from byte `skip` of their concatenation on (empty pieces left out).
+/// The guards keep the pointers valid for the call (they matter only for mappings made on
+/// demand, which plain mmap regions are not).
+fn guest_iovecs(guards: &[PtrGuardMut], mut skip: usize) -> Vec<libc::iovec> {
+    let mut out = Vec::with_capacity(guards.len());
+    for g in guards {
+        if skip >= g.len() {
+            skip -= g.len();
+            continue;
+        }
+        out.push(libc::iovec {
+            iov_base: g.as_ptr().wrapping_add(skip).cast(),
+            iov_len: g.len() - skip,
+        });
+        skip = 0;
+    }
+    out
+}
+
+/// Runs a system call until it is not interrupted.
+fn retry(mut call: impl FnMut() -> isize) -> io::Result<usize> {
+    loop {
+        let n = call();
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -31,79 +119,103 @@ enum Direction {
     Write,
 }
 
-fn transfer(
+fn transfer_at(
     fd: BorrowedFd<'_>,
     bufs: &[VolatileSlice<'_>],
     mut offset: u64,
     dir: Direction,
 ) -> io::Result<()> {
-    // position: slice `first`, byte `skip` within it
-    let mut first = 0;
-    let mut skip = 0;
-    loop {
-        while first < bufs.len() && bufs[first].len() == skip {
-            first += 1;
-            skip = 0;
-        }
-        if first == bufs.len() {
-            return Ok(());
-        }
-        let batch = &bufs[first..bufs.len().min(first + IOV_MAX)];
-        // The guards keep the pointers valid for the call (they matter only for mappings made on
-        // demand, which plain mmap regions are not).
-        let guards: Vec<PtrGuardMut> = batch.iter().map(|b| b.ptr_guard_mut()).collect();
-        let iov: Vec<libc::iovec> = guards
-            .iter()
-            .enumerate()
-            .map(|(i, g)| {
-                let start = if i == 0 { skip } else { 0 };
-                libc::iovec {
-                    iov_base: g.as_ptr().wrapping_add(start).cast(),
-                    iov_len: g.len() - start,
-                }
-            })
-            .collect();
+    let total: usize = bufs.iter().map(|b| b.len()).sum();
+    let guards: Vec<PtrGuardMut> = bufs.iter().map(|b| b.ptr_guard_mut()).collect();
+    let mut done = 0;
+    while done < total {
+        let iov = guest_iovecs(&guards, done);
+        let iov = &iov[..iov.len().min(IOV_MAX)];
         let pos = libc::off_t::try_from(offset)
             .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        // The guest may touch these bytes concurrently: that is shared guest memory, and why no
-        // Rust reference to them is ever formed.
         // SAFETY: every iovec lies inside a `VolatileSlice` that vm-memory bounds-checked against
         // a live guest mapping that outlives this call; the kernel accesses only those bytes.
-        let n = unsafe {
+        let n = retry(|| unsafe {
             match dir {
                 Direction::Read => libc::preadv(fd.as_raw_fd(), iov.as_ptr(), iov.len() as _, pos),
                 Direction::Write => {
                     libc::pwritev(fd.as_raw_fd(), iov.as_ptr(), iov.len() as _, pos)
                 }
             }
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
+        })?;
         if n == 0 {
             return Err(io::Error::from(match dir {
                 Direction::Read => io::ErrorKind::UnexpectedEof,
                 Direction::Write => io::ErrorKind::WriteZero,
             }));
         }
-        let mut n = n as usize;
+        done += n;
         offset += n as u64;
-        while n > 0 {
-            let left = bufs[first].len() - skip;
-            if n >= left {
-                n -= left;
-                first += 1;
-                skip = 0;
-            } else {
-                skip += n;
-                n = 0;
-            }
-        }
     }
+    Ok(())
+}
+
+/// Writes `data` at byte `offset` of the concatenation of `bufs`; false if it does not fit.
+pub fn write_at(bufs: &[VolatileSlice<'_>], mut offset: usize, mut data: &[u8]) -> bool {
+    for b in bufs {
+        if data.is_empty() {
+            break;
+        }
+        if offset >= b.len() {
+            offset -= b.len();
+            continue;
+        }
+        let Ok(part) = b.offset(offset) else {
+            return false;
+        };
+        let n = part.len().min(data.len());
+        part.copy_from(&data[..n]);
+        data = &data[n..];
+        offset = 0;
+    }
+    data.is_empty()
+}
+
+/// `bufs` without their first `n` bytes (fewer if they are shorter).
+pub fn skip<'m>(bufs: &[VolatileSlice<'m>], mut n: usize) -> Vec<VolatileSlice<'m>> {
+    let mut out = Vec::with_capacity(bufs.len());
+    for b in bufs {
+        if n >= b.len() {
+            n -= b.len();
+            continue;
+        }
+        if let Ok(rest) = b.offset(n) {
+            out.push(rest);
+        }
+        n = 0;
+    }
+    out
+}
+
+/// Copies `bufs` from their start into `out`, as far as either goes; returns the bytes copied.
+pub fn copy_out(bufs: &[VolatileSlice<'_>], out: &mut [u8]) -> usize {
+    let mut at = 0;
+    for b in bufs {
+        if at == out.len() {
+            break;
+        }
+        at += b.copy_to(&mut out[at..]);
+    }
+    at
+}
+
+/// Copies `data` into `bufs` from their start, as far as either goes; returns the bytes copied.
+pub fn copy_in(bufs: &[VolatileSlice<'_>], data: &[u8]) -> usize {
+    let mut at = 0;
+    for b in bufs {
+        if at == data.len() {
+            break;
+        }
+        let n = b.len().min(data.len() - at);
+        b.copy_from(&data[at..at + n]);
+        at += n;
+    }
+    at
 }
 
 #[cfg(test)]

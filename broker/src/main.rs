@@ -9,7 +9,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use hvisor_broker::serve::{self, Broker, Options};
+use hvisor_broker::supervisor::Jail;
 use hvisor_broker::{driver, logging, supervisor};
+use protocol::msg::SeccompAction;
 use nix::sys::socket::{bind, UnixAddr};
 
 #[derive(Parser)]
@@ -43,6 +45,14 @@ enum Command {
         /// A syslog socket other than /dev/log.
         #[arg(long)]
         syslog_socket: Option<PathBuf>,
+        /// What a worker's refused system call does: kill (report, then die), trap (report; the
+        /// call fails with ENOSYS) or log (allowed; the kernel logs it). For finding out what a
+        /// new C library needs; never leave trap or log on in production.
+        #[arg(long, default_value = "kill", value_parser = parse_seccomp)]
+        seccomp: SeccompAction,
+        /// The unprivileged UID[:GID] workers run as (seen from outside their namespaces).
+        #[arg(long, default_value = "65534:65534", value_parser = parse_ids)]
+        worker_user: (u32, u32),
     },
     /// Validate CONFIG and print what would be served; starts nothing.
     Check { config: PathBuf },
@@ -59,6 +69,8 @@ fn main() -> ExitCode {
             poll_us,
             log_level,
             syslog_socket,
+            seccomp,
+            worker_user,
         } => {
             // Before any thread exists: SIGUSR1 (old drivers' wakeup) must never take its
             // default action, and the rest are read through a signalfd.
@@ -67,9 +79,18 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
             ensure_std_fds();
+            // Workers inherit supplementary groups across the user namespace, where they could
+            // never be dropped again: the broker, root anyway, keeps none.
+            let _ = nix::unistd::setgroups(&[]);
             logging::init(log_level, syslog_socket.as_deref());
+            let jail = Jail {
+                uid: worker_user.0,
+                gid: worker_user.1,
+                seccomp,
+            };
             let opts = Options {
                 poll: Duration::from_micros(poll_us),
+                jail,
                 ..Options::default()
             };
             match start(&config, &driver, worker_dir, opts) {
@@ -83,6 +104,25 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn parse_seccomp(s: &str) -> Result<SeccompAction, String> {
+    match s {
+        "kill" => Ok(SeccompAction::Kill),
+        "trap" => Ok(SeccompAction::Trap),
+        "log" => Ok(SeccompAction::Log),
+        _ => Err(format!("{s:?}: kill, trap or log")),
+    }
+}
+
+fn parse_ids(s: &str) -> Result<(u32, u32), String> {
+    let (u, g) = s.split_once(':').unwrap_or((s, s));
+    let n = |x: &str| x.parse::<u32>().map_err(|_| format!("{x:?} is not a numeric id"));
+    let (u, g) = (n(u)?, n(g)?);
+    if u == 0 || g == 0 {
+        return Err("workers never run as root".into());
+    }
+    Ok((u, g))
 }
 
 fn check(path: &Path) -> ExitCode {

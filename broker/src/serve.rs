@@ -37,6 +37,8 @@ pub struct Options {
     pub max_sleep: Duration,
     /// How long a worker may take to report Ready.
     pub ready_timeout: Duration,
+    /// Who workers run as and what a seccomp violation does.
+    pub jail: supervisor::Jail,
 }
 
 impl Default for Options {
@@ -47,6 +49,7 @@ impl Default for Options {
             poll: Duration::from_micros(100),
             max_sleep: Duration::from_millis(10),
             ready_timeout: Duration::from_secs(5),
+            jail: supervisor::Jail::default(),
         }
     }
 }
@@ -65,6 +68,11 @@ struct Worker {
     started: Instant,
     /// Socket closed; waiting for SIGCHLD until this deadline, then SIGKILL.
     gone_since: Option<Instant>,
+    /// The last system call its filter refused, as its SIGSYS reporter said.
+    violation: Option<i64>,
+    /// What was set up around it, and how it confined itself.
+    pub sandbox: protocol::msg::SandboxSpec,
+    pub confinement: Option<(String, Vec<String>)>,
 }
 
 struct Slot {
@@ -80,6 +88,14 @@ struct Slot {
     worker: Option<Worker>,
     irq_pending: bool,
     host: Host,
+}
+
+/// `openat`, or the number where the name is not known.
+fn syscall_label(nr: i64) -> String {
+    match policy::syscall_name(nr) {
+        Some(name) => name.to_string(),
+        None => format!("#{nr}"),
+    }
 }
 
 /// The tap follows what the driver negotiated: the legacy 10-byte header for drivers without
@@ -214,8 +230,12 @@ impl Broker {
         let kicks = (0..nq).map(|_| efd()).collect::<nix::Result<Vec<_>>>()?;
         let calls = (0..nq).map(|_| efd()).collect::<nix::Result<Vec<_>>>()?;
         let binary = supervisor::worker_binary(&self.opts.worker_dir, prep.kind);
-        let (pid, channel) = supervisor::spawn(&binary, &self.opts.worker_args)
+        let spawned = supervisor::spawn(&binary, &self.opts.worker_args, self.opts.jail)
             .with_context(|| format!("{label}: starting its worker"))?;
+        for note in &spawned.notes {
+            log::warn!("{label}: weaker sandbox: {note}");
+        }
+        let (pid, channel, sandbox) = (spawned.pid, spawned.channel, spawned.sandbox);
         let hello = BrokerMsg::Hello {
             version: PROTOCOL_VERSION,
             zone: dev.zone,
@@ -223,6 +243,7 @@ impl Broker {
             regions,
             num_queues: nq as u16,
             setup: prep.setup,
+            sandbox,
         };
         let mut fds = vec![self.driver.memory_fd()];
         fds.extend(kicks.iter().map(|k| k.as_fd()));
@@ -261,6 +282,9 @@ impl Broker {
                 ready: false,
                 started: Instant::now(),
                 gone_since: None,
+                violation: None,
+                sandbox,
+                confinement: None,
             }),
             irq_pending: false,
             host: prep.host,
@@ -453,14 +477,14 @@ impl Broker {
         loop {
             match w.channel.try_recv::<WorkerMsg>() {
                 Ok(None) => return Ok(()),
-                Ok(Some((WorkerMsg::Ready { version, pid }, _))) => {
+                Ok(Some((WorkerMsg::Ready { version, pid: _ }, _))) => {
                     if version != PROTOCOL_VERSION {
                         log::error!("{}: worker speaks protocol {version}, not {PROTOCOL_VERSION}; stopping it", slot.label);
                         let _ = kill(w.pid, Signal::SIGKILL);
                         return Ok(());
                     }
                     w.ready = true;
-                    log::info!("{}: worker (pid {pid}) sandboxed and ready", slot.label);
+                    log::info!("{}: worker (pid {}) sandboxed and ready", slot.label, w.pid);
                 }
                 Ok(Some((WorkerMsg::Log { level, message }, _))) => {
                     let level = match level {
@@ -474,6 +498,22 @@ impl Broker {
                 }
                 Ok(Some((WorkerMsg::Failed { reason }, _))) => {
                     log::error!("{}: worker (pid {}) failed: {reason}", slot.label, w.pid);
+                }
+                Ok(Some((WorkerMsg::Violation { nr, arch: _ }, _))) => {
+                    w.violation = Some(nr);
+                    log::error!(
+                        "{}: worker (pid {}) made a refused system call: {}",
+                        slot.label,
+                        w.pid,
+                        syscall_label(nr)
+                    );
+                }
+                Ok(Some((WorkerMsg::Confined { root, notes }, _))) => {
+                    log::info!("{}: worker (pid {}) confined: {root}", slot.label, w.pid);
+                    for n in &notes {
+                        log::warn!("{}: weaker sandbox: {n}", slot.label);
+                    }
+                    w.confinement = Some((root, notes));
                 }
                 Err(ChannelError::Eof) | Err(ChannelError::Io(_)) => {
                     self.epoll.delete(w.channel.as_fd()).ok();
@@ -534,7 +574,15 @@ impl Broker {
                 continue;
             };
             let w = slot.worker.take().expect("found above");
-            let how = supervisor::describe_exit(&status);
+            let how = match (&status, w.violation) {
+                (WaitStatus::Signaled(_, Signal::SIGSYS, _), Some(nr)) => {
+                    format!("killed: seccomp violation, syscall {}", syscall_label(nr))
+                }
+                (WaitStatus::Signaled(_, Signal::SIGSYS, _), None) => {
+                    "killed: seccomp violation".to_string()
+                }
+                _ => supervisor::describe_exit(&status),
+            };
             if self.stop {
                 log::info!("{} worker (pid {pid}) {how}", slot.label);
             } else {

@@ -1,18 +1,16 @@
 //! `hvisor-broker start CONFIG` serves the virtio devices of an hvisor-tool JSON config;
 //! `hvisor-broker check CONFIG` validates it and prints what would be served.
 
-use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 use hvisor_broker::serve::{self, Broker, Options};
 use hvisor_broker::supervisor::Jail;
 use hvisor_broker::{driver, logging, supervisor};
 use protocol::msg::SeccompAction;
-use nix::sys::socket::{bind, UnixAddr};
 
 #[derive(Parser)]
 #[command(
@@ -56,12 +54,28 @@ enum Command {
     },
     /// Validate CONFIG and print what would be served; starts nothing.
     Check { config: PathBuf },
+    /// Ask the running broker what the kernel says about each worker's sandbox (root only).
+    Audit {
+        /// The driver the broker serves.
+        #[arg(long, default_value = "/dev/hvisor")]
+        driver: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the seccomp allowlist of a worker kind: system calls and argument rules.
+    Policy {
+        #[arg(value_parser = ["blk", "net", "console"])]
+        kind: String,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => check(&config),
+        Command::Audit { driver, json } => audit(&driver, json),
+        Command::Policy { kind } => policy(&kind),
         Command::Start {
             config,
             driver,
@@ -106,6 +120,55 @@ fn main() -> ExitCode {
     }
 }
 
+fn audit(driver: &Path, json: bool) -> ExitCode {
+    let text = match hvisor_broker::control::request_audit(driver) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("hvisor-broker audit: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        println!("{text}");
+        return ExitCode::SUCCESS;
+    }
+    match serde_json::from_str::<hvisor_broker::audit::Report>(&text) {
+        Ok(report) => {
+            print!("{}", hvisor_broker::audit::render(&report));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("hvisor-broker audit: unreadable answer: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn policy(kind: &str) -> ExitCode {
+    let kind = match kind {
+        "blk" => protocol::DeviceKind::Blk,
+        "net" => protocol::DeviceKind::Net,
+        _ => protocol::DeviceKind::Console,
+    };
+    let Some(list) = policy::allowlist(kind) else {
+        eprintln!("no allowlist for {kind} workers");
+        return ExitCode::FAILURE;
+    };
+    println!(
+        "{kind} worker seccomp allowlist ({}): {} system calls; anything else is refused",
+        std::env::consts::ARCH,
+        list.len()
+    );
+    println!("(default: the SIGSYS reporter names the call, then the worker dies by SIGSYS)");
+    for allowed in &list {
+        println!("  allow   {allowed}");
+    }
+    for refused in policy::refusals() {
+        println!("  refuse  {refused}");
+    }
+    ExitCode::SUCCESS
+}
+
 fn parse_seccomp(s: &str) -> Result<SeccompAction, String> {
     match s {
         "kill" => Ok(SeccompAction::Kill),
@@ -117,7 +180,10 @@ fn parse_seccomp(s: &str) -> Result<SeccompAction, String> {
 
 fn parse_ids(s: &str) -> Result<(u32, u32), String> {
     let (u, g) = s.split_once(':').unwrap_or((s, s));
-    let n = |x: &str| x.parse::<u32>().map_err(|_| format!("{x:?} is not a numeric id"));
+    let n = |x: &str| {
+        x.parse::<u32>()
+            .map_err(|_| format!("{x:?} is not a numeric id"))
+    };
     let (u, g) = (n(u)?, n(g)?);
     if u == 0 || g == 0 {
         return Err("workers never run as root".into());
@@ -156,37 +222,12 @@ fn start(
         Some(d) => d,
         None => supervisor::default_worker_dir()?,
     };
-    let _instance = single_instance(driver_path)?;
+    // A second broker on the same driver would fight over the bridge page.
+    let control = hvisor_broker::control::listen_on(driver_path)?;
     let prepared = serve::prepare_all(&loaded.config)?;
     let drv = driver::Driver::open(driver_path)?;
-    let mut broker = Broker::new(&loaded.config, prepared, drv, opts)?;
+    let mut broker = Broker::new(&loaded.config, prepared, drv, opts, Some(control))?;
     broker.run()
-}
-
-/// A second broker on the same driver would fight over the bridge page: hold an abstract
-/// socket named after the driver (released by the kernel when we exit, needs no writable
-/// file system).
-fn single_instance(driver: &Path) -> Result<OwnedFd> {
-    let canonical = std::fs::canonicalize(driver).unwrap_or_else(|_| driver.to_owned());
-    let mut name = format!("hvisor-broker:{}", canonical.display());
-    if name.len() > 100 {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        canonical.hash(&mut h);
-        name = format!("hvisor-broker:{:016x}", h.finish());
-    }
-    let sock = protocol::channel::seqpacket_socket()?;
-    let addr = UnixAddr::new_abstract(name.as_bytes())?;
-    match bind(sock.as_raw_fd(), &addr) {
-        Ok(()) => Ok(sock),
-        Err(nix::errno::Errno::EADDRINUSE) => {
-            bail!(
-                "another hvisor-broker is already serving {}",
-                driver.display()
-            )
-        }
-        Err(e) => Err(e).context("taking the single-instance lock"),
-    }
 }
 
 /// A daemon started with a closed stdin/stdout/stderr would hand those numbers to the first

@@ -25,6 +25,7 @@ use crate::driver::Driver;
 use crate::host::Tap;
 use crate::supervisor;
 use crate::transport::{Effect, MmioTransport};
+use crate::{audit, control};
 
 pub struct Options {
     /// Where `hvisor-worker-<kind>` binaries live.
@@ -57,6 +58,7 @@ impl Default for Options {
 const TOKEN_WAKEUP: u64 = 0;
 const TOKEN_SIGNALS: u64 = 1;
 const TOKEN_SIM: u64 = 2;
+const TOKEN_CONTROL: u64 = 3;
 /// Device `i` owns tokens `DEV_BASE + i * DEV_STRIDE + k`: k = 0 its socket, 1 + q its call fds.
 const DEV_BASE: u64 = 0x100;
 const DEV_STRIDE: u64 = 0x100;
@@ -70,9 +72,8 @@ struct Worker {
     gone_since: Option<Instant>,
     /// The last system call its filter refused, as its SIGSYS reporter said.
     violation: Option<i64>,
-    /// What was set up around it, and how it confined itself.
-    pub sandbox: protocol::msg::SandboxSpec,
-    pub confinement: Option<(String, Vec<String>)>,
+    /// How it confined itself, as it reported.
+    confinement: Option<(String, Vec<String>)>,
 }
 
 struct Slot {
@@ -88,6 +89,32 @@ struct Slot {
     worker: Option<Worker>,
     irq_pending: bool,
     host: Host,
+    /// How its last worker ended, for audits.
+    last_exit: Option<String>,
+}
+
+/// What the broker knows of each worker, for the audit to complete from /proc.
+fn known(slots: &[Slot]) -> Vec<audit::Known> {
+    slots
+        .iter()
+        .map(|s| audit::Known {
+            label: s.label.clone(),
+            device: s.kind.to_string(),
+            zone: s.zone,
+            pid: s.worker.as_ref().map(|w| w.pid.as_raw()),
+            restarts: 0,
+            last_exit: s.last_exit.clone(),
+            root_kind: s
+                .worker
+                .as_ref()
+                .and_then(|w| w.confinement.as_ref().map(|c| c.0.clone())),
+            notes: s
+                .worker
+                .as_ref()
+                .and_then(|w| w.confinement.as_ref().map(|c| c.1.clone()))
+                .unwrap_or_default(),
+        })
+        .collect()
 }
 
 /// `openat`, or the number where the name is not known.
@@ -135,6 +162,8 @@ pub struct Broker {
     signals: SignalFd,
     opts: Options,
     stop: bool,
+    /// The single-instance socket, listening for audits.
+    control: Option<std::os::fd::OwnedFd>,
 }
 
 /// Opens every device's resources (nothing is started if one fails), then the driver is used
@@ -155,8 +184,12 @@ impl Broker {
         prepared: Vec<(Device, Prepared)>,
         driver: Driver,
         opts: Options,
+        control: Option<std::os::fd::OwnedFd>,
     ) -> Result<Self> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        if let Some(c) = &control {
+            epoll.add(c, EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_CONTROL))?;
+        }
         let mut mask = SigSet::empty();
         for s in [
             Signal::SIGTERM,
@@ -188,6 +221,7 @@ impl Broker {
             signals,
             opts,
             stop: false,
+            control,
         };
         for (dev, prep) in prepared {
             let zone = config
@@ -283,11 +317,11 @@ impl Broker {
                 started: Instant::now(),
                 gone_since: None,
                 violation: None,
-                sandbox,
                 confinement: None,
             }),
             irq_pending: false,
             host: prep.host,
+            last_exit: None,
         });
         Ok(())
     }
@@ -438,6 +472,14 @@ impl Broker {
         match token {
             TOKEN_WAKEUP => self.driver.clear_wakeup(),
             TOKEN_SIGNALS => self.on_signals(),
+            TOKEN_CONTROL => {
+                if let Some(listener) = &self.control {
+                    control::serve_one(listener, || {
+                        serde_json::to_string(&audit::collect(known(&self.slots)))
+                            .unwrap_or_default()
+                    });
+                }
+            }
             TOKEN_SIM => {
                 log::warn!("the simulator closed its connection; stopping");
                 self.stop = true;
@@ -583,6 +625,7 @@ impl Broker {
                 }
                 _ => supervisor::describe_exit(&status),
             };
+            slot.last_exit = Some(how.clone());
             if self.stop {
                 log::info!("{} worker (pid {pid}) {how}", slot.label);
             } else {

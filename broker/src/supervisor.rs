@@ -40,7 +40,11 @@ pub struct Jail {
 impl Default for Jail {
     fn default() -> Self {
         // nobody / nogroup: owns no file the worker could reach anyway
-        Jail { uid: 65534, gid: 65534, seccomp: SeccompAction::Kill }
+        Jail {
+            uid: 65534,
+            gid: 65534,
+            seccomp: SeccompAction::Kill,
+        }
     }
 }
 
@@ -211,7 +215,12 @@ unsafe fn child_main(a: &ChildArgs) -> ! {
         }
         // Anything else still open closes at exec (kernels before 5.11 lack the flag; the
         // broker's O_CLOEXEC discipline then holds alone).
-        libc::syscall(libc::SYS_close_range, WORKER_SOCKET_FD as u32 + 1, u32::MAX, 4u32);
+        libc::syscall(
+            libc::SYS_close_range,
+            WORKER_SOCKET_FD as u32 + 1,
+            u32::MAX,
+            4u32,
+        );
         // The broker blocks the signals it reads through signalfds; the worker starts clean.
         let mut empty: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut empty);
@@ -238,7 +247,11 @@ pub fn describe_exit(status: &WaitStatus) -> String {
         WaitStatus::Exited(_, 127) => "could not be executed (status 127)".into(),
         WaitStatus::Exited(_, code) => format!("exited with status {code}"),
         WaitStatus::Signaled(_, sig, core) => {
-            format!("killed by {}{}", sig.as_str(), if *core { ", core dumped" } else { "" })
+            format!(
+                "killed by {}{}",
+                sig.as_str(),
+                if *core { ", core dumped" } else { "" }
+            )
         }
         other => format!("{other:?}"),
     }

@@ -143,7 +143,10 @@ pub fn compile(kind: DeviceKind, mode: SeccompMode) -> Result<BpfProgram, Policy
 pub fn compile_refusals() -> Result<Vec<BpfProgram>, PolicyError> {
     let mut by_errno: BTreeMap<i32, BTreeMap<i64, Vec<SeccompRule>>> = BTreeMap::new();
     for r in refusals() {
-        by_errno.entry(r.errno).or_default().insert(r.nr, Vec::new());
+        by_errno
+            .entry(r.errno)
+            .or_default()
+            .insert(r.nr, Vec::new());
     }
     by_errno
         .into_iter()

@@ -1,7 +1,6 @@
 //! The steps of the recipe before capabilities go: an empty root, resource limits, locked
 //! securebits and the unprivileged ids.
 
-
 use std::path::Path;
 
 use nix::errno::Errno;
@@ -23,20 +22,37 @@ fn step(what: &'static str) -> impl Fn(Errno) -> PolicyError {
 /// namespace, so mounting does not touch the host. Returns how it was done, for the audit.
 pub fn empty_root(own_mount_ns: bool) -> Result<String, PolicyError> {
     if !own_mount_ns {
-        return Ok("host root kept: no mount namespace (files stay unreachable: no open or \
+        return Ok(
+            "host root kept: no mount namespace (files stay unreachable: no open or \
                    openat is allowed)"
-            .into());
+                .into(),
+        );
     }
     // Nothing we mount may propagate back to the host.
-    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
-        .map_err(step("making / private"))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(step("making / private"))?;
     let dir = MOUNT_POINTS
         .iter()
         .find(|d| Path::new(d).is_dir())
-        .ok_or(PolicyError::Step { what: "finding a mount point", errno: Errno::ENOENT })?;
+        .ok_or(PolicyError::Step {
+            what: "finding a mount point",
+            errno: Errno::ENOENT,
+        })?;
     let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    mount(Some("tmpfs"), *dir, Some("tmpfs"), flags, Some("size=4k,nr_inodes=4,mode=0555"))
-        .map_err(step("mounting the empty root"))?;
+    mount(
+        Some("tmpfs"),
+        *dir,
+        Some("tmpfs"),
+        flags,
+        Some("size=4k,nr_inodes=4,mode=0555"),
+    )
+    .map_err(step("mounting the empty root"))?;
     chdir(*dir).map_err(step("entering the empty root"))?;
     let how = match pivot_root(".", ".") {
         Ok(()) => {
@@ -51,7 +67,12 @@ pub fn empty_root(own_mount_ns: bool) -> Result<String, PolicyError> {
             "chroot into an empty read-only tmpfs (pivot_root refused: the root is an initramfs)"
                 .to_string()
         }
-        Err(e) => return Err(PolicyError::Step { what: "pivot_root", errno: e }),
+        Err(e) => {
+            return Err(PolicyError::Step {
+                what: "pivot_root",
+                errno: e,
+            })
+        }
     };
     chdir("/").map_err(step("entering /"))?;
     mount(
@@ -105,7 +126,10 @@ pub fn lock_securebits() -> Result<(), PolicyError> {
         | NO_CAP_AMBIENT_RAISE_LOCKED;
     // SAFETY: PR_SET_SECUREBITS takes an integer; no memory is passed.
     if unsafe { libc::prctl(libc::PR_SET_SECUREBITS, bits, 0, 0, 0) } != 0 {
-        return Err(PolicyError::Step { what: "locking securebits", errno: Errno::last() });
+        return Err(PolicyError::Step {
+            what: "locking securebits",
+            errno: Errno::last(),
+        });
     }
     Ok(())
 }
@@ -120,4 +144,3 @@ pub fn become_user(uid: u32, gid: u32) -> Result<(), PolicyError> {
     setresuid(u, u, u).map_err(step("setresuid"))?;
     Ok(())
 }
-

@@ -62,11 +62,18 @@ fn report(nr: i32, arch: u32) {
     line[end] = b'\n';
     // SAFETY: plain system calls on buffers that live on this stack frame.
     unsafe {
-        let mut iov = libc::iovec { iov_base: msg.as_ptr() as *mut libc::c_void, iov_len: msg.len() };
+        let mut iov = libc::iovec {
+            iov_base: msg.as_ptr() as *mut libc::c_void,
+            iov_len: msg.len(),
+        };
         let mut hdr: libc::msghdr = std::mem::zeroed();
         hdr.msg_iov = &mut iov;
         hdr.msg_iovlen = 1;
-        libc::sendmsg(SOCKET.load(Ordering::Relaxed), &hdr, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL);
+        libc::sendmsg(
+            SOCKET.load(Ordering::Relaxed),
+            &hdr,
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        );
         libc::write(2, line.as_ptr().cast(), end + 1);
     }
 }

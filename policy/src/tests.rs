@@ -32,7 +32,9 @@ fn every_allowlist_compiles_for_this_arch() {
 fn blk_allowlist_is_small_and_printable() {
     let list = allowlist(DeviceKind::Blk).unwrap();
     let names: Vec<&str> = list.iter().map(|a| a.name).collect();
-    for forbidden in ["openat", "socket", "execve", "ioctl", "ptrace", "mount", "kill"] {
+    for forbidden in [
+        "openat", "socket", "execve", "ioctl", "ptrace", "mount", "kill",
+    ] {
         assert!(
             !names.contains(&forbidden),
             "{forbidden} must not be allowed"
@@ -41,7 +43,9 @@ fn blk_allowlist_is_small_and_printable() {
     // clone only for threads; clone3 is listed only so that its ENOSYS refusal wins
     let clone = list.iter().find(|a| a.name == "clone").unwrap();
     assert_eq!(clone.when.len(), 1);
-    assert!(refusals().iter().any(|r| r.name == "clone3" && r.errno == libc::ENOSYS));
+    assert!(refusals()
+        .iter()
+        .any(|r| r.name == "clone3" && r.errno == libc::ENOSYS));
     assert!(list.len() < 32, "{} syscalls", list.len());
     let mmap = list.iter().find(|a| a.name == "mmap").unwrap();
     assert_eq!(

@@ -264,9 +264,15 @@ mod tests {
 
     #[test]
     fn violation_encoding_matches_bincode() {
-        let v = WorkerMsg::Violation { nr: 257, arch: 0xc000_003e };
+        let v = WorkerMsg::Violation {
+            nr: 257,
+            arch: 0xc000_003e,
+        };
         assert_eq!(encode(&v).unwrap(), encode_violation(257, 0xc000_003e));
-        assert_eq!(decode::<WorkerMsg>(&encode_violation(-1, 7)).unwrap(), WorkerMsg::Violation { nr: -1, arch: 7 });
+        assert_eq!(
+            decode::<WorkerMsg>(&encode_violation(-1, 7)).unwrap(),
+            WorkerMsg::Violation { nr: -1, arch: 7 }
+        );
     }
 
     #[test]

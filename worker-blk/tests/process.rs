@@ -83,7 +83,9 @@ fn next(broker: &Channel) -> WorkerMsg {
             .unwrap()
         {
             (WorkerMsg::Log { level, message }, _) => eprintln!("worker log {level}: {message}"),
-            (WorkerMsg::Confined { root, notes }, _) => eprintln!("worker confined: {root} {notes:?}"),
+            (WorkerMsg::Confined { root, notes }, _) => {
+                eprintln!("worker confined: {root} {notes:?}")
+            }
             (m, _) => return m,
         }
     }

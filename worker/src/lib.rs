@@ -144,12 +144,7 @@ where
 }
 
 /// Everything up to Ready: after this returns, the worker is sandboxed.
-fn start<F>(
-    kind: DeviceKind,
-    chan: &Arc<Channel>,
-    pid: u32,
-    build: F,
-) -> Result<EventLoop, String>
+fn start<F>(kind: DeviceKind, chan: &Arc<Channel>, pid: u32, build: F) -> Result<EventLoop, String>
 where
     F: FnOnce(&DeviceSetup, Vec<OwnedFd>) -> Result<Box<dyn Device>, String>,
 {
@@ -194,7 +189,8 @@ where
     let event_loop = EventLoop::new(chan.clone(), mem, kicks, calls, device)
         .map_err(|e| format!("epoll: {e}"))?;
 
-    let confinement = policy::enter(kind, &sandbox, WORKER_SOCKET_FD).map_err(|e| format!("sandbox: {e}"))?;
+    let confinement =
+        policy::enter(kind, &sandbox, WORKER_SOCKET_FD).map_err(|e| format!("sandbox: {e}"))?;
     chan.send(
         &WorkerMsg::Confined {
             root: confinement.root,

@@ -18,7 +18,15 @@ pub const AUDIT: &[u8] = b"audit";
 const MAX_ANSWER: usize = 1 << 20;
 
 fn address(driver: &Path) -> Result<UnixAddr> {
-    let canonical = std::fs::canonicalize(driver).unwrap_or_else(|_| driver.to_owned());
+    // The directory is canonicalised, not the file: the simulator removes its socket file once
+    // the broker is connected, and the name must stay the same for `audit`.
+    let abs = std::path::absolute(driver).unwrap_or_else(|_| driver.to_owned());
+    let canonical = match (abs.parent(), abs.file_name()) {
+        (Some(dir), Some(file)) => std::fs::canonicalize(dir)
+            .unwrap_or_else(|_| dir.to_owned())
+            .join(file),
+        _ => abs.clone(),
+    };
     let mut name = format!("hvisor-broker:{}", canonical.display());
     if name.len() > 100 {
         use std::hash::{Hash, Hasher};

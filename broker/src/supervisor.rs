@@ -58,7 +58,8 @@ pub struct Spawned {
     pub notes: Vec<String>,
 }
 
-const ALL_NS: libc::c_int = libc::CLONE_NEWPID
+const ALL_NS: libc::c_int = libc::CLONE_NEWCGROUP
+    | libc::CLONE_NEWPID
     | libc::CLONE_NEWNS
     | libc::CLONE_NEWNET
     | libc::CLONE_NEWIPC

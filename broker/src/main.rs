@@ -48,6 +48,9 @@ enum Command {
         /// new C library needs; never leave trap or log on in production.
         #[arg(long, default_value = "kill", value_parser = parse_seccomp)]
         seccomp: SeccompAction,
+        /// An argument for every worker, e.g. `--worker-arg=--log-level=debug` (repeatable).
+        #[arg(long = "worker-arg", allow_hyphen_values = true)]
+        worker_args: Vec<String>,
         /// The unprivileged UID[:GID] workers run as (seen from outside their namespaces).
         #[arg(long, default_value = "65534:65534", value_parser = parse_ids)]
         worker_user: (u32, u32),
@@ -85,6 +88,7 @@ fn main() -> ExitCode {
             syslog_socket,
             seccomp,
             worker_user,
+            worker_args,
         } => {
             // Before any thread exists: SIGUSR1 (old drivers' wakeup) must never take its
             // default action, and the rest are read through a signalfd.
@@ -105,6 +109,7 @@ fn main() -> ExitCode {
             let opts = Options {
                 poll: Duration::from_micros(poll_us),
                 jail,
+                worker_args,
                 ..Options::default()
             };
             match start(&config, &driver, worker_dir, opts) {

@@ -108,7 +108,15 @@ pub fn run<F>(kind: DeviceKind, build: F) -> ExitCode
 where
     F: FnOnce(&DeviceSetup, Vec<OwnedFd>) -> Result<Box<dyn Device>, String>,
 {
-    let options = match Options::parse(std::env::args().skip(1)) {
+    run_with_args(kind, std::env::args().skip(1), build)
+}
+
+/// [`run`] with the arguments given, for a binary that consumed some of its own.
+pub fn run_with_args<F>(kind: DeviceKind, args: impl Iterator<Item = String>, build: F) -> ExitCode
+where
+    F: FnOnce(&DeviceSetup, Vec<OwnedFd>) -> Result<Box<dyn Device>, String>,
+{
+    let options = match Options::parse(args) {
         Ok(o) => o,
         Err(e) => {
             let _ = writeln!(std::io::stderr(), "hvisor-worker-{kind}: {e}\n{USAGE}");

@@ -64,7 +64,7 @@ pub fn empty_root(own_mount_ns: bool) -> Result<String, PolicyError> {
         // capability (CAP_SYS_CHROOT, CAP_SYS_ADMIN) remains to break out with.
         Err(Errno::EINVAL) => {
             chroot(".").map_err(step("chroot into the empty root"))?;
-            "chroot into an empty read-only tmpfs (pivot_root refused: the root is an initramfs)"
+            "chroot into an empty read-only tmpfs (pivot_root refused, as on an initramfs root)"
                 .to_string()
         }
         Err(e) => {

@@ -273,3 +273,135 @@ fn policy_prints_each_allowlist_with_its_argument_rules() {
         );
     }
 }
+
+/// Root zones often boot from an initramfs, where `pivot_root` is refused. Here the broker runs
+/// chrooted, in a mount namespace of its own, into a bind mount whose parent is shared (only
+/// within that namespace): `pivot_root` refuses that too, and a chrooted process may not create
+/// a user namespace. The worker must still end up in an empty root, and the log must say what
+/// was weaker.
+#[test]
+fn where_pivot_root_is_refused_the_worker_still_gets_an_empty_root() {
+    use std::os::unix::process::CommandExt;
+    let s = Scratch::new();
+    let root = s.path("root");
+    let work = root.join("work");
+    for d in ["work", "bin", "proc", "dev", "tmp"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    // the binaries and the shared libraries they load, at the same paths
+    for b in ["hvisor-broker", "hvisor-worker-blk"] {
+        std::fs::copy(bin(b), root.join("bin").join(b)).unwrap();
+        let ldd = std::process::Command::new("ldd")
+            .arg(bin(b))
+            .output()
+            .unwrap();
+        for word in String::from_utf8_lossy(&ldd.stdout).split_whitespace() {
+            if word.starts_with('/') {
+                let dst = root.join(word.trim_start_matches('/'));
+                std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+                let _ = std::fs::copy(word, &dst);
+            }
+        }
+    }
+    let img = work.join("disk.img");
+    std::fs::write(&img, vec![7u8; 1 << 20]).unwrap();
+    let inner = json!({ "zones": [zone_json(1, RAM, RAM_SIZE, &[BlkSpec { img: std::path::Path::new("/work/disk.img"), addr: ADDR, irq: 78, readonly: false }])] });
+    std::fs::write(work.join("zone.json"), serde_json::to_vec(&inner).unwrap()).unwrap();
+    let outer = json!({ "zones": [zone_json(1, RAM, RAM_SIZE, &[BlkSpec { img: &img, addr: ADDR, irq: 78, readonly: false }])] });
+    let outer_cfg = s.write_json("outer.json", &outer);
+
+    let socket = work.join("hvisor.sock");
+    let mut sim_cmd = std::process::Command::new(bin("hvisor-sim"));
+    sim_cmd
+        .args(["--guest", "blk-demo", "--stay", "--config"])
+        .arg(&outer_cfg)
+        .arg("--socket")
+        .arg(&socket);
+    let mut sim = Proc::spawn_cmd("hvisor-sim", sim_cmd).unwrap();
+    sim.wait_for("listening on", Duration::from_secs(20))
+        .unwrap();
+
+    let mut cmd = std::process::Command::new("/bin/hvisor-broker");
+    cmd.args([
+        "start",
+        "/work/zone.json",
+        "--driver",
+        "/work/hvisor.sock",
+        "--worker-dir",
+        "/bin",
+    ]);
+    let root_c = std::ffi::CString::new(root.to_str().unwrap()).unwrap();
+    let proc_c = std::ffi::CString::new(root.join("proc").to_str().unwrap()).unwrap();
+    let dev_c = std::ffi::CString::new(root.join("dev").to_str().unwrap()).unwrap();
+    // SAFETY: only system calls between fork and exec, on strings prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let bind = |src: &std::ffi::CStr, dst: &std::ffi::CStr| {
+                libc::mount(
+                    src.as_ptr(),
+                    dst.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND | libc::MS_REC,
+                    std::ptr::null(),
+                )
+            };
+            let propagate = |flags| {
+                libc::mount(
+                    std::ptr::null(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    flags,
+                    std::ptr::null(),
+                )
+            };
+            // Private first, so nothing below reaches the host; then the old root shared again,
+            // in a peer group of this namespace alone.
+            if libc::unshare(libc::CLONE_NEWNS) != 0
+                || propagate(libc::MS_REC | libc::MS_PRIVATE) != 0
+                || bind(&root_c, &root_c) != 0
+                || bind(c"/proc", &proc_c) != 0
+                || bind(c"/dev", &dev_c) != 0
+                || propagate(libc::MS_SHARED) != 0
+                || libc::chroot(root_c.as_ptr()) != 0
+                || libc::chdir(c"/".as_ptr()) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut broker = Proc::spawn_cmd("hvisor-broker", cmd).unwrap();
+    let line = broker
+        .wait_for("confined: ", Duration::from_secs(20))
+        .unwrap();
+    assert!(
+        line.contains("chroot into an empty read-only tmpfs"),
+        "{line}"
+    );
+    assert!(line.contains("pivot_root refused"), "{line}");
+    broker
+        .wait_for("weaker sandbox: no user namespace", Duration::from_secs(5))
+        .unwrap();
+    assert!(broker
+        .text()
+        .contains("weaker sandbox: user namespaces unavailable"));
+    broker
+        .wait_for("sandboxed and ready", Duration::from_secs(10))
+        .unwrap();
+    let workers = children(broker.pid());
+    assert_eq!(workers.len(), 1, "{}", broker.text());
+    let w = workers[0].as_raw();
+    let entries: Vec<_> = std::fs::read_dir(format!("/proc/{w}/root"))
+        .unwrap()
+        .collect();
+    assert!(entries.is_empty(), "{entries:?}");
+    assert_eq!(proc_status(workers[0], "Seccomp").as_deref(), Some("2"));
+    assert_eq!(
+        proc_status(workers[0], "CapEff").as_deref(),
+        Some("0000000000000000")
+    );
+    sim.wait_for("result: PASS", Duration::from_secs(30))
+        .unwrap();
+    broker.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(broker.wait_exit(Duration::from_secs(10)).unwrap().success());
+}

@@ -150,6 +150,11 @@ fn forbidden_calls_kill_the_blk_worker() {
         "mmap_exec",
         "mmap_file",
         "mprotect_exec",
+        "ptrace",
+        "mount",
+        "kill",
+        "proc_write",
+        "unshare",
     ] {
         let (status, survived) = run_probe(probe);
         assert_eq!(
@@ -370,6 +375,32 @@ fn sandbox_probe() {
                 )
                 .and_then(|p| mprotect(p, page.get(), ProtFlags::PROT_READ | ProtFlags::PROT_EXEC))
             };
+        }
+        "ptrace" => {
+            // SAFETY: a raw call; refused before the kernel acts on it.
+            unsafe { libc::ptrace(libc::PTRACE_ATTACH, 1, 0, 0) };
+        }
+        "mount" => {
+            let _ = nix::mount::mount(
+                Some("none"),
+                "/",
+                Some("tmpfs"),
+                nix::mount::MsFlags::empty(),
+                None::<&str>,
+            );
+        }
+        "kill" => {
+            // the broker, were it reachable
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(1),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        "proc_write" => {
+            let _ = std::fs::write("/proc/self/comm", "escaped");
+        }
+        "unshare" => {
+            let _ = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUSER);
         }
         "panic" => panic!("a worker bug"),
         other => panic!("unknown probe {other}"),

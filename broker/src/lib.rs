@@ -4,6 +4,8 @@
 //! a per-device virtio-mmio register file, and hands the guest-facing work to one sandboxed
 //! worker process per device.
 
+pub mod audit;
+pub mod control;
 pub mod devices;
 pub mod driver;
 pub mod host;

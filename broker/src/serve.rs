@@ -25,6 +25,7 @@ use crate::driver::Driver;
 use crate::host::Tap;
 use crate::supervisor;
 use crate::transport::{Effect, MmioTransport};
+use crate::{audit, control};
 
 pub struct Options {
     /// Where `hvisor-worker-<kind>` binaries live.
@@ -37,6 +38,8 @@ pub struct Options {
     pub max_sleep: Duration,
     /// How long a worker may take to report Ready.
     pub ready_timeout: Duration,
+    /// Who workers run as and what a seccomp violation does.
+    pub jail: supervisor::Jail,
 }
 
 impl Default for Options {
@@ -47,6 +50,7 @@ impl Default for Options {
             poll: Duration::from_micros(100),
             max_sleep: Duration::from_millis(10),
             ready_timeout: Duration::from_secs(5),
+            jail: supervisor::Jail::default(),
         }
     }
 }
@@ -54,6 +58,7 @@ impl Default for Options {
 const TOKEN_WAKEUP: u64 = 0;
 const TOKEN_SIGNALS: u64 = 1;
 const TOKEN_SIM: u64 = 2;
+const TOKEN_CONTROL: u64 = 3;
 /// Device `i` owns tokens `DEV_BASE + i * DEV_STRIDE + k`: k = 0 its socket, 1 + q its call fds.
 const DEV_BASE: u64 = 0x100;
 const DEV_STRIDE: u64 = 0x100;
@@ -65,6 +70,10 @@ struct Worker {
     started: Instant,
     /// Socket closed; waiting for SIGCHLD until this deadline, then SIGKILL.
     gone_since: Option<Instant>,
+    /// The last system call its filter refused, as its SIGSYS reporter said.
+    violation: Option<i64>,
+    /// How it confined itself, as it reported.
+    confinement: Option<(String, Vec<String>)>,
 }
 
 struct Slot {
@@ -80,6 +89,40 @@ struct Slot {
     worker: Option<Worker>,
     irq_pending: bool,
     host: Host,
+    /// How its last worker ended, for audits.
+    last_exit: Option<String>,
+}
+
+/// What the broker knows of each worker, for the audit to complete from /proc.
+fn known(slots: &[Slot]) -> Vec<audit::Known> {
+    slots
+        .iter()
+        .map(|s| audit::Known {
+            label: s.label.clone(),
+            device: s.kind.to_string(),
+            zone: s.zone,
+            pid: s.worker.as_ref().map(|w| w.pid.as_raw()),
+            restarts: 0,
+            last_exit: s.last_exit.clone(),
+            root_kind: s
+                .worker
+                .as_ref()
+                .and_then(|w| w.confinement.as_ref().map(|c| c.0.clone())),
+            notes: s
+                .worker
+                .as_ref()
+                .and_then(|w| w.confinement.as_ref().map(|c| c.1.clone()))
+                .unwrap_or_default(),
+        })
+        .collect()
+}
+
+/// `openat`, or the number where the name is not known.
+fn syscall_label(nr: i64) -> String {
+    match policy::syscall_name(nr) {
+        Some(name) => name.to_string(),
+        None => format!("#{nr}"),
+    }
 }
 
 /// The tap follows what the driver negotiated: the legacy 10-byte header for drivers without
@@ -119,6 +162,8 @@ pub struct Broker {
     signals: SignalFd,
     opts: Options,
     stop: bool,
+    /// The single-instance socket, listening for audits.
+    control: Option<std::os::fd::OwnedFd>,
 }
 
 /// Opens every device's resources (nothing is started if one fails), then the driver is used
@@ -139,8 +184,12 @@ impl Broker {
         prepared: Vec<(Device, Prepared)>,
         driver: Driver,
         opts: Options,
+        control: Option<std::os::fd::OwnedFd>,
     ) -> Result<Self> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        if let Some(c) = &control {
+            epoll.add(c, EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_CONTROL))?;
+        }
         let mut mask = SigSet::empty();
         for s in [
             Signal::SIGTERM,
@@ -172,6 +221,7 @@ impl Broker {
             signals,
             opts,
             stop: false,
+            control,
         };
         for (dev, prep) in prepared {
             let zone = config
@@ -214,8 +264,12 @@ impl Broker {
         let kicks = (0..nq).map(|_| efd()).collect::<nix::Result<Vec<_>>>()?;
         let calls = (0..nq).map(|_| efd()).collect::<nix::Result<Vec<_>>>()?;
         let binary = supervisor::worker_binary(&self.opts.worker_dir, prep.kind);
-        let (pid, channel) = supervisor::spawn(&binary, &self.opts.worker_args)
+        let spawned = supervisor::spawn(&binary, &self.opts.worker_args, self.opts.jail)
             .with_context(|| format!("{label}: starting its worker"))?;
+        for note in &spawned.notes {
+            log::warn!("{label}: weaker sandbox: {note}");
+        }
+        let (pid, channel, sandbox) = (spawned.pid, spawned.channel, spawned.sandbox);
         let hello = BrokerMsg::Hello {
             version: PROTOCOL_VERSION,
             zone: dev.zone,
@@ -223,6 +277,7 @@ impl Broker {
             regions,
             num_queues: nq as u16,
             setup: prep.setup,
+            sandbox,
         };
         let mut fds = vec![self.driver.memory_fd()];
         fds.extend(kicks.iter().map(|k| k.as_fd()));
@@ -261,9 +316,12 @@ impl Broker {
                 ready: false,
                 started: Instant::now(),
                 gone_since: None,
+                violation: None,
+                confinement: None,
             }),
             irq_pending: false,
             host: prep.host,
+            last_exit: None,
         });
         Ok(())
     }
@@ -414,6 +472,14 @@ impl Broker {
         match token {
             TOKEN_WAKEUP => self.driver.clear_wakeup(),
             TOKEN_SIGNALS => self.on_signals(),
+            TOKEN_CONTROL => {
+                if let Some(listener) = &self.control {
+                    control::serve_one(listener, || {
+                        serde_json::to_string(&audit::collect(known(&self.slots)))
+                            .unwrap_or_default()
+                    });
+                }
+            }
             TOKEN_SIM => {
                 log::warn!("the simulator closed its connection; stopping");
                 self.stop = true;
@@ -453,14 +519,14 @@ impl Broker {
         loop {
             match w.channel.try_recv::<WorkerMsg>() {
                 Ok(None) => return Ok(()),
-                Ok(Some((WorkerMsg::Ready { version, pid }, _))) => {
+                Ok(Some((WorkerMsg::Ready { version, pid: _ }, _))) => {
                     if version != PROTOCOL_VERSION {
                         log::error!("{}: worker speaks protocol {version}, not {PROTOCOL_VERSION}; stopping it", slot.label);
                         let _ = kill(w.pid, Signal::SIGKILL);
                         return Ok(());
                     }
                     w.ready = true;
-                    log::info!("{}: worker (pid {pid}) sandboxed and ready", slot.label);
+                    log::info!("{}: worker (pid {}) sandboxed and ready", slot.label, w.pid);
                 }
                 Ok(Some((WorkerMsg::Log { level, message }, _))) => {
                     let level = match level {
@@ -474,6 +540,22 @@ impl Broker {
                 }
                 Ok(Some((WorkerMsg::Failed { reason }, _))) => {
                     log::error!("{}: worker (pid {}) failed: {reason}", slot.label, w.pid);
+                }
+                Ok(Some((WorkerMsg::Violation { nr, arch: _ }, _))) => {
+                    w.violation = Some(nr);
+                    log::error!(
+                        "{}: worker (pid {}) made a refused system call: {}",
+                        slot.label,
+                        w.pid,
+                        syscall_label(nr)
+                    );
+                }
+                Ok(Some((WorkerMsg::Confined { root, notes }, _))) => {
+                    log::info!("{}: worker (pid {}) confined: {root}", slot.label, w.pid);
+                    for n in &notes {
+                        log::warn!("{}: weaker sandbox: {n}", slot.label);
+                    }
+                    w.confinement = Some((root, notes));
                 }
                 Err(ChannelError::Eof) | Err(ChannelError::Io(_)) => {
                     self.epoll.delete(w.channel.as_fd()).ok();
@@ -534,7 +616,16 @@ impl Broker {
                 continue;
             };
             let w = slot.worker.take().expect("found above");
-            let how = supervisor::describe_exit(&status);
+            let how = match (&status, w.violation) {
+                (WaitStatus::Signaled(_, Signal::SIGSYS, _), Some(nr)) => {
+                    format!("killed: seccomp violation, syscall {}", syscall_label(nr))
+                }
+                (WaitStatus::Signaled(_, Signal::SIGSYS, _), None) => {
+                    "killed: seccomp violation".to_string()
+                }
+                _ => supervisor::describe_exit(&status),
+            };
+            slot.last_exit = Some(how.clone());
             if self.stop {
                 log::info!("{} worker (pid {pid}) {how}", slot.label);
             } else {

@@ -114,6 +114,7 @@ pub const REFUSED_ERRNO: i32 = libc::EPERM;
 pub struct Refused {
     pub name: &'static str,
     pub nr: i64,
+    pub errno: i32,
 }
 
 impl fmt::Display for Refused {
@@ -123,7 +124,7 @@ impl fmt::Display for Refused {
             "{} ({}) fails with {}",
             self.name,
             self.nr,
-            nix::errno::Errno::from_raw(REFUSED_ERRNO).desc()
+            nix::errno::Errno::from_raw(self.errno)
         )
     }
 }
@@ -133,11 +134,22 @@ impl fmt::Display for Refused {
 /// shared mapping of guest memory would reach past its region into the rest of the memory file
 /// (the simulator's file holds every zone). The C libraries' realloc falls back to
 /// malloc + copy when mremap fails.
+///
+/// `clone3` cannot be filtered on its flags (they sit in a struct in memory): it answers
+/// ENOSYS, on which the C libraries fall back to `clone`, whose flags the allowlist checks.
 pub fn refusals() -> Vec<Refused> {
-    vec![Refused {
-        name: "mremap",
-        nr: libc::SYS_mremap,
-    }]
+    vec![
+        Refused {
+            name: "mremap",
+            nr: libc::SYS_mremap,
+            errno: REFUSED_ERRNO,
+        },
+        Refused {
+            name: "clone3",
+            nr: libc::SYS_clone3,
+            errno: libc::ENOSYS,
+        },
+    ]
 }
 
 /// The allowlist of a device kind, or `None` while that kind has no worker.
@@ -199,8 +211,12 @@ fn common() -> Vec<Allowed> {
         sys!(SYS_gettid),
         sys!(SYS_restart_syscall),
         sys!(SYS_exit_group),
-        // ends only the calling thread (none can be started: clone is not allowed)
+        // ends only the calling thread
         sys!(SYS_exit),
+        // Threads only (RLIMIT_NPROC 0 refuses even those today); never a new process.
+        sys!(SYS_clone, [ArgCheck::set(0, libc::CLONE_THREAD)]),
+        // Allowed here only so that the ENOSYS refusal wins over a kill (see `refusals`).
+        sys!(SYS_clone3),
     ]
 }
 

@@ -4,6 +4,9 @@
 //! mapped guest memory, and before it reads any guest data.
 
 mod allowlist;
+mod names;
+mod sandbox;
+pub mod sigsys;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -17,17 +20,40 @@ use seccompiler::{
 };
 
 pub use allowlist::{allowlist, refusals, Allowed, ArgCheck, Refused, REFUSED_ERRNO};
+pub use names::syscall_name;
+pub use protocol::msg::SandboxSpec;
 
 /// What the filter does with a call outside the allowlist.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SeccompMode {
-    /// Kill the whole worker (`SECCOMP_RET_KILL_PROCESS`); it shows as killed by SIGSYS.
+    /// Report the call to the broker, then die by SIGSYS (`SECCOMP_RET_KILL_PROCESS`).
     #[default]
     Kill,
-    /// Deliver SIGSYS, which names the call; for finding a missing syscall under a debugger.
+    /// Report the call, which fails with ENOSYS; the worker goes on. For finding out what a
+    /// new C library needs.
     Trap,
     /// Allow the call and log it to the kernel audit log; for developing an allowlist only.
     Log,
+}
+
+impl From<protocol::msg::SeccompAction> for SeccompMode {
+    fn from(a: protocol::msg::SeccompAction) -> Self {
+        match a {
+            protocol::msg::SeccompAction::Kill => SeccompMode::Kill,
+            protocol::msg::SeccompAction::Trap => SeccompMode::Trap,
+            protocol::msg::SeccompAction::Log => SeccompMode::Log,
+        }
+    }
+}
+
+impl From<SeccompMode> for protocol::msg::SeccompAction {
+    fn from(m: SeccompMode) -> Self {
+        match m {
+            SeccompMode::Kill => protocol::msg::SeccompAction::Kill,
+            SeccompMode::Trap => protocol::msg::SeccompAction::Trap,
+            SeccompMode::Log => protocol::msg::SeccompAction::Log,
+        }
+    }
 }
 
 impl FromStr for SeccompMode {
@@ -67,6 +93,13 @@ pub enum PolicyError {
     NoNewPrivs(nix::errno::Errno),
     #[error("installing the seccomp filter: {0}")]
     Install(#[from] seccompiler::Error),
+    #[error("{what}: {errno}")]
+    Step {
+        what: &'static str,
+        errno: nix::errno::Errno,
+    },
+    #[error("installing the SIGSYS reporter: {0}")]
+    Reporter(std::io::Error),
 }
 
 /// Compiles the allowlist of `kind` into a BPF program for the architecture being built.
@@ -95,29 +128,70 @@ pub fn compile(kind: DeviceKind, mode: SeccompMode) -> Result<BpfProgram, Policy
             .collect::<Result<Vec<_>, _>>()?;
         rules.insert(allowed.nr, alternatives);
     }
+    // Kill mode traps too: the SIGSYS reporter names the call, then makes DEATH_CALL, which
+    // the death filter (see `compile_death`) answers with SECCOMP_RET_KILL_PROCESS.
     let mismatch = match mode {
-        SeccompMode::Kill => SeccompAction::KillProcess,
-        SeccompMode::Trap => SeccompAction::Trap,
+        SeccompMode::Kill | SeccompMode::Trap => SeccompAction::Trap,
         SeccompMode::Log => SeccompAction::Log,
     };
     let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, arch)?;
     Ok(filter.try_into()?)
 }
 
-/// Compiles [`refusals`] into a filter that fails those calls with [`REFUSED_ERRNO`] and
-/// allows everything else; stacked on the allowlist, the kernel applies the stricter answer.
-pub fn compile_refusals() -> Result<BpfProgram, PolicyError> {
-    let rules = refusals()
-        .iter()
-        .map(|r| (r.nr, Vec::new()))
-        .collect::<BTreeMap<i64, Vec<SeccompRule>>>();
+/// Compiles [`refusals`] into filters (one per errno) that fail those calls and allow
+/// everything else; stacked on the allowlist, the kernel applies the stricter answer.
+pub fn compile_refusals() -> Result<Vec<BpfProgram>, PolicyError> {
+    let mut by_errno: BTreeMap<i32, BTreeMap<i64, Vec<SeccompRule>>> = BTreeMap::new();
+    for r in refusals() {
+        by_errno
+            .entry(r.errno)
+            .or_default()
+            .insert(r.nr, Vec::new());
+    }
+    by_errno
+        .into_iter()
+        .map(|(errno, rules)| {
+            let filter = SeccompFilter::new(
+                rules,
+                SeccompAction::Allow,
+                SeccompAction::Errno(errno as u32),
+                target_arch()?,
+            )?;
+            Ok(filter.try_into()?)
+        })
+        .collect()
+}
+
+/// The filter that kills the process when the SIGSYS reporter makes [`sigsys::DEATH_CALL`].
+fn compile_death() -> Result<BpfProgram, PolicyError> {
+    let rules = BTreeMap::from([(sigsys::DEATH_CALL, Vec::new())]);
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::Allow,
-        SeccompAction::Errno(REFUSED_ERRNO as u32),
+        SeccompAction::KillProcess,
         target_arch()?,
     )?;
     Ok(filter.try_into()?)
+}
+
+/// Every filter a worker of `kind` installs, in order: refusals first (once the allowlist is
+/// in, `seccomp()` itself is no longer allowed), then the death filter, the allowlist last.
+pub fn filters(kind: DeviceKind, mode: SeccompMode) -> Result<Vec<BpfProgram>, PolicyError> {
+    let mut all = compile_refusals()?;
+    if mode == SeccompMode::Kill {
+        all.push(compile_death()?);
+    }
+    all.push(compile(kind, mode)?);
+    Ok(all)
+}
+
+/// How a worker was confined, as reported to the broker and shown by audits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Confinement {
+    /// What became of the file system root.
+    pub root: String,
+    /// Anything weaker than the full recipe, said plainly.
+    pub notes: Vec<String>,
 }
 
 fn target_arch() -> Result<TargetArch, PolicyError> {
@@ -125,25 +199,63 @@ fn target_arch() -> Result<TargetArch, PolicyError> {
         .map_err(|_| PolicyError::Arch(std::env::consts::ARCH))
 }
 
-/// Confines the calling process for good. The order matters: each step needs a privilege that
-/// a later step takes away, and the filter comes last so it never has to allow `capset` or
-/// `prctl`.
+/// Confines the calling process for good, in the order of the recipe: (the broker already
+/// started it in new user, pid, mount, net, ipc and uts namespaces) an empty read-only root,
+/// resource limits, locked securebits, the unprivileged ids, every capability dropped,
+/// no_new_privs, and the seccomp filters last, so they never have to allow `capset`, `prctl`,
+/// `mount` or `setresuid`. Each step needs a privilege that a later step takes away.
 ///
-/// Must run before any thread is started (capabilities are per thread); the filter itself is
-/// installed on every thread (TSYNC) as a safety net.
-pub fn enter(kind: DeviceKind, mode: SeccompMode) -> Result<(), PolicyError> {
+/// `socket` is where the SIGSYS reporter sends refused calls. Must run before any thread is
+/// started (capabilities are per thread); the filters are installed on every thread (TSYNC).
+pub fn enter(
+    kind: DeviceKind,
+    spec: &SandboxSpec,
+    socket: std::os::fd::RawFd,
+) -> Result<Confinement, PolicyError> {
+    let mode = SeccompMode::from(spec.seccomp);
     // Compiled first: a kind without a policy must fail before anything is dropped.
-    let program = compile(kind, mode)?;
-    let refusals = compile_refusals()?;
-
-    // Namespaces (user, pid, mount, net, ipc), pivot_root into an empty root, the uid/gid change
-    // and rlimits go here, before capabilities are dropped: they need them.
-
+    let programs = filters(kind, mode)?;
+    let mut notes = Vec::new();
+    if !spec.namespaces {
+        notes.push(
+            "no namespaces: the kernel refused them, so the worker shares the host's pid, \
+             mount and network namespaces (it still has no capabilities and its own filter)"
+                .to_string(),
+        );
+    } else if !spec.user_namespace {
+        notes.push(format!(
+            "no user namespace (the kernel refused it): the worker runs as uid {} in the \
+             host's user namespace",
+            spec.uid
+        ));
+    }
+    let highest_fd = sandbox::highest_fd();
+    let root = sandbox::empty_root(spec.namespaces)?;
+    sandbox::limit_resources(highest_fd)?;
+    sandbox::lock_securebits()?;
+    if !spec.user_namespace {
+        sandbox::become_user(spec.uid, spec.gid)?;
+    }
     drop_capabilities()?;
     nix::sys::prctl::set_no_new_privs().map_err(PolicyError::NoNewPrivs)?;
-    // The refusals first: once the allowlist is in, seccomp() itself is no longer allowed.
-    seccompiler::apply_filter_all_threads(&refusals)?;
-    seccompiler::apply_filter_all_threads(&program)?;
+    if mode != SeccompMode::Log {
+        sigsys::install(socket, mode == SeccompMode::Kill).map_err(PolicyError::Reporter)?;
+    }
+    for program in &programs {
+        seccompiler::apply_filter_all_threads(program)?;
+    }
+    Ok(Confinement { root, notes })
+}
+
+/// Only the capability and seccomp steps, for a process that cannot or need not change its
+/// root and ids (the policy's own tests).
+pub fn enter_filters_only(kind: DeviceKind, mode: SeccompMode) -> Result<(), PolicyError> {
+    let programs = filters(kind, mode)?;
+    drop_capabilities()?;
+    nix::sys::prctl::set_no_new_privs().map_err(PolicyError::NoNewPrivs)?;
+    for program in &programs {
+        seccompiler::apply_filter_all_threads(program)?;
+    }
     Ok(())
 }
 

@@ -143,6 +143,7 @@ pub enum BrokerMsg {
         regions: Vec<MemoryRegion>,
         num_queues: u16,
         setup: DeviceSetup,
+        sandbox: SandboxSpec,
     },
     /// The driver set DRIVER_OK.
     Activate {
@@ -177,6 +178,47 @@ pub enum WorkerMsg {
     Log { level: u8, message: String },
     /// The device cannot go on; the worker exits after sending this.
     Failed { reason: String },
+    /// Sent by the SIGSYS handler, which cannot allocate: fixed size on the wire (see
+    /// [`encode_violation`]). `nr` is the refused system call, `arch` the `AUDIT_ARCH_*` value.
+    Violation { nr: i64, arch: u32 },
+    /// How the sandbox was entered, for the broker's log and audits.
+    Confined { root: String, notes: Vec<String> },
+}
+
+/// The bincode bytes of `WorkerMsg::Violation`, built without allocating (for a signal
+/// handler): the variant index, then the fields, little-endian and fixed-width.
+pub fn encode_violation(nr: i64, arch: u32) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[0..4].copy_from_slice(&3u32.to_le_bytes());
+    b[4..12].copy_from_slice(&nr.to_le_bytes());
+    b[12..16].copy_from_slice(&arch.to_le_bytes());
+    b
+}
+
+/// What the broker set up around a worker, and what the worker must finish inside.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SandboxSpec {
+    /// The worker was started in new pid, mount, net, ipc and uts namespaces.
+    pub namespaces: bool,
+    /// ... and a new user namespace whose root is `uid`/`gid` outside.
+    pub user_namespace: bool,
+    /// The unprivileged ids the worker runs as (seen from the broker).
+    pub uid: u32,
+    pub gid: u32,
+    /// What a seccomp violation does.
+    pub seccomp: SeccompAction,
+}
+
+/// `--seccomp=kill|trap|log`.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SeccompAction {
+    /// Report the call, then die by SIGSYS.
+    #[default]
+    Kill,
+    /// Report the call, which then fails with ENOSYS; the worker goes on.
+    Trap,
+    /// Let the call through; the kernel logs it.
+    Log,
 }
 
 impl FdCount for WorkerMsg {
@@ -206,11 +248,31 @@ mod tests {
                 size: 4096,
                 serial: "x".into(),
             },
+            sandbox: SandboxSpec {
+                namespaces: true,
+                user_namespace: true,
+                uid: 65534,
+                gid: 65534,
+                seccomp: SeccompAction::Kill,
+            },
         };
         assert_eq!(hello.fd_count(), 4);
         let back: BrokerMsg = decode(&encode(&hello).unwrap()).unwrap();
         assert_eq!(back, hello);
         assert_eq!(BrokerMsg::Reset.fd_count(), 0);
+    }
+
+    #[test]
+    fn violation_encoding_matches_bincode() {
+        let v = WorkerMsg::Violation {
+            nr: 257,
+            arch: 0xc000_003e,
+        };
+        assert_eq!(encode(&v).unwrap(), encode_violation(257, 0xc000_003e));
+        assert_eq!(
+            decode::<WorkerMsg>(&encode_violation(-1, 7)).unwrap(),
+            WorkerMsg::Violation { nr: -1, arch: 7 }
+        );
     }
 
     #[test]

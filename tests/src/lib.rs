@@ -123,6 +123,11 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// Runs `cmd` (stdout and stderr collected) as a process of the test.
+    pub fn spawn_cmd(name: &'static str, cmd: Command) -> Result<Proc> {
+        Self::spawn(name, cmd)
+    }
+
     fn spawn(name: &'static str, mut cmd: Command) -> Result<Proc> {
         cmd.stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -83,6 +83,9 @@ fn next(broker: &Channel) -> WorkerMsg {
             .unwrap()
         {
             (WorkerMsg::Log { level, message }, _) => eprintln!("worker log {level}: {message}"),
+            (WorkerMsg::Confined { root, notes }, _) => {
+                eprintln!("worker confined: {root} {notes:?}")
+            }
             (m, _) => return m,
         }
     }
@@ -136,6 +139,14 @@ fn hello(version: u32) -> BrokerMsg {
             readonly: false,
             size: IMAGE_SIZE,
             serial: "process-test".into(),
+        },
+        // started directly by this test, without the broker's namespaces
+        sandbox: protocol::msg::SandboxSpec {
+            namespaces: false,
+            user_namespace: false,
+            uid: 65534,
+            gid: 65534,
+            seccomp: protocol::msg::SeccompAction::Kill,
         },
     }
 }

@@ -19,7 +19,6 @@ use std::time::Duration;
 use log::{debug, error, info, LevelFilter};
 use nix::sys::socket::{getsockopt, sockopt, SockType};
 use nix::sys::stat::{fstat, SFlag};
-use policy::SeccompMode;
 use protocol::msg::{PROTOCOL_VERSION, WORKER_SOCKET_FD};
 use protocol::{BrokerMsg, Channel, DeviceKind, DeviceSetup, WorkerMsg};
 use virtio_queue::Queue;
@@ -109,7 +108,15 @@ pub fn run<F>(kind: DeviceKind, build: F) -> ExitCode
 where
     F: FnOnce(&DeviceSetup, Vec<OwnedFd>) -> Result<Box<dyn Device>, String>,
 {
-    let options = match Options::parse(std::env::args().skip(1)) {
+    run_with_args(kind, std::env::args().skip(1), build)
+}
+
+/// [`run`] with the arguments given, for a binary that consumed some of its own.
+pub fn run_with_args<F>(kind: DeviceKind, args: impl Iterator<Item = String>, build: F) -> ExitCode
+where
+    F: FnOnce(&DeviceSetup, Vec<OwnedFd>) -> Result<Box<dyn Device>, String>,
+{
+    let options = match Options::parse(args) {
         Ok(o) => o,
         Err(e) => {
             let _ = writeln!(std::io::stderr(), "hvisor-worker-{kind}: {e}\n{USAGE}");
@@ -134,7 +141,7 @@ where
         format!("hvisor-worker-{kind}[{pid}]"),
         options.log_level,
     );
-    match start(kind, &chan, &options, pid, build) {
+    match start(kind, &chan, pid, build) {
         Ok(event_loop) => event_loop.run(),
         Err(reason) => {
             error!("{reason}");
@@ -145,13 +152,7 @@ where
 }
 
 /// Everything up to Ready: after this returns, the worker is sandboxed.
-fn start<F>(
-    kind: DeviceKind,
-    chan: &Arc<Channel>,
-    options: &Options,
-    pid: u32,
-    build: F,
-) -> Result<EventLoop, String>
+fn start<F>(kind: DeviceKind, chan: &Arc<Channel>, pid: u32, build: F) -> Result<EventLoop, String>
 where
     F: FnOnce(&DeviceSetup, Vec<OwnedFd>) -> Result<Box<dyn Device>, String>,
 {
@@ -163,6 +164,7 @@ where
         regions,
         num_queues,
         setup,
+        sandbox,
         ..
     } = hello
     else {
@@ -195,7 +197,17 @@ where
     let event_loop = EventLoop::new(chan.clone(), mem, kicks, calls, device)
         .map_err(|e| format!("epoll: {e}"))?;
 
-    policy::enter(kind, options.seccomp).map_err(|e| format!("sandbox: {e}"))?;
+    let confinement =
+        policy::enter(kind, &sandbox, WORKER_SOCKET_FD).map_err(|e| format!("sandbox: {e}"))?;
+    chan.send(
+        &WorkerMsg::Confined {
+            root: confinement.root,
+            notes: confinement.notes,
+        },
+        &[],
+        false,
+    )
+    .map_err(|e| format!("sending Confined: {e}"))?;
     chan.send(
         &WorkerMsg::Ready {
             version: PROTOCOL_VERSION,
@@ -205,7 +217,7 @@ where
         false,
     )
     .map_err(|e| format!("sending Ready: {e}"))?;
-    debug!("sandboxed (seccomp {}), ready", options.seccomp);
+    debug!("sandboxed (seccomp {:?}), ready", sandbox.seccomp);
     Ok(event_loop)
 }
 
@@ -230,24 +242,19 @@ fn take_socket() -> Result<Channel, String> {
     Ok(Channel::from_fd(fd))
 }
 
-const USAGE: &str = "usage: hvisor-worker-<kind> [--seccomp=kill|trap|log] \
-                     [--log-level=error|warn|info|debug|trace]";
+const USAGE: &str = "usage: hvisor-worker-<kind> [--log-level=error|warn|info|debug|trace]";
 
 struct Options {
-    seccomp: SeccompMode,
     log_level: LevelFilter,
 }
 
 impl Options {
     fn parse(args: impl Iterator<Item = String>) -> Result<Self, String> {
         let mut options = Options {
-            seccomp: SeccompMode::Kill,
             log_level: LevelFilter::Info,
         };
         for arg in args {
-            if let Some(mode) = arg.strip_prefix("--seccomp=") {
-                options.seccomp = mode.parse()?;
-            } else if let Some(level) = arg.strip_prefix("--log-level=") {
+            if let Some(level) = arg.strip_prefix("--log-level=") {
                 options.log_level = level
                     .parse()
                     .map_err(|_| format!("unknown log level {level:?}"))?;
@@ -266,17 +273,13 @@ mod tests {
     #[test]
     fn options() {
         let parse = |a: &[&str]| Options::parse(a.iter().map(|s| s.to_string()));
-        let o = parse(&[]).unwrap();
+        assert_eq!(parse(&[]).unwrap().log_level, LevelFilter::Info);
         assert_eq!(
-            (o.seccomp, o.log_level),
-            (SeccompMode::Kill, LevelFilter::Info)
+            parse(&["--log-level=debug"]).unwrap().log_level,
+            LevelFilter::Debug
         );
-        let o = parse(&["--seccomp=trap", "--log-level=debug"]).unwrap();
-        assert_eq!(
-            (o.seccomp, o.log_level),
-            (SeccompMode::Trap, LevelFilter::Debug)
-        );
-        assert!(parse(&["--seccomp=off"]).is_err());
+        // the seccomp mode is the broker's to choose, in the Hello
+        assert!(parse(&["--seccomp=trap"]).is_err());
         assert!(parse(&["--verbose"]).is_err());
     }
 }

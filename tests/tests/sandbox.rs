@@ -1,0 +1,407 @@
+//! The workers' sandboxes, from the kernel's own view (/proc) and from inside.
+
+use std::time::Duration;
+
+use hvisor_tests::*;
+use nix::unistd::Pid;
+use serde_json::{json, Value};
+
+const RAM: u64 = 0x5000_0000;
+const RAM_SIZE: u64 = 0x0400_0000;
+const ADDR: u64 = 0xa00_3c00;
+const NAMESPACES: [&str; 7] = ["user", "pid", "mnt", "net", "ipc", "uts", "cgroup"];
+
+fn two_zone_config(s: &Scratch) -> std::path::PathBuf {
+    let a = s.image("a.img", 1 << 20);
+    let b = s.image("bb.img", 1 << 20);
+    s.write_json(
+        "zones.json",
+        &json!({ "zones": [
+            zone_json(1, RAM, RAM_SIZE, &[BlkSpec { img: &a, addr: ADDR, irq: 78, readonly: false }]),
+            zone_json(2, RAM + RAM_SIZE, RAM_SIZE, &[BlkSpec { img: &b, addr: ADDR, irq: 78, readonly: false }]),
+        ]}),
+    )
+}
+
+fn ns(pid: i32, name: &str) -> String {
+    std::fs::read_link(format!("/proc/{pid}/ns/{name}"))
+        .unwrap()
+        .display()
+        .to_string()
+}
+
+/// Every fd a blk worker may hold: stdio, its socket, epoll, the queue eventfds, its image.
+fn expected_fd(target: &str) -> bool {
+    target == "/dev/null"
+        || target.starts_with("socket:")
+        || target.starts_with("pipe:")
+        || target == "anon_inode:[eventfd]"
+        || target == "anon_inode:[eventpoll]"
+        || target.ends_with(".img")
+}
+
+#[test]
+fn every_thread_of_every_worker_is_confined_and_audit_says_so() {
+    let s = Scratch::new();
+    let cfg = two_zone_config(&s);
+    let mut run = SimRun::new(&cfg, "blk-demo");
+    run.stay = true;
+    let mut stack = Stack::start(&s, run, &[]).unwrap();
+    stack.wait_report(Duration::from_secs(60)).unwrap();
+    let broker = stack.broker.pid().as_raw();
+    let workers = children(stack.broker.pid());
+    assert_eq!(workers.len(), 2, "{}", stack.diagnostics());
+    for w in &workers {
+        let pid = w.as_raw();
+        let tasks: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_str().unwrap().parse().unwrap())
+            .collect();
+        assert!(!tasks.is_empty());
+        for tid in tasks {
+            let t = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
+            let field = |f: &str| {
+                t.lines()
+                    .find_map(|l| {
+                        l.strip_prefix(f)?
+                            .strip_prefix(':')
+                            .map(|v| v.trim().to_string())
+                    })
+                    .unwrap()
+            };
+            assert_eq!(field("Seccomp"), "2", "thread {tid}");
+            assert_eq!(field("NoNewPrivs"), "1", "thread {tid}");
+            for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+                assert_eq!(field(set), "0000000000000000", "thread {tid} {set}");
+            }
+            assert!(
+                field("Uid").split_whitespace().all(|u| u == "65534"),
+                "{}",
+                field("Uid")
+            );
+            assert!(
+                field("Gid").split_whitespace().all(|g| g == "65534"),
+                "{}",
+                field("Gid")
+            );
+        }
+        for n in NAMESPACES {
+            assert_ne!(
+                ns(pid, n),
+                ns(broker, n),
+                "worker {pid} shares the broker's {n} namespace"
+            );
+        }
+        // an empty root
+        let root: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/root"))
+            .unwrap()
+            .collect();
+        assert!(root.is_empty(), "worker root is not empty: {root:?}");
+        for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .flatten()
+        {
+            let target = std::fs::read_link(e.path()).unwrap().display().to_string();
+            assert!(
+                expected_fd(&target),
+                "worker {pid} holds fd {:?} -> {target}",
+                e.file_name()
+            );
+        }
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+        assert!(
+            limits
+                .lines()
+                .any(|l| l.starts_with("Max processes") && l.contains(" 0 ")),
+            "{limits}"
+        );
+        assert!(
+            limits
+                .lines()
+                .any(|l| l.starts_with("Max core file size") && l.contains(" 0 ")),
+            "{limits}"
+        );
+    }
+
+    // the audit says the same as /proc
+    let socket = stack.socket.to_str().unwrap().to_string();
+    let (ok, out) = broker_cmd(&["audit", "--driver", &socket, "--json"]);
+    assert!(ok, "{out}");
+    let audit: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(audit["broker_pid"], broker);
+    let listed = audit["workers"].as_array().unwrap();
+    assert_eq!(listed.len(), 2);
+    for w in listed {
+        let pid = w["pid"].as_i64().unwrap() as i32;
+        assert!(
+            workers.contains(&Pid::from_raw(pid)),
+            "audit names pid {pid}, not a worker"
+        );
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        for t in w["threads"].as_array().unwrap() {
+            assert_eq!(t["seccomp"], "2");
+            assert_eq!(t["no_new_privs"], "1");
+            assert_eq!(t["cap_eff"], "0000000000000000");
+        }
+        assert!(status.contains(&format!(
+            "Seccomp:\t{}",
+            w["threads"][0]["seccomp"].as_str().unwrap()
+        )));
+        for n in NAMESPACES {
+            assert_eq!(w["namespaces"][n]["own"], true, "{n}");
+            assert_eq!(w["namespaces"][n]["id"], ns(pid, n));
+        }
+        assert_eq!(w["root_entries"], 0);
+        assert!(
+            w["root_kind"].as_str().unwrap().contains("pivot_root"),
+            "{w}"
+        );
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count();
+        assert_eq!(w["fds"].as_array().unwrap().len(), fds);
+        assert_eq!(w["uid"], json!([65534, 65534, 65534, 65534]));
+        assert_eq!(w["rlimits"]["Max processes"][0], "0");
+    }
+    let (ok, table) = broker_cmd(&["audit", "--driver", &socket]);
+    assert!(
+        ok && table.contains("seccomp 2 (filter)") && table.contains("user:own"),
+        "{table}"
+    );
+    let _ = stack.stop_broker();
+}
+
+#[test]
+fn an_escape_attempt_from_inside_a_worker_finds_nothing() {
+    let s = Scratch::new();
+    let img = s.image("disk.img", 1 << 20);
+    let cfg = s.write_json("zone.json", &json!({ "zones": [zone_json(1, RAM, RAM_SIZE, &[BlkSpec { img: &img, addr: ADDR, irq: 78, readonly: false }])] }));
+    let workers = s.path("workers");
+    std::fs::create_dir(&workers).unwrap();
+    std::os::unix::fs::symlink(
+        bin("hvisor-probe-worker"),
+        workers.join("hvisor-worker-blk"),
+    )
+    .unwrap();
+    let dir = workers.to_str().unwrap().to_string();
+    let mut run = SimRun::new(&cfg, "blk-demo");
+    run.extra = vec!["--timeout".into(), "20".into()];
+    let mut stack = Stack::start(
+        &s,
+        run,
+        &[
+            "--worker-dir",
+            &dir,
+            "--worker-arg=--escape",
+            "--seccomp",
+            "trap",
+        ],
+    )
+    .unwrap();
+    stack
+        .broker
+        .wait_for("probe done", Duration::from_secs(20))
+        .unwrap();
+    let log = stack.broker.text();
+    let probes: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(": probe ") && !l.contains("probe done"))
+        .collect();
+    assert!(probes.len() >= 15, "{log}");
+    for p in &probes {
+        assert!(p.contains("refused"), "an escape attempt got through: {p}");
+    }
+    // the reporter named the refused calls
+    for call in [
+        "openat", "socket", "ptrace", "mount", "kill", "execve", "unshare",
+    ] {
+        assert!(
+            log.contains(&format!("made a refused system call: {call}")),
+            "{call} not reported:\n{log}"
+        );
+    }
+    let _ = stack.stop_broker();
+}
+
+#[test]
+fn a_worker_making_a_forbidden_call_is_killed_and_the_call_named() {
+    let s = Scratch::new();
+    let img = s.image("disk.img", 1 << 20);
+    let cfg = s.write_json("zone.json", &json!({ "zones": [zone_json(1, RAM, RAM_SIZE, &[BlkSpec { img: &img, addr: ADDR, irq: 78, readonly: false }])] }));
+    let workers = s.path("workers");
+    std::fs::create_dir(&workers).unwrap();
+    std::os::unix::fs::symlink(
+        bin("hvisor-probe-worker"),
+        workers.join("hvisor-worker-blk"),
+    )
+    .unwrap();
+    let dir = workers.to_str().unwrap().to_string();
+    let mut run = SimRun::new(&cfg, "blk-demo");
+    run.extra = vec!["--timeout".into(), "20".into()];
+    let mut stack =
+        Stack::start(&s, run, &["--worker-dir", &dir, "--worker-arg=--violate"]).unwrap();
+    stack
+        .broker
+        .wait_for(
+            "killed: seccomp violation, syscall openat",
+            Duration::from_secs(20),
+        )
+        .unwrap();
+    assert!(stack.broker.alive(), "{}", stack.diagnostics());
+    assert!(!stack.broker.text().contains("openat came back"));
+    let _ = stack.stop_broker();
+}
+
+#[test]
+fn policy_prints_each_allowlist_with_its_argument_rules() {
+    for (kind, call) in [
+        ("blk", "preadv"),
+        ("net", "writev"),
+        ("console", "epoll_ctl"),
+    ] {
+        let (ok, out) = broker_cmd(&["policy", kind]);
+        assert!(ok, "{out}");
+        assert!(out.contains(&format!("allow   {call}")), "{kind}: {out}");
+        assert!(
+            out.contains("mmap") && out.contains("when arg2 & 0x4 == 0x0"),
+            "{out}"
+        );
+        assert!(
+            out.contains("refuse  clone3") && !out.contains("allow   openat"),
+            "{out}"
+        );
+    }
+}
+
+/// Root zones often boot from an initramfs, where `pivot_root` is refused. Here the broker runs
+/// chrooted, in a mount namespace of its own, into a bind mount whose parent is shared (only
+/// within that namespace): `pivot_root` refuses that too, and a chrooted process may not create
+/// a user namespace. The worker must still end up in an empty root, and the log must say what
+/// was weaker.
+#[test]
+fn where_pivot_root_is_refused_the_worker_still_gets_an_empty_root() {
+    use std::os::unix::process::CommandExt;
+    let s = Scratch::new();
+    let root = s.path("root");
+    let work = root.join("work");
+    for d in ["work", "bin", "proc", "dev", "tmp"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    // the binaries and the shared libraries they load, at the same paths
+    for b in ["hvisor-broker", "hvisor-worker-blk"] {
+        std::fs::copy(bin(b), root.join("bin").join(b)).unwrap();
+        let ldd = std::process::Command::new("ldd")
+            .arg(bin(b))
+            .output()
+            .unwrap();
+        for word in String::from_utf8_lossy(&ldd.stdout).split_whitespace() {
+            if word.starts_with('/') {
+                let dst = root.join(word.trim_start_matches('/'));
+                std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+                let _ = std::fs::copy(word, &dst);
+            }
+        }
+    }
+    let img = work.join("disk.img");
+    std::fs::write(&img, vec![7u8; 1 << 20]).unwrap();
+    let inner = json!({ "zones": [zone_json(1, RAM, RAM_SIZE, &[BlkSpec { img: std::path::Path::new("/work/disk.img"), addr: ADDR, irq: 78, readonly: false }])] });
+    std::fs::write(work.join("zone.json"), serde_json::to_vec(&inner).unwrap()).unwrap();
+    let outer = json!({ "zones": [zone_json(1, RAM, RAM_SIZE, &[BlkSpec { img: &img, addr: ADDR, irq: 78, readonly: false }])] });
+    let outer_cfg = s.write_json("outer.json", &outer);
+
+    let socket = work.join("hvisor.sock");
+    let mut sim_cmd = std::process::Command::new(bin("hvisor-sim"));
+    sim_cmd
+        .args(["--guest", "blk-demo", "--stay", "--config"])
+        .arg(&outer_cfg)
+        .arg("--socket")
+        .arg(&socket);
+    let mut sim = Proc::spawn_cmd("hvisor-sim", sim_cmd).unwrap();
+    sim.wait_for("listening on", Duration::from_secs(20))
+        .unwrap();
+
+    let mut cmd = std::process::Command::new("/bin/hvisor-broker");
+    cmd.args([
+        "start",
+        "/work/zone.json",
+        "--driver",
+        "/work/hvisor.sock",
+        "--worker-dir",
+        "/bin",
+    ]);
+    let root_c = std::ffi::CString::new(root.to_str().unwrap()).unwrap();
+    let proc_c = std::ffi::CString::new(root.join("proc").to_str().unwrap()).unwrap();
+    let dev_c = std::ffi::CString::new(root.join("dev").to_str().unwrap()).unwrap();
+    // SAFETY: only system calls between fork and exec, on strings prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let bind = |src: &std::ffi::CStr, dst: &std::ffi::CStr| {
+                libc::mount(
+                    src.as_ptr(),
+                    dst.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND | libc::MS_REC,
+                    std::ptr::null(),
+                )
+            };
+            let propagate = |flags| {
+                libc::mount(
+                    std::ptr::null(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    flags,
+                    std::ptr::null(),
+                )
+            };
+            // Private first, so nothing below reaches the host; then the old root shared again,
+            // in a peer group of this namespace alone.
+            if libc::unshare(libc::CLONE_NEWNS) != 0
+                || propagate(libc::MS_REC | libc::MS_PRIVATE) != 0
+                || bind(&root_c, &root_c) != 0
+                || bind(c"/proc", &proc_c) != 0
+                || bind(c"/dev", &dev_c) != 0
+                || propagate(libc::MS_SHARED) != 0
+                || libc::chroot(root_c.as_ptr()) != 0
+                || libc::chdir(c"/".as_ptr()) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut broker = Proc::spawn_cmd("hvisor-broker", cmd).unwrap();
+    let line = broker
+        .wait_for("confined: ", Duration::from_secs(20))
+        .unwrap();
+    assert!(
+        line.contains("chroot into an empty read-only tmpfs"),
+        "{line}"
+    );
+    assert!(line.contains("pivot_root refused"), "{line}");
+    broker
+        .wait_for("weaker sandbox: no user namespace", Duration::from_secs(5))
+        .unwrap();
+    assert!(broker
+        .text()
+        .contains("weaker sandbox: user namespaces unavailable"));
+    broker
+        .wait_for("sandboxed and ready", Duration::from_secs(10))
+        .unwrap();
+    let workers = children(broker.pid());
+    assert_eq!(workers.len(), 1, "{}", broker.text());
+    let w = workers[0].as_raw();
+    let entries: Vec<_> = std::fs::read_dir(format!("/proc/{w}/root"))
+        .unwrap()
+        .collect();
+    assert!(entries.is_empty(), "{entries:?}");
+    assert_eq!(proc_status(workers[0], "Seccomp").as_deref(), Some("2"));
+    assert_eq!(
+        proc_status(workers[0], "CapEff").as_deref(),
+        Some("0000000000000000")
+    );
+    sim.wait_for("result: PASS", Duration::from_secs(30))
+        .unwrap();
+    broker.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(broker.wait_exit(Duration::from_secs(10)).unwrap().success());
+}

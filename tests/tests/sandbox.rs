@@ -11,13 +11,29 @@ const RAM_SIZE: u64 = 0x0400_0000;
 const ADDR: u64 = 0xa00_3c00;
 const NAMESPACES: [&str; 7] = ["user", "pid", "mnt", "net", "ipc", "uts", "cgroup"];
 
+/// Two zones with a disk each; zone 1 also has a console (net needs a namespace of its own:
+/// tests/tests/net.rs checks its worker the same way).
 fn two_zone_config(s: &Scratch) -> std::path::PathBuf {
     let a = s.image("a.img", 1 << 20);
     let b = s.image("bb.img", 1 << 20);
+    let mut zone1 = zone_json(
+        1,
+        RAM,
+        RAM_SIZE,
+        &[BlkSpec {
+            img: &a,
+            addr: ADDR,
+            irq: 78,
+            readonly: false,
+        }],
+    );
+    zone1["devices"].as_array_mut().unwrap().push(
+        json!({ "type": "console", "addr": "0xa003800", "len": "0x200", "irq": 76, "status": "enable" }),
+    );
     s.write_json(
         "zones.json",
         &json!({ "zones": [
-            zone_json(1, RAM, RAM_SIZE, &[BlkSpec { img: &a, addr: ADDR, irq: 78, readonly: false }]),
+            zone1,
             zone_json(2, RAM + RAM_SIZE, RAM_SIZE, &[BlkSpec { img: &b, addr: ADDR, irq: 78, readonly: false }]),
         ]}),
     )
@@ -30,9 +46,12 @@ fn ns(pid: i32, name: &str) -> String {
         .to_string()
 }
 
-/// Every fd a blk worker may hold: stdio, its socket, epoll, the queue eventfds, its image.
+/// Every fd a worker may hold: stdio, its socket, epoll, the queue eventfds, its image or its
+/// pty master.
 fn expected_fd(target: &str) -> bool {
     target == "/dev/null"
+        || target == "/dev/ptmx"
+        || target.starts_with("/dev/pts/")
         || target.starts_with("socket:")
         || target.starts_with("pipe:")
         || target == "anon_inode:[eventfd]"
@@ -50,7 +69,7 @@ fn every_thread_of_every_worker_is_confined_and_audit_says_so() {
     stack.wait_report(Duration::from_secs(60)).unwrap();
     let broker = stack.broker.pid().as_raw();
     let workers = children(stack.broker.pid());
-    assert_eq!(workers.len(), 2, "{}", stack.diagnostics());
+    assert_eq!(workers.len(), 3, "{}", stack.diagnostics());
     for w in &workers {
         let pid = w.as_raw();
         let tasks: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/task"))
@@ -131,7 +150,7 @@ fn every_thread_of_every_worker_is_confined_and_audit_says_so() {
     let audit: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(audit["broker_pid"], broker);
     let listed = audit["workers"].as_array().unwrap();
-    assert_eq!(listed.len(), 2);
+    assert_eq!(listed.len(), 3);
     for w in listed {
         let pid = w["pid"].as_i64().unwrap() as i32;
         assert!(

@@ -125,6 +125,7 @@ pub mod guest;
 pub mod hal;
 pub mod hv;
 pub mod layout;
+pub mod linux;
 pub mod mem;
 pub mod report;
 pub mod run;

@@ -103,7 +103,8 @@
 //!   also makes an ext2 file system on the first disk (`mke2fs`), writes five files, syncs,
 //!   unmounts, drops caches, remounts read-only and checks every SHA-256; on the second disk
 //!   (if any) it writes up to 64 MiB of random data with `dd oflag=direct`, reads it back with
-//!   `iflag=direct` and compares checksums. The report lists every file and checksum, so the
+//!   `iflag=direct` and compares checksums, then writes the next 8 MiB, discards them
+//!   (`blkdiscard`) and checks they read back as zeros. The report lists every file and checksum, so the
 //!   host can read the images back (`debugfs`, `e2fsck`) after the run.
 //!
 //! # Report (`--report FILE`)

@@ -17,7 +17,8 @@ pub enum GuestJob {
     /// Boot, load the drivers of every device, list what was found, power off.
     Boot,
     /// On the first disk: ext2, files, sync, umount, remount and verify. On the second (if
-    /// any): a raw `dd` round trip of up to 64 MiB.
+    /// any): a raw `dd` round trip of up to 64 MiB, then 8 MiB after it written, discarded
+    /// and read back as zeros.
     Blk,
 }
 
@@ -98,6 +99,14 @@ raw_test() {
     echo "HVSIM rate $d read $bytes $(secs $t0 $t1)"
     echo "HVSIM raw $d $bytes $sum"
     check "$d-raw-readback" [ "$sum" = "$back" ]
+    # DISCARD: 8 MiB of random data after the round trip, discarded, must read back as zeros.
+    if [ $sectors -ge $(( (mib + 8) * 2048 )) ]; then
+        dd if=/dev/urandom of=/dev/$d bs=1048576 seek=$mib count=8 oflag=direct conv=fsync 2>/dev/null
+        check "$d-discard-offered" [ "$(cat /sys/block/$d/queue/discard_max_bytes)" -gt 0 ]
+        check "$d-discard" blkdiscard -o $bytes -l 8388608 /dev/$d
+        nz=$(dd if=/dev/$d bs=1048576 skip=$mib count=8 iflag=direct 2>/dev/null | tr -d '\000' | wc -c)
+        check "$d-discard-reads-zeros" [ "$nz" -eq 0 ]
+    fi
 }
 "#;
 

@@ -218,3 +218,55 @@ fn linux_makes_a_file_system_and_a_64_mib_round_trip_that_the_host_reads_back() 
         );
     }
 }
+
+#[test]
+fn a_broker_killed_mid_run_fails_the_run_and_leaves_no_uml_behind() {
+    if !have_uml() {
+        return;
+    }
+    let s = Scratch::new();
+    let fs_img = s.image("fs.img", 32 * MIB);
+    let cfg = s.write_json("zone.json", &zone(&[(&fs_img, 0x2000_0000, 78)]));
+    let mut run = SimRun::new(&cfg, "linux-blk");
+    run.extra = vec!["--timeout".into(), "150".into()];
+    let mut stack = Stack::start(&s, run, &[]).unwrap();
+    let line = stack
+        .sim
+        .wait_for("memory file found", Duration::from_secs(30))
+        .unwrap();
+    let uml: i32 = line
+        .split("(pid ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no UML pid in {line:?}"));
+    // Once Linux is writing its files, the broker dies.
+    stack
+        .sim
+        .wait_for("HVSIM check vda-mount", Duration::from_secs(60))
+        .unwrap();
+    stack.broker.child.kill().unwrap();
+    let st = stack.sim.wait_exit(Duration::from_secs(40)).unwrap();
+    assert_eq!(st.code(), Some(1), "{}", stack.diagnostics());
+    let report: Value = serde_json::from_slice(&std::fs::read(&stack.report).unwrap()).unwrap();
+    assert_eq!(report["broker_gone"], true);
+    assert_eq!(report["ok"], false);
+    // UML and every helper of its process group are gone.
+    let group_left: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let pgrp: i32 = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(2)?
+                .parse()
+                .ok()?;
+            (pgrp == uml).then(|| stat)
+        })
+        .collect();
+    assert!(group_left.is_empty(), "UML processes left: {group_left:?}");
+}

@@ -246,6 +246,7 @@ pub fn run(args: &Args, machine: Machine, job: GuestJob) -> Result<i32> {
         kernel.display(),
         cmdline.join(" ")
     );
+    uml::become_subreaper();
     let mut uml = uml::Uml::start(kernel, &cmdline, dir.path())?;
     let memfile = uml.memory_file(dir.path(), mem, Duration::from_secs(10))?;
     println!(
@@ -339,6 +340,7 @@ pub fn run(args: &Args, machine: Machine, job: GuestJob) -> Result<i32> {
     }
     let _ = printer.join();
     lrep.exit = status;
+    uml.kill();
     for l in &links {
         l.stop();
     }

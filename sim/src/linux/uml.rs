@@ -158,21 +158,48 @@ impl Uml {
         }
     }
 
-    /// Kills the kernel and every helper process of its group.
+    /// Kills the kernel and every helper process of its group, and reaps them.
     pub fn kill(&mut self) {
+        let pgid = nix::unistd::Pid::from_raw(self.pid());
         if self.try_wait().is_none() {
-            let _ = nix::sys::signal::killpg(
-                nix::unistd::Pid::from_raw(self.pid()),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
             let _ = self.child.wait();
         }
+        self.reap_helpers();
+    }
+
+    /// UML's helper processes (one per guest address space) outlive a killed kernel for a
+    /// moment; as the simulator is their subreaper (see [`become_subreaper`]) they are its
+    /// children then. Kill what is left of the group and reap it, so nothing stays behind.
+    fn reap_helpers(&mut self) {
+        use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+        let group = nix::unistd::Pid::from_raw(-self.pid());
+        // Only while the group still has children of ours: its id is then still in use.
+        match waitpid(group, Some(WaitPidFlag::WNOHANG)) {
+            Err(_) => return,
+            Ok(WaitStatus::StillAlive) => {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(self.pid()),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            Ok(_) => {}
+        }
+        while let Ok(_) | Err(nix::errno::Errno::EINTR) = waitpid(group, None) {}
     }
 }
 
 impl Drop for Uml {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Makes this process the reaper of orphaned descendants (UML's helpers, once the kernel
+/// process is gone), so [`Uml::kill`] can reap them rather than leave them to init.
+pub fn become_subreaper() {
+    if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+        eprintln!("hvisor-sim: PR_SET_CHILD_SUBREAPER: {e}; UML's helpers are left to init");
     }
 }
 

@@ -265,7 +265,7 @@ fn a_broker_killed_mid_run_fails_the_run_and_leaves_no_uml_behind() {
                 .nth(2)?
                 .parse()
                 .ok()?;
-            (pgrp == uml).then(|| stat)
+            (pgrp == uml).then_some(stat)
         })
         .collect();
     assert!(group_left.is_empty(), "UML processes left: {group_left:?}");

@@ -55,7 +55,7 @@ pub struct Args {
     /// linux guests: the User-Mode Linux kernel.
     #[arg(long, default_value = crate::linux::uml::DEFAULT_KERNEL)]
     pub linux_kernel: PathBuf,
-    /// linux guests: the kernel's modules (default: /usr/lib/uml/modules/<release>).
+    /// linux guests: the kernel's modules (default: `/usr/lib/uml/modules/RELEASE`).
     #[arg(long)]
     pub linux_modules: Option<PathBuf>,
     /// linux guests: a static busybox for the initramfs.

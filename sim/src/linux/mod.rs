@@ -124,10 +124,15 @@ pub fn job_of(workload: crate::guest::Workload) -> Option<GuestJob> {
     }
 }
 
-/// Where the run's sockets, initramfs and UML's memory file live: tmpfs if there is one.
+/// Where the run's sockets, initramfs and UML's memory file live: tmpfs if there is one
+/// that allows executable mappings (UML maps its memory executable).
 fn runtime_dir() -> Result<tempfile::TempDir> {
     let shm = Path::new("/dev/shm");
-    let base = if shm.is_dir() {
+    let exec_ok = |p: &Path| {
+        use nix::sys::statvfs::{statvfs, FsFlags};
+        statvfs(p).is_ok_and(|v| !v.flags().contains(FsFlags::ST_NOEXEC))
+    };
+    let base = if shm.is_dir() && exec_ok(shm) {
         shm.to_path_buf()
     } else {
         std::env::temp_dir()

@@ -233,6 +233,7 @@ pub(crate) fn start_watchdog(timeout: Duration) -> mpsc::Sender<()> {
                     "hvisor-sim: guest workload did not finish within {} s",
                     timeout.as_secs()
                 );
+                crate::linux::uml::abandon();
                 std::process::exit(EXIT_TIMEOUT);
             }
         })

@@ -50,6 +50,21 @@ pub fn kernel_release(kernel: &Path) -> Result<String> {
     Ok(release)
 }
 
+/// The process group of the running UML and its runtime directory, for [`abandon`].
+static RUNNING: std::sync::Mutex<Option<(i32, PathBuf)>> = std::sync::Mutex::new(None);
+
+/// For an exit that skips destructors (the `--timeout` watchdog): kills the running UML's
+/// process group and removes its runtime directory (sockets, initramfs).
+pub fn abandon() {
+    if let Some((pgid, dir)) = RUNNING.lock().unwrap().take() {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pgid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
 /// A running UML kernel in its own process group (UML forks helpers for guest processes).
 pub struct Uml {
     child: Child,
@@ -82,6 +97,7 @@ impl Uml {
         let mut child = cmd
             .spawn()
             .with_context(|| format!("starting {}", kernel.display()))?;
+        *RUNNING.lock().unwrap() = Some((child.id() as i32, tmpdir.to_path_buf()));
         let (tx, rx) = mpsc::channel();
         for r in [
             Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
@@ -166,6 +182,10 @@ impl Uml {
             let _ = self.child.wait();
         }
         self.reap_helpers();
+        let mut running = RUNNING.lock().unwrap();
+        if running.as_ref().is_some_and(|(p, _)| *p == self.pid()) {
+            *running = None;
+        }
     }
 
     /// UML's helper processes (one per guest address space) outlive a killed kernel for a

@@ -10,6 +10,7 @@
 //!            [--legacy-driver] [--seed N] [--report FILE] [--shadow-dir DIR]
 //!            [--timeout SECS] [--stay] [--wait-for FILE]
 //!            [--net-guest IP] [--net-host IP] [--net-port PORT] [--net-bench-secs SECS]
+//!            [--linux-kernel PATH] [--linux-modules DIR] [--busybox PATH] [--linux-trace]
 //! ```
 //!
 //! - `--config`: the backend JSON (the same file the broker reads); the simulator takes each
@@ -18,7 +19,8 @@
 //! - `--legacy-driver`: play the driver before February 2026: an eventfd INIT is answered with
 //!   ERROR (errno 22); a SIGNAL_WAKEUP INIT is accepted and the broker is woken with
 //!   `tgkill(peer pid, tid, SIGUSR1)`. Without it, both kinds of INIT are accepted.
-//! - `--guest`: `blk-demo`, `blk-verify`, `hostile` or `bench` (below).
+//! - `--guest`: `blk-demo`, `blk-verify`, `hostile`, `bench`, `linux-boot` or `linux-blk`
+//!   (below).
 //! - `--seed` (default 1): seeds every random choice of the workloads.
 //! - `--report FILE`: the run report as JSON (below).
 //! - `--shadow-dir DIR`: `blk-verify` and `hostile` write, per blk device, the disk content
@@ -36,6 +38,11 @@
 //!   side of the tap, and the UDP port of the peer there (the guest uses the same number).
 //!   Every net device of a run gets the same address, so give a run one net device.
 //! - `--net-bench-secs SECS` (default 2): how long `net-bench` measures each figure.
+//!
+//! - `--linux-kernel` (default `/usr/bin/linux`), `--linux-modules` (default
+//!   `/usr/lib/uml/modules/<release>`), `--busybox` (default `/bin/busybox`, a static one):
+//!   what a `linux-*` guest is built from (Debian: `user-mode-linux`, `busybox-static`).
+//!   `--linux-trace` prints every vhost-user message the adapter receives.
 //!
 //! Stdout carries, in this order: `hvisor-sim: listening on PATH` once the socket listens,
 //! `hvisor-sim: broker connected (eventfd wakeup)` or `(SIGUSR1 wakeup)`, the workload's
@@ -91,6 +98,21 @@
 //!   2 s, each beside `pread`s of the same offsets on the image file (page cache warmed by an
 //!   untimed pass), printed as a table with ratios.
 //!
+//! - `linux-boot` and `linux-blk`: a real Linux kernel, User-Mode Linux, is the zone (see
+//!   [`linux`]): the configuration must have one zone whose RAM regions are identity-mapped
+//!   and start at or below UML's kernel image end (about 10 MiB; 0x100000 is safe); UML gets
+//!   `mem=` up to the end of the highest region and one `virtio_uml.device` per device. An
+//!   initramfs built at run time (busybox, the virtio driver modules in dependency order, an
+//!   `/init` script) runs the workload and reports on the console with `HVSIM ` lines, which
+//!   the simulator prints (prefixed `linux| `) and parses into the report's `linux` section.
+//!   `linux-boot` loads the drivers, checks every disk appeared, and powers off. `linux-blk`
+//!   also makes an ext2 file system on the first disk (`mke2fs`), writes five files, syncs,
+//!   unmounts, drops caches, remounts read-only and checks every SHA-256; on the second disk
+//!   (if any) it writes up to 64 MiB of random data with `dd oflag=direct`, reads it back with
+//!   `iflag=direct` and compares checksums, then writes the next 8 MiB, discards them
+//!   (`blkdiscard`) and checks they read back as zeros. The report lists every file and checksum, so the
+//!   host can read the images back (`debugfs`, `e2fsck`) after the run.
+//!
 //! # Report (`--report FILE`)
 //!
 //! ```json
@@ -120,12 +142,30 @@
 //!     "randread_4k_qd1": { "block_bytes": 4096, "ops": 0, "seconds": 2.0, "iops": 0.0,
 //!                          "mb_per_s": 0.0, "baseline_ops": 0, "baseline_seconds": 2.0,
 //!                          "baseline_iops": 0.0, "baseline_mb_per_s": 0.0, "ratio": 0.0 },
-//!     "seqread_128k": { ...same fields... } }
+//!     "seqread_128k": { ...same fields... } },
+//!   "linux": null | {
+//!     "kernel": "/usr/bin/linux", "release": "6.1.176", "mem_bytes": 268435456,
+//!     "boot_s": 1.3, "run_s": 3.5, "exit": "exit status: 0", "done": true,
+//!     "checks": [ { "name": "vda-mke2fs", "pass": true, "detail": "" } ],
+//!     "disks": [ { "dev": "vda", "sectors": 65536, "readonly": false } ],
+//!     "files": [ { "dev": "vda", "path": "/dir/a.bin", "bytes": 1024, "sha256": "..." } ],
+//!     "raw": [ { "dev": "vdb", "bytes": 67108864, "sha256": "..." } ],
+//!     "rates": [ { "dev": "vdb", "op": "write", "bytes": 67108864, "seconds": 0.3,
+//!                  "mb_per_s": 220.0 } ],
+//!     "links": [ { "connected": true, "probed": true, "device_features": 0,
+//!                  "driver_features": 0, "protocol_features": 0, "features_ok": true,
+//!                  "driver_ok_reached": true, "queues_enabled": 1, "messages": 0,
+//!                  "kicks": 0, "interrupts": 0, "spurious_interrupts": 0, "calls": 0,
+//!                  "config_changes": 0, "config_reads": 0, "errors": [],
+//!                  "message_order": [ "SET_OWNER", "GET_FEATURES", "..." ] } ] }
 //! }
 //! ```
 //! A guest that fails adds a failed check named `workload` (and `error`) to its device, or
 //! sets `error` of its zone. Feature values are the 64-bit feature words; `stock` is what the
-//! stock driver accepted, `own` what our driver accepted.
+//! stock driver accepted, `own` what our driver accepted (for a linux guest: what Linux
+//! accepted). A linux guest's devices carry the adapter's checks (`adapter_connected`,
+//! `adapter_probe`, `adapter_features_ok`, `adapter_driver_ok`, `adapter_errors`); the guest's
+//! own checks and `linux_done` are in `linux.checks`.
 //!
 //! # Console workloads
 //!
@@ -228,6 +268,7 @@ pub mod guest;
 pub mod hal;
 pub mod hv;
 pub mod layout;
+pub mod linux;
 pub mod mem;
 pub mod report;
 pub mod run;

@@ -145,6 +145,8 @@ pub struct Report {
     pub checks_failed: u64,
     pub zones: Vec<ZoneReport>,
     pub bench: Option<BenchReport>,
+    /// Linux workloads only.
+    pub linux: Option<crate::linux::LinuxReport>,
 }
 
 impl Report {
@@ -153,7 +155,8 @@ impl Report {
             .zones
             .iter()
             .flat_map(|z| z.devices.iter())
-            .flat_map(|d| d.checks.iter());
+            .flat_map(|d| d.checks.iter())
+            .chain(self.linux.iter().flat_map(|l| l.checks.iter()));
         let (mut pass, mut fail) = (0, 0);
         for c in checks {
             if c.pass {

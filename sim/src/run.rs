@@ -54,13 +54,25 @@ pub struct Args {
     pub wait_for: Option<PathBuf>,
     #[command(flatten)]
     pub net: guest::net::NetArgs,
+    /// linux guests: the User-Mode Linux kernel.
+    #[arg(long, default_value = crate::linux::uml::DEFAULT_KERNEL)]
+    pub linux_kernel: PathBuf,
+    /// linux guests: the kernel's modules (default: `/usr/lib/uml/modules/RELEASE`).
+    #[arg(long)]
+    pub linux_modules: Option<PathBuf>,
+    /// linux guests: a static busybox for the initramfs.
+    #[arg(long, default_value = crate::linux::uml::DEFAULT_BUSYBOX)]
+    pub busybox: PathBuf,
+    /// linux guests: print every vhost-user message the adapter receives.
+    #[arg(long)]
+    pub linux_trace: bool,
 }
 
 /// Exit status of a setup failure.
 const EXIT_SETUP: i32 = 2;
 const EXIT_TIMEOUT: i32 = 3;
 /// How long a vCPU (or a guest waiting for an interrupt) waits for the broker.
-const VCPU_WATCHDOG: Duration = Duration::from_secs(10);
+pub(crate) const VCPU_WATCHDOG: Duration = Duration::from_secs(10);
 
 /// Runs the program; returns the exit status.
 pub fn main(args: Args) -> i32 {
@@ -81,6 +93,9 @@ fn run(args: Args) -> Result<i32> {
         eprintln!("hvisor-sim: warning: {w}");
     }
     let machine = Machine::from_config(&loaded.config);
+    if let Some(job) = crate::linux::job_of(args.guest) {
+        return crate::linux::run(&args, machine, job);
+    }
     anyhow::ensure!(
         machine.zones.len() <= SLOTS,
         "{} zones configured; the simulator drives at most {SLOTS}",
@@ -172,20 +187,26 @@ fn run(args: Args) -> Result<i32> {
         report.ok = false;
     }
     print_summary(&report);
-    if let Some(path) = &args.report {
-        // Written aside and renamed, so a reader never sees half a report.
-        let json = serde_json::to_vec_pretty(&report)?;
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".tmp");
-        std::fs::write(&tmp, json).with_context(|| format!("writing {}", path.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    }
+    write_report(&args, &report)?;
     let code = if report.ok { 0 } else { 1 };
     if args.stay && !hv.broker_gone() {
         println!("hvisor-sim: workload finished; serving until the broker disconnects");
         hv.wait_broker_gone();
     }
     Ok(code)
+}
+
+/// Writes the report where `--report` says, if it does.
+pub(crate) fn write_report(args: &Args, report: &Report) -> Result<()> {
+    if let Some(path) = &args.report {
+        // Written aside and renamed, so a reader never sees half a report.
+        let json = serde_json::to_vec_pretty(report)?;
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        std::fs::write(&tmp, json).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// A vCPU fault unwinds its guest thread and lands in the report and the summary; the default
@@ -205,7 +226,7 @@ fn quiet_guest_faults() {
 }
 
 /// Ends the process with status 3 unless dropped within `timeout`.
-fn start_watchdog(timeout: Duration) -> mpsc::Sender<()> {
+pub(crate) fn start_watchdog(timeout: Duration) -> mpsc::Sender<()> {
     let (tx, rx) = mpsc::channel::<()>();
     std::thread::Builder::new()
         .name("watchdog".into())
@@ -215,6 +236,7 @@ fn start_watchdog(timeout: Duration) -> mpsc::Sender<()> {
                     "hvisor-sim: guest workload did not finish within {} s",
                     timeout.as_secs()
                 );
+                crate::linux::uml::abandon();
                 std::process::exit(EXIT_TIMEOUT);
             }
         })
@@ -222,7 +244,7 @@ fn start_watchdog(timeout: Duration) -> mpsc::Sender<()> {
     tx
 }
 
-fn print_summary(r: &Report) {
+pub(crate) fn print_summary(r: &Report) {
     println!("hvisor-sim: summary of {} (seed {})", r.workload, r.seed);
     for z in &r.zones {
         if let Some(e) = &z.error {

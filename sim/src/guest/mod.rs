@@ -34,6 +34,10 @@ pub enum Workload {
     NetBench,
     ConsoleVerify,
     ConsoleBench,
+    /// A User-Mode Linux guest boots and loads its virtio drivers (see `crate::linux`).
+    LinuxBoot,
+    /// A User-Mode Linux guest: ext2 on the first disk, a raw dd round trip on the second.
+    LinuxBlk,
 }
 
 impl Workload {
@@ -47,6 +51,8 @@ impl Workload {
             Workload::NetBench => "net-bench",
             Workload::ConsoleVerify => "console-verify",
             Workload::ConsoleBench => "console-bench",
+            Workload::LinuxBoot => "linux-boot",
+            Workload::LinuxBlk => "linux-blk",
         }
     }
 
@@ -60,6 +66,8 @@ impl Workload {
             Workload::ConsoleVerify | Workload::ConsoleBench => {
                 matches!(kind, DevKind::Console { .. })
             }
+            // Run by `crate::linux`, never by the zone threads.
+            Workload::LinuxBoot | Workload::LinuxBlk => false,
         }
     }
 }
@@ -261,6 +269,9 @@ fn run_devices<H: Hal>(
             Workload::NetBench => net::bench::<H>(&mut g, &mut dev_rep),
             Workload::ConsoleVerify => console::verify::<H>(&mut g, &mut dev_rep),
             Workload::ConsoleBench => console::bench::<H>(&mut g, &mut dev_rep),
+            Workload::LinuxBoot | Workload::LinuxBlk => Err(anyhow::anyhow!(
+                "linux workloads do not run on zone threads"
+            )),
         }));
         let err = match out {
             Ok(Ok(())) => None,

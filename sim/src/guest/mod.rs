@@ -38,6 +38,12 @@ pub enum Workload {
     LinuxBoot,
     /// A User-Mode Linux guest: ext2 on the first disk, a raw dd round trip on the second.
     LinuxBlk,
+    /// A User-Mode Linux guest on its virtio-net device (see `crate::linux::net`).
+    LinuxNet,
+    /// A User-Mode Linux guest with a shell on its virtio console (see `crate::linux::console`).
+    LinuxConsole,
+    /// Disk benchmarks from inside a User-Mode Linux guest (see `crate::linux::bench`).
+    LinuxBench,
 }
 
 impl Workload {
@@ -53,6 +59,9 @@ impl Workload {
             Workload::ConsoleBench => "console-bench",
             Workload::LinuxBoot => "linux-boot",
             Workload::LinuxBlk => "linux-blk",
+            Workload::LinuxNet => "linux-net",
+            Workload::LinuxConsole => "linux-console",
+            Workload::LinuxBench => "linux-bench",
         }
     }
 
@@ -67,7 +76,11 @@ impl Workload {
                 matches!(kind, DevKind::Console { .. })
             }
             // Run by `crate::linux`, never by the zone threads.
-            Workload::LinuxBoot | Workload::LinuxBlk => false,
+            Workload::LinuxBoot
+            | Workload::LinuxBlk
+            | Workload::LinuxNet
+            | Workload::LinuxConsole
+            | Workload::LinuxBench => false,
         }
     }
 }
@@ -269,7 +282,11 @@ fn run_devices<H: Hal>(
             Workload::NetBench => net::bench::<H>(&mut g, &mut dev_rep),
             Workload::ConsoleVerify => console::verify::<H>(&mut g, &mut dev_rep),
             Workload::ConsoleBench => console::bench::<H>(&mut g, &mut dev_rep),
-            Workload::LinuxBoot | Workload::LinuxBlk => Err(anyhow::anyhow!(
+            Workload::LinuxBoot
+            | Workload::LinuxBlk
+            | Workload::LinuxNet
+            | Workload::LinuxConsole
+            | Workload::LinuxBench => Err(anyhow::anyhow!(
                 "linux workloads do not run on zone threads"
             )),
         }));

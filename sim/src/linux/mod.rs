@@ -43,7 +43,10 @@
 //!   hence our own [`vhost_user`] framing.
 
 pub mod adapter;
+pub mod bench;
+pub mod console;
 pub mod initramfs;
+pub mod net;
 pub mod script;
 pub mod uml;
 pub mod vhost_user;
@@ -120,6 +123,9 @@ pub fn job_of(workload: crate::guest::Workload) -> Option<GuestJob> {
     match workload {
         LinuxBoot => Some(GuestJob::Boot),
         LinuxBlk => Some(GuestJob::Blk),
+        LinuxNet => Some(GuestJob::Net),
+        LinuxConsole => Some(GuestJob::Console),
+        LinuxBench => Some(GuestJob::Bench),
         _ => None,
     }
 }

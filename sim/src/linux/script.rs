@@ -20,6 +20,12 @@ pub enum GuestJob {
     /// any): a raw `dd` round trip of up to 64 MiB, then 8 MiB after it written, discarded
     /// and read back as zeros.
     Blk,
+    /// eth0 against the host end of the tap (see `super::net`).
+    Net,
+    /// A shell on hvc0, driven from the host through the broker's pty (see `super::console`).
+    Console,
+    /// Disk throughput from inside Linux (see `super::bench`).
+    Bench,
 }
 
 /// Bytes of the raw round trip on the second disk (less if the disk is smaller).
@@ -141,6 +147,9 @@ pub fn init_script(job: GuestJob, disks: &[String]) -> String {
                 [fs, raw, ..] => s.push_str(&format!("fs_test {fs}\nraw_test {raw}\n")),
             }
         }
+        GuestJob::Net => s.push_str(&super::net::script()),
+        GuestJob::Console => s.push_str(&super::console::script()),
+        GuestJob::Bench => s.push_str(&super::bench::script(disks)),
     }
     s.push_str(FINISH);
     s

@@ -205,7 +205,15 @@ pub fn net_model(mac: &[u8; 6], mtu: u16) -> DeviceModel {
         | 1 << VIRTIO_NET_F_MAC
         | 1 << VIRTIO_NET_F_STATUS
         | 1 << VIRTIO_NET_F_MTU
-        | 1 << VIRTIO_NET_F_MRG_RXBUF;
+        | 1 << VIRTIO_NET_F_MRG_RXBUF
+        // Checksum and TCP segmentation offloads both ways: the tap does the work (the broker
+        // sets its offloads from what the guest accepts; the worker passes headers through).
+        | 1 << VIRTIO_NET_F_CSUM
+        | 1 << VIRTIO_NET_F_GUEST_CSUM
+        | 1 << VIRTIO_NET_F_HOST_TSO4
+        | 1 << VIRTIO_NET_F_HOST_TSO6
+        | 1 << VIRTIO_NET_F_GUEST_TSO4
+        | 1 << VIRTIO_NET_F_GUEST_TSO6;
     // struct virtio_net_config up to mtu: mac, status, max_virtqueue_pairs, mtu.
     let mut c = Vec::with_capacity(12);
     c.extend_from_slice(mac);
@@ -274,6 +282,30 @@ mod tests {
         let n = net_model(&[2, 0, 0, 0, 1, 1], 1500);
         assert_eq!(n.config, [2, 0, 0, 0, 1, 1, 1, 0, 1, 0, 0xdc, 0x05]);
         assert_eq!(n.queue_max.len(), 2);
+        {
+            use virtio_bindings::virtio_net::*;
+            for bit in [
+                VIRTIO_NET_F_CSUM,
+                VIRTIO_NET_F_GUEST_CSUM,
+                VIRTIO_NET_F_HOST_TSO4,
+                VIRTIO_NET_F_HOST_TSO6,
+                VIRTIO_NET_F_GUEST_TSO4,
+                VIRTIO_NET_F_GUEST_TSO6,
+                VIRTIO_NET_F_MRG_RXBUF,
+            ] {
+                assert_ne!(n.features & (1 << bit), 0, "net feature bit {bit}");
+            }
+            // Not offered: no control queue, no UFO, no ECN.
+            for bit in [
+                VIRTIO_NET_F_CTRL_VQ,
+                VIRTIO_NET_F_HOST_UFO,
+                VIRTIO_NET_F_GUEST_UFO,
+                VIRTIO_NET_F_HOST_ECN,
+                VIRTIO_NET_F_GUEST_ECN,
+            ] {
+                assert_eq!(n.features & (1 << bit), 0, "net feature bit {bit}");
+            }
+        }
         let c = console_model(80, 25);
         assert_eq!(c.config, [80, 0, 25, 0, 1, 0, 0, 0, 0, 0, 0, 0]);
         assert_ne!(c.features & 1, 0, "CONSOLE_F_SIZE");

@@ -91,6 +91,50 @@ struct Slot {
     host: Host,
     /// How its last worker ended, for audits.
     last_exit: Option<String>,
+    /// A guest can make its worker log on every request: records beyond a budget per second
+    /// are counted, not logged.
+    log_budget: LogBudget,
+}
+
+/// At most [`LogBudget::PER_SECOND`] worker records a second reach the log.
+#[derive(Default)]
+struct LogBudget {
+    window: Option<Instant>,
+    used: u32,
+    dropped: u32,
+}
+
+impl LogBudget {
+    const PER_SECOND: u32 = 50;
+
+    /// Whether a record may be logged now; reports what was dropped in the last window.
+    fn allow(&mut self, label: &str) -> bool {
+        let now = Instant::now();
+        if self
+            .window
+            .is_none_or(|w| now.duration_since(w) >= Duration::from_secs(1))
+        {
+            if self.dropped > 0 {
+                log::warn!(
+                    "{label}: {} worker log records suppressed (more than {} a second)",
+                    self.dropped,
+                    Self::PER_SECOND
+                );
+            }
+            *self = LogBudget {
+                window: Some(now),
+                used: 0,
+                dropped: 0,
+            };
+        }
+        if self.used < Self::PER_SECOND {
+            self.used += 1;
+            true
+        } else {
+            self.dropped += 1;
+            false
+        }
+    }
 }
 
 /// What the broker knows of each worker, for the audit to complete from /proc.
@@ -322,6 +366,7 @@ impl Broker {
             irq_pending: false,
             host: prep.host,
             last_exit: None,
+            log_budget: LogBudget::default(),
         });
         Ok(())
     }
@@ -454,6 +499,7 @@ impl Broker {
                 BrokerMsg::Reset
             }
             Effect::ConfigWrite { offset, data } => BrokerMsg::ConfigWrite { offset, data },
+            Effect::StopQueue(index) => BrokerMsg::StopQueue { index },
         };
         let Some(w) = slot.worker.as_ref().filter(|w| w.gone_since.is_none()) else {
             return;
@@ -536,7 +582,9 @@ impl Broker {
                         4 => log::Level::Debug,
                         _ => log::Level::Trace,
                     };
-                    log::log!(level, "{}: {}", slot.label, message);
+                    if slot.log_budget.allow(&slot.label) {
+                        log::log!(level, "{}: {}", slot.label, message);
+                    }
                 }
                 Ok(Some((WorkerMsg::Failed { reason }, _))) => {
                     log::error!("{}: worker (pid {}) failed: {reason}", slot.label, w.pid);

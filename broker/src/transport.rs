@@ -63,6 +63,9 @@ pub enum Effect {
     Reset,
     /// A driver write to config space; the bytes are unchanged until the device says so.
     ConfigWrite { offset: u32, data: Vec<u8> },
+    /// The driver took a queue of the active device out of use (QueueReady 0): its memory may
+    /// be reused for anything, so the worker must stop reading it.
+    StopQueue(u16),
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -210,7 +213,7 @@ impl MmioTransport {
             VIRTIO_MMIO_DRIVER_FEATURES => self.write_driver_features(v),
             VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = v,
             VIRTIO_MMIO_QUEUE_NUM => self.write_queue_num(v),
-            VIRTIO_MMIO_QUEUE_READY => self.write_queue_ready(v),
+            VIRTIO_MMIO_QUEUE_READY => return self.write_queue_ready(v),
             VIRTIO_MMIO_QUEUE_DESC_LOW => self.write_queue_addr(v, false, |q| &mut q.desc),
             VIRTIO_MMIO_QUEUE_DESC_HIGH => self.write_queue_addr(v, true, |q| &mut q.desc),
             VIRTIO_MMIO_QUEUE_AVAIL_LOW => self.write_queue_addr(v, false, |q| &mut q.avail),
@@ -349,7 +352,7 @@ impl MmioTransport {
         }
     }
 
-    fn write_queue_ready(&mut self, v: u32) {
+    fn write_queue_ready(&mut self, v: u32) -> Option<Effect> {
         let activated = self.activated;
         let Some((i, q)) = self
             .queue_index()
@@ -359,9 +362,13 @@ impl MmioTransport {
                 "QueueReady write with QueueSel {} out of range: ignored",
                 self.queue_sel
             );
-            return;
+            return None;
         };
         match v {
+            0 if q.ready && activated => {
+                q.ready = false;
+                return Some(Effect::StopQueue(i as u16));
+            }
             0 => q.ready = false,
             1 if q.ready => {}
             // The worker learns the queues at DRIVER_OK only, and rings cannot be reset
@@ -371,6 +378,7 @@ impl MmioTransport {
             1 => q.ready = true,
             _ => log::debug!("QueueReady {v:#x} for queue {i}: ignored"),
         }
+        None
     }
 
     fn notify(&mut self, v: u32) -> Option<Effect> {
@@ -675,6 +683,24 @@ mod tests {
         w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
         w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 0);
         assert_eq!(t.driver_features(), V1 | 1 << 9);
+    }
+
+    #[test]
+    fn a_queue_taken_out_of_use_after_driver_ok_stops_the_worker_reading_it() {
+        let mut t = active();
+        w(&mut t, VIRTIO_MMIO_QUEUE_SEL, 1);
+        assert_eq!(
+            w(&mut t, VIRTIO_MMIO_QUEUE_READY, 0),
+            Some(Effect::StopQueue(1))
+        );
+        assert_eq!(rd(&mut t, VIRTIO_MMIO_QUEUE_READY), 0);
+        // once only, and notifies for it are ignored from now on
+        assert_eq!(w(&mut t, VIRTIO_MMIO_QUEUE_READY, 0), None);
+        assert_eq!(w(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 1), None);
+        assert_eq!(
+            w(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0),
+            Some(Effect::Notify(0))
+        );
     }
 
     #[test]

@@ -152,6 +152,8 @@ pub enum BrokerMsg {
     },
     /// The driver wrote 0 to Status: forget the queues.
     Reset,
+    /// The driver took this queue out of use: stop reading its rings.
+    StopQueue { index: u16 },
     /// A driver write to the device config space.
     ConfigWrite { offset: u32, data: Vec<u8> },
     /// Exit cleanly.

@@ -252,16 +252,23 @@ pub(crate) fn print_summary(r: &Report) {
         }
         for d in &z.devices {
             let failed: Vec<_> = d.checks.iter().filter(|c| !c.pass).collect();
+            // Only blk counts requests and verified bytes.
+            let io = if d.kind == "blk" {
+                format!(
+                    "; {} writes, {} reads, {} bytes verified",
+                    d.writes, d.reads, d.verified_bytes
+                )
+            } else {
+                String::new()
+            };
             println!(
-                "  zone {} blk@{}: {} ({} checks, {} failed; {} writes, {} reads, {} bytes verified, {} interrupts)",
+                "  zone {} {}@{}: {} ({} checks, {} failed{io}, {} interrupts)",
                 d.zone,
+                d.kind,
                 d.addr_hex,
                 if d.ok { "ok" } else { "FAILED" },
                 d.checks.len(),
                 failed.len(),
-                d.writes,
-                d.reads,
-                d.verified_bytes,
                 d.interrupts
             );
             for c in failed {

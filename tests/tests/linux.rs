@@ -28,20 +28,32 @@ fn have_uml() -> bool {
     false
 }
 
-fn zone(disks: &[(&Path, u64, u32)]) -> Value {
-    let devices: Vec<Value> = disks
-        .iter()
-        .map(|(img, addr, irq)| {
-            json!({ "type": "blk", "addr": format!("{addr:#x}"), "len": "0x200", "irq": irq,
-                    "img": img.to_str().unwrap(), "status": "enable" })
-        })
-        .collect();
+fn blk(img: &Path, addr: u64, irq: u32) -> Value {
+    json!({ "type": "blk", "addr": format!("{addr:#x}"), "len": "0x200", "irq": irq,
+            "img": img.to_str().unwrap(), "status": "enable" })
+}
+
+fn console(addr: u64, irq: u32, link: &Path) -> Value {
+    json!({ "type": "console", "addr": format!("{addr:#x}"), "len": "0x200", "irq": irq,
+            "pty_link": link.to_str().unwrap(), "status": "enable" })
+}
+
+fn zone_of(devices: Vec<Value>) -> Value {
     json!({ "zones": [{
         "id": 1,
         "memory_region": [{ "zone0_ipa": format!("{RAM:#x}"), "zonex_ipa": format!("{RAM:#x}"),
                             "size": format!("{RAM_SIZE:#x}") }],
         "devices": devices
     }]})
+}
+
+fn zone(disks: &[(&Path, u64, u32)]) -> Value {
+    zone_of(
+        disks
+            .iter()
+            .map(|(img, addr, irq)| blk(img, *addr, *irq))
+            .collect(),
+    )
 }
 
 fn sha256(data: &[u8]) -> String {
@@ -70,6 +82,50 @@ fn debugfs_cat(img: &Path, path: &str) -> Vec<u8> {
         .expect("debugfs (e2fsprogs) must be installed");
     assert!(out.status.success(), "debugfs cat {path} failed");
     out.stdout
+}
+
+/// The UML kernel's pid, from the simulator's "memory file found" line.
+fn uml_pid(line: &str) -> i32 {
+    line.split("(pid ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no UML pid in {line:?}"))
+}
+
+/// Kills UML's process group when a test ends, passed or failed: a failed test kills the
+/// simulator with SIGKILL, which leaves it no chance to.
+struct KillGroup(i32);
+
+impl Drop for KillGroup {
+    fn drop(&mut self) {
+        if !process_group(self.0).is_empty() {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(self.0),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// The processes of process group `pgid` (their /proc stat lines).
+fn process_group(pgid: i32) -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let pgrp: i32 = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(2)?
+                .parse()
+                .ok()?;
+            (pgrp == pgid).then_some(stat)
+        })
+        .collect()
 }
 
 fn run_linux(s: &Scratch, cfg: &Path, guest: &str) -> (Stack, Value) {
@@ -234,12 +290,7 @@ fn a_broker_killed_mid_run_fails_the_run_and_leaves_no_uml_behind() {
         .sim
         .wait_for("memory file found", Duration::from_secs(30))
         .unwrap();
-    let uml: i32 = line
-        .split("(pid ")
-        .nth(1)
-        .and_then(|r| r.split(')').next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no UML pid in {line:?}"));
+    let uml = uml_pid(&line);
     // Once Linux is writing its files, the broker dies.
     stack
         .sim
@@ -252,21 +303,312 @@ fn a_broker_killed_mid_run_fails_the_run_and_leaves_no_uml_behind() {
     assert_eq!(report["broker_gone"], true);
     assert_eq!(report["ok"], false);
     // UML and every helper of its process group are gone.
-    let group_left: Vec<String> = std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| {
-            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            let pgrp: i32 = stat
-                .rsplit_once(')')?
-                .1
-                .split_whitespace()
-                .nth(2)?
-                .parse()
-                .ok()?;
-            (pgrp == uml).then_some(stat)
-        })
-        .collect();
+    let group_left = process_group(uml);
     assert!(group_left.is_empty(), "UML processes left: {group_left:?}");
+}
+
+/// The user's end of the guest's hvc0: the broker's pty, raw, non-blocking, every wait bounded.
+struct Tty {
+    file: std::fs::File,
+    /// Read and not yet split into lines.
+    pending: Vec<u8>,
+    /// Every line read so far, for failure messages.
+    seen: Vec<String>,
+}
+
+impl Tty {
+    fn open(path: &Path) -> Tty {
+        use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(path)
+            .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+        let mut t = tcgetattr(&file).unwrap();
+        cfmakeraw(&mut t);
+        tcsetattr(&file, SetArg::TCSANOW, &t).unwrap();
+        Tty {
+            file,
+            pending: Vec::new(),
+            seen: Vec::new(),
+        }
+    }
+
+    /// Types `line` and a newline.
+    fn type_line(&mut self, line: &str) {
+        let mut data = format!("{line}\n").into_bytes();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !data.is_empty() {
+            match (&self.file).write(&data) {
+                Ok(n) => drop(data.drain(..n)),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    assert!(std::time::Instant::now() < deadline, "the pty stays full");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("writing to the console: {e}"),
+            }
+        }
+    }
+
+    /// The first line (without its CR LF) for which `want` is true, waiting up to `timeout`.
+    fn line_where(&mut self, want: impl Fn(&str) -> bool, timeout: Duration) -> String {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::io::Read;
+        use std::os::fd::AsFd;
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            while let Some(end) = self.pending.iter().position(|&b| b == b'\n') {
+                let raw: Vec<u8> = self.pending.drain(..=end).collect();
+                let line = String::from_utf8_lossy(&raw)
+                    .trim_end_matches(['\r', '\n'])
+                    .to_string();
+                self.seen.push(line.clone());
+                if want(&line) {
+                    return line;
+                }
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            assert!(
+                !left.is_zero(),
+                "no such line on hvc0 within {timeout:?}; seen:\n{}\npending: {:?}",
+                self.seen.join("\n"),
+                String::from_utf8_lossy(&self.pending)
+            );
+            let ms = u16::try_from(left.as_millis().min(200)).unwrap();
+            let mut fds = [PollFd::new(self.file.as_fd(), PollFlags::POLLIN)];
+            if poll(&mut fds, PollTimeout::from(ms)).unwrap_or(0) == 0 {
+                continue;
+            }
+            let mut buf = [0u8; 4096];
+            match (&self.file).read(&mut buf) {
+                Ok(n) => self.pending.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("reading the console: {e}"),
+            }
+        }
+    }
+
+    /// Runs `cmd` in the guest's shell and returns the words of the output line that starts
+    /// with `tag` (the typed line, echoed by the guest's tty, never matches: `tag` is built
+    /// there by the shell).
+    fn ask(&mut self, cmd: &str, tag: &str, timeout: Duration) -> Vec<String> {
+        self.type_line(cmd);
+        let line = self.line_where(|l| l.trim_start().starts_with(tag), timeout);
+        line.split_whitespace().map(String::from).collect()
+    }
+}
+
+/// The value of the word `KEY-value` in `words`.
+fn word<'a>(words: &'a [String], key: &str) -> &'a str {
+    let prefix = format!("{key}-");
+    words
+        .iter()
+        .find_map(|w| w.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no {prefix} in {words:?}"))
+}
+
+/// A stack whose Linux guest runs a shell on hvc0; returns it with the user's end of hvc0.
+fn start_console_guest(s: &Scratch, cfg: &Path, link: &Path) -> (Stack, KillGroup, Tty) {
+    let mut run = SimRun::new(cfg, "linux-console");
+    run.extra = vec!["--timeout".into(), "150".into()];
+    let mut stack = Stack::start(s, run, &[]).unwrap();
+    let line = stack
+        .sim
+        .wait_for("memory file found", Duration::from_secs(30))
+        .unwrap();
+    let uml = KillGroup(uml_pid(&line));
+    stack
+        .broker
+        .wait_for("zone 1 console: /dev/pts/", Duration::from_secs(30))
+        .unwrap();
+    let shell = stack
+        .sim
+        .wait_for("HVSIM check hvc0-shell", Duration::from_secs(60))
+        .unwrap();
+    assert!(
+        shell.contains("hvc0-shell pass"),
+        "{shell}\n{}",
+        stack.diagnostics()
+    );
+    let tty = Tty::open(link);
+    (stack, uml, tty)
+}
+
+#[test]
+fn a_shell_on_linux_hvc0_answers_through_the_brokers_pty() {
+    if !have_uml() {
+        return;
+    }
+    let s = Scratch::new();
+    let link = s.path("zone1-console");
+    let cfg = s.write_json("zone.json", &zone_of(vec![console(0x2000_0000, 78, &link)]));
+    let (mut stack, uml, mut tty) = start_console_guest(&s, &cfg, &link);
+    let out = tty.ask(
+        "echo ANSWER-$((6*7)) RELEASE-$(uname -r) TTY-$(tty)",
+        "ANSWER-",
+        Duration::from_secs(30),
+    );
+    assert_eq!(word(&out, "ANSWER"), "42", "{out:?}");
+    assert_eq!(word(&out, "TTY"), "/dev/hvc0", "{out:?}");
+    let release = word(&out, "RELEASE").to_string();
+    tty.type_line("exit");
+    let report = stack.wait_report(Duration::from_secs(60)).unwrap();
+    let failed = failed_checks(&report);
+    assert!(
+        failed.is_empty(),
+        "failed checks: {failed:#?}\n{}",
+        stack.diagnostics()
+    );
+    assert_eq!(report["linux"]["release"], release.as_str());
+    assert!(
+        check_names(&report).iter().any(|n| n == "hvc0-session"),
+        "{report:#}"
+    );
+    // UML's own console (the HVSIM lines) and hvc0 stay apart.
+    assert!(
+        !tty.seen.iter().any(|l| l.contains("HVSIM")),
+        "{:?}",
+        tty.seen
+    );
+    let st = stack.sim.wait_exit(Duration::from_secs(30)).unwrap();
+    assert!(st.success(), "simulator: {st}\n{}", stack.diagnostics());
+    let st = stack.broker.wait_exit(Duration::from_secs(10)).unwrap();
+    assert!(st.success(), "broker: {st}\n{}", stack.diagnostics());
+    assert!(process_group(uml.0).is_empty());
+    eprintln!("hvc0: {}", tty.seen.join("\n      "));
+}
+
+#[test]
+fn a_worker_killed_during_linux_io_is_reported_and_the_other_devices_keep_serving() {
+    if !have_uml() {
+        return;
+    }
+    let s = Scratch::new();
+    let link = s.path("zone1-console");
+    let fs_img = s.image("fs.img", 16 * MIB);
+    let raw_img = s.image("raw.img", 64 * MIB);
+    let cfg = s.write_json(
+        "zone.json",
+        &zone_of(vec![
+            blk(&fs_img, 0x2000_0000, 78),
+            blk(&raw_img, 0x2000_0200, 79),
+            console(0x2000_0400, 80, &link),
+        ]),
+    );
+    let (mut stack, uml, mut tty) = start_console_guest(&s, &cfg, &link);
+    let started = stack
+        .broker
+        .wait_for(
+            "zone1 blk@0x20000200: irq 79, worker pid ",
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    let victim: i32 = started
+        .split("worker pid ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no worker pid in {started:?}"));
+
+    // vdb busy with direct writes, for good, in the background of the hvc0 shell.
+    let out = tty.ask(
+        "(while :; do dd if=/dev/zero of=/dev/vdb bs=1048576 count=64 oflag=direct 2>/dev/null; done) & echo LOOP-$!",
+        "LOOP-",
+        Duration::from_secs(30),
+    );
+    eprintln!("vdb writer: {out:?}");
+    // Wait until the worker has done some of it (zeros replace the image's pattern).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while read_at(&raw_img, 0, 4096).iter().any(|&b| b != 0) {
+        assert!(std::time::Instant::now() < deadline, "vdb is not written");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(victim),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let gone = stack
+        .broker
+        .wait_for(
+            &format!("worker (pid {victim}) killed by SIGKILL"),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    assert!(gone.contains("zone1 blk@0x20000200"), "{gone}");
+    assert!(stack.broker.alive(), "{}", stack.diagnostics());
+
+    // The console still answers, and vda still does I/O that the host reads back.
+    let out = tty.ask("echo ANSWER-$((6*7))", "ANSWER-", Duration::from_secs(30));
+    assert_eq!(word(&out, "ANSWER"), "42");
+    let out = tty.ask(
+        "head -c 4194304 /dev/urandom > /tmp/x; \
+         dd if=/tmp/x of=/dev/vda bs=1048576 oflag=direct conv=fsync 2>/dev/null; \
+         echo WROTE-$(sha256sum </tmp/x | cut -c1-64) \
+         READ-$(dd if=/dev/vda bs=1048576 count=4 iflag=direct 2>/dev/null | sha256sum | cut -c1-64)",
+        "WROTE-",
+        Duration::from_secs(60),
+    );
+    let wrote = word(&out, "WROTE").to_string();
+    assert_eq!(word(&out, "READ"), wrote, "{out:?}");
+    assert_eq!(wrote.len(), 64);
+    assert_eq!(sha256(&read_at(&fs_img, 0, 4 * MIB as usize)), wrote);
+    tty.type_line("exit");
+
+    // The guest powers off although vdb never completes; nothing is left behind.
+    let report = stack.wait_report(Duration::from_secs(60)).unwrap();
+    assert_eq!(report["linux"]["done"], true, "{report:#}");
+    let names = check_names(&report);
+    assert!(names.iter().any(|n| n == "hvc0-session"), "{names:?}");
+    let st = stack.sim.wait_exit(Duration::from_secs(30)).unwrap();
+    assert!(
+        st.code().is_some(),
+        "simulator: {st}\n{}",
+        stack.diagnostics()
+    );
+    assert!(stack.broker.alive() || stack.broker.wait_exit(Duration::from_secs(1)).is_ok());
+    let st = stack.broker.wait_exit(Duration::from_secs(10)).unwrap();
+    assert!(st.success(), "broker: {st}\n{}", stack.diagnostics());
+    let left = process_group(uml.0);
+    assert!(left.is_empty(), "UML processes left: {left:?}");
+    assert!(!process_exists(nix::unistd::Pid::from_raw(victim)));
+    eprintln!("UML: {}", report["linux"]["exit"]);
+}
+
+#[test]
+fn linux_bench_measures_the_guest_and_the_host_on_the_same_image() {
+    if !have_uml() {
+        return;
+    }
+    let s = Scratch::new();
+    let img = s.image("bench.img", 64 * MIB);
+    let cfg = s.write_json("zone.json", &zone(&[(&img, 0x2000_0000, 78)]));
+    let (_stack, report) = run_linux(&s, &cfg, "linux-bench");
+    let linux = &report["linux"];
+    let find = |list: &str, dev: &str, op: &str| -> Value {
+        linux[list]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["dev"] == dev && r["op"] == op)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {list} {dev} {op} in {report:#}"))
+    };
+    for (list, dev) in [("rates", "vda"), ("host_rates", "host-cached")] {
+        let w = find(list, dev, "write");
+        let r = find(list, dev, "read");
+        assert_eq!(w["bytes"], 64 * MIB, "{w}");
+        assert_eq!(r["bytes"], 4 * 64 * MIB, "{r}");
+        for x in [&w, &r] {
+            assert!(x["mb_per_s"].as_f64().unwrap() > 0.0, "{x}");
+            eprintln!(
+                "{dev} {}: {:.0} MB/s",
+                x["op"],
+                x["mb_per_s"].as_f64().unwrap()
+            );
+        }
+    }
 }

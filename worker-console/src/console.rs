@@ -221,6 +221,17 @@ impl Device for Console {
         self.forget();
     }
 
+    fn stop_queue(&mut self, index: usize) {
+        match index {
+            RXQ => self.rx_waiting = false,
+            TXQ => {
+                self.tx_partial = None;
+                self.tx_blocked = false;
+            }
+            _ => {}
+        }
+    }
+
     fn host_fds(&self) -> Vec<BorrowedFd<'_>> {
         vec![self.pty.as_fd()]
     }

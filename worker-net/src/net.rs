@@ -38,8 +38,9 @@ const TAP: usize = 0;
 pub const LEGACY_HDR_LEN: usize = 10;
 pub const HDR_LEN: usize = 12;
 const NUM_BUFFERS_OFFSET: usize = 10;
-/// The largest frame behind the header: no segmentation offload is offered, so a frame is at
-/// most a 64 KiB packet plus Ethernet and VLAN headers.
+/// The largest frame behind the header. With GUEST_TSO4/6 the tap hands over unsegmented TCP
+/// packets, but never more than one 64 KiB IP packet plus Ethernet and VLAN headers (tun's
+/// GSO limit), so that is still the bound.
 pub const MAX_FRAME: usize = 65535 + 18;
 
 /// The header length for negotiated `features`; the broker sets the tap's by the same rule.
@@ -422,6 +423,14 @@ impl Device for Net {
         self.active = false;
         self.pending = None;
         self.starved = true;
+    }
+
+    fn stop_queue(&mut self, index: usize) {
+        // Without a receive queue the tap must not be read (or watched: it would spin).
+        if index == RX {
+            self.pending = None;
+            self.starved = true;
+        }
     }
 
     fn host_fds(&self) -> Vec<BorrowedFd<'_>> {

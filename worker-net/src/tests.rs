@@ -531,3 +531,114 @@ fn transmit_headers_may_ask_only_for_negotiated_offloads() {
     assert!(r.process_tx());
     assert_eq!(r.host_recv().unwrap(), f);
 }
+
+/// Every offload the broker offers, negotiated: CSUM, GUEST_CSUM, HOST_TSO4/6, GUEST_TSO4/6.
+const OFFLOADS: u64 = (1 << 0) | (1 << 1) | (1 << 7) | (1 << 8) | (1 << 11) | (1 << 12);
+
+/// A header as Linux's virtio-net driver writes it for a TSO packet (virtio 1.2, 5.1.6):
+/// flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers.
+fn gso_header(flags: u8, gso: u8, gso_size: u16) -> [u8; HDR_LEN] {
+    let mut h = [0u8; HDR_LEN];
+    h[0] = flags;
+    h[1] = gso;
+    h[2..4].copy_from_slice(&66u16.to_le_bytes());
+    h[4..6].copy_from_slice(&gso_size.to_le_bytes());
+    h[6..8].copy_from_slice(&34u16.to_le_bytes());
+    h[8..10].copy_from_slice(&16u16.to_le_bytes());
+    h
+}
+
+#[test]
+fn negotiated_segmentation_and_checksum_requests_pass_to_the_tap_unchanged() {
+    let mut r = Rig::new(V1 | MRG | OFFLOADS);
+    // A 64 KiB TCPv4 packet with a partial checksum, as 17 descriptors; then a TCPv6 one;
+    // then a frame that only asks for checksum completion.
+    let mut sent = Vec::new();
+    let mut at = DATA;
+    for (gso, len) in [(1u8, 65_000usize), (4, 30_000), (0, 1514)] {
+        let mut f = frame(HDR_LEN, len, gso, 0);
+        f[..HDR_LEN].copy_from_slice(&gso_header(1, gso, if gso == 0 { 0 } else { 1448 }));
+        r.mem.write_slice(&f, GuestAddress(at)).unwrap();
+        let parts: Vec<Part> = f
+            .chunks(4096)
+            .enumerate()
+            .map(|(i, c)| (at + 4096 * i as u64, c.len() as u32, false))
+            .collect();
+        r.tx.add(&r.mem, &parts);
+        at += (f.len() as u64 + 0xfff) & !0xfff;
+        sent.push(f);
+    }
+    assert!(r.process_tx());
+    for f in &sent {
+        assert_eq!(r.host_recv().as_ref(), Some(f));
+    }
+    assert_eq!(r.host_recv(), None);
+    assert_eq!(r.net.stats.tx_malformed.0, 0);
+    assert_eq!(r.net.stats.tx_frames, 3);
+}
+
+#[test]
+fn offloads_not_negotiated_are_still_refused() {
+    // TSO4 and checksums, but not TSO6, UFO or ECN
+    let mut r = Rig::new(V1 | (1 << 0) | (1 << 11));
+    for (i, gso) in [4u8, 3, 0x81].into_iter().enumerate() {
+        let mut f = frame(HDR_LEN, 3000, i as u8, 0);
+        f[..HDR_LEN].copy_from_slice(&gso_header(1, gso, 1448));
+        let at = DATA + 0x1000 * i as u64;
+        r.mem.write_slice(&f, GuestAddress(at)).unwrap();
+        r.tx.add(&r.mem, &[(at, f.len() as u32, false)]);
+    }
+    assert!(r.process_tx());
+    assert_eq!(r.tx.take_used(&r.mem).len(), 3);
+    assert_eq!(r.host_recv(), None);
+    assert_eq!(r.net.stats.tx_malformed.0, 3);
+}
+
+#[test]
+fn a_64k_gso_frame_spreads_over_mergeable_buffers_with_its_header_kept() {
+    let mut r = Rig::new(V1 | MRG | OFFLOADS);
+    // Linux posts mergeable buffers of about 1.5 KiB; a whole GSO frame needs 44 of them.
+    let bufs = r.post_rx(60, 1536);
+    let mut f = frame(HDR_LEN, 65_535 + 14, 3, 0);
+    f[..HDR_LEN].copy_from_slice(&gso_header(1, 1, 1448));
+    r.host_send(&f);
+    assert!(r.process_rx());
+    let used = r.rx.take_used(&r.mem);
+    assert_eq!(used.len(), f.len().div_ceil(1536));
+    let mut got = Vec::new();
+    for (&(_, len), addr) in used.iter().zip(&bufs) {
+        got.extend(r.guest(*addr, len as usize));
+    }
+    assert_eq!(got.len(), f.len());
+    // flags (NEEDS_CSUM), gso type and sizes as the tap wrote them; num_buffers ours
+    assert_eq!(got[..NUM_BUFFERS], f[..NUM_BUFFERS]);
+    assert_eq!(
+        u16::from_le_bytes([got[10], got[11]]) as usize,
+        used.len(),
+        "num_buffers"
+    );
+    assert_eq!(got[HDR_LEN..], f[HDR_LEN..]);
+    assert_eq!(r.net.stats.rx_dropped.0, 0);
+}
+
+#[test]
+fn without_mergeable_buffers_a_gso_frame_fills_a_big_chain() {
+    // Linux without MRG_RXBUF but with GUEST_TSO posts "big packets": a chain of pages.
+    let mut r = Rig::new(V1 | OFFLOADS);
+    let base = 0x30_0000;
+    let parts: Vec<Part> = (0..17).map(|i| (base + 0x1000 * i, 4096, true)).collect();
+    r.rx.add(&r.mem, &parts);
+    let mut f = frame(HDR_LEN, 65_535 + 14, 5, 0);
+    f[..HDR_LEN].copy_from_slice(&gso_header(2, 4, 1428));
+    r.host_send(&f);
+    assert!(r.process_rx());
+    assert_eq!(r.rx.take_used(&r.mem), [(0, f.len() as u32)]);
+    let got = r.guest(base, f.len());
+    // DATA_VALID kept (GUEST_CSUM), the legacy-free 12-byte header with num_buffers 1
+    assert_eq!(got[..NUM_BUFFERS], f[..NUM_BUFFERS]);
+    assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1);
+    assert_eq!(got[HDR_LEN..], f[HDR_LEN..]);
+}
+
+/// Where `num_buffers` starts in a 12-byte header.
+const NUM_BUFFERS: usize = 10;

@@ -158,6 +158,13 @@ impl EventLoop {
                 self.device.reset();
             }
             BrokerMsg::ConfigWrite { offset, data } => self.device.config_write(offset, &data),
+            BrokerMsg::StopQueue { index } => {
+                debug!("queue {index} taken out of use");
+                if let Some(q) = self.queues.get_mut(usize::from(index)) {
+                    *q = None;
+                    self.device.stop_queue(usize::from(index));
+                }
+            }
             BrokerMsg::Shutdown => return Some(ExitCode::SUCCESS),
             BrokerMsg::Hello { .. } => {
                 return Some(self.fail("a second Hello".into()));

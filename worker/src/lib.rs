@@ -43,6 +43,10 @@ pub trait Device {
     /// The driver reset the device; the queues are gone.
     fn reset(&mut self) {}
 
+    /// The driver took queue `index` out of use: forget anything held for it, and stop
+    /// waiting on the host for it (the queue will not be processed again).
+    fn stop_queue(&mut self, _index: usize) {}
+
     /// A driver write to the device config space (the broker has already applied it to its copy).
     fn config_write(&mut self, offset: u32, data: &[u8]) {
         debug!(

@@ -26,6 +26,8 @@ use crate::report::{BenchReport, DeviceReport, ZoneReport};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Workload {
+    /// Every device of the zone, visibly: blk write/read/verify, net ARP and ping, console hello.
+    Demo,
     BlkDemo,
     BlkVerify,
     Hostile,
@@ -49,6 +51,7 @@ pub enum Workload {
 impl Workload {
     pub fn name(self) -> &'static str {
         match self {
+            Workload::Demo => "demo",
             Workload::BlkDemo => "blk-demo",
             Workload::BlkVerify => "blk-verify",
             Workload::Hostile => "hostile",
@@ -68,6 +71,7 @@ impl Workload {
     /// The device kind the workload drives.
     pub fn serves(self, kind: &DevKind) -> bool {
         match self {
+            Workload::Demo => true,
             Workload::BlkDemo | Workload::BlkVerify | Workload::Hostile | Workload::Bench => {
                 matches!(kind, DevKind::Blk { .. })
             }
@@ -272,6 +276,11 @@ fn run_devices<H: Hal>(
             irq: IrqWaiter::new(vcpu, spec.irq, job.opts.irq_timeout),
         };
         let out = catch_unwind(AssertUnwindSafe(|| match job.opts.workload {
+            Workload::Demo => match spec.kind {
+                DevKind::Blk { .. } => demo::run::<H>(&mut g, &mut dev_rep),
+                DevKind::Net { .. } => net::demo::<H>(&mut g, &mut dev_rep),
+                DevKind::Console { .. } => console::demo::<H>(&mut g, &mut dev_rep),
+            },
             Workload::BlkDemo => demo::run::<H>(&mut g, &mut dev_rep),
             Workload::BlkVerify => verify::run::<H>(&mut g, &mut dev_rep, true),
             Workload::Hostile => hostile::run::<H>(&mut g, &mut dev_rep),

@@ -427,10 +427,50 @@ fn greet<N: Nic>(
         );
     }
 
-    // Echo to the host kernel: empty, small, large and at the MTU.
+    let sizes = [0usize, 56, 1000, usize::from(mtu) - wire::ICMP_OVERHEAD];
+    ping_host(st, rep, prefix, &sizes, mtu)?;
+
+    // Echo from the host kernel, answered by our stack.
+    let mut details = Vec::new();
+    let mut all = true;
+    for (i, len) in [56u16, mtu - wire::ICMP_OVERHEAD as u16]
+        .into_iter()
+        .enumerate()
+    {
+        let count = 3;
+        let before = st.echo_answered;
+        let r = st.call(
+            &Msg::new(op::PING_ME, 2 + i as u16, 0).with(Body::default().u32(count).u16(len).0),
+            op::PING_RESULT,
+            ANSWER,
+        )?;
+        let mut f = Fields(&r.body);
+        let (replies, matched) = (f.u32(), f.u32());
+        all &= replies == count && matched == count;
+        details.push(format!(
+            "{len}-byte: {matched} of {count} matched ({} answered by the guest)",
+            st.echo_answered - before
+        ));
+    }
+    rep.check(
+        &format!("{prefix}icmp_echo_from_host"),
+        all,
+        format!("the host pinged {}: {}", a.ip, details.join(", ")),
+    );
+    Ok(())
+}
+
+/// ICMP echo to the host kernel with payloads of `sizes`; one check with the round trips.
+fn ping_host<N: Nic>(
+    st: &mut Stack<'_, N>,
+    rep: &mut DeviceReport,
+    prefix: &str,
+    sizes: &[usize],
+    mtu: u16,
+) -> Result<Vec<f64>> {
+    let a = st.a;
     let mut ok = 0;
     let mut problems = Vec::new();
-    let sizes = [0usize, 56, 1000, usize::from(mtu) - wire::ICMP_OVERHEAD];
     let id = 0x4856;
     let mut rtts = Vec::new();
     for (seq, &len) in sizes.iter().enumerate() {
@@ -479,35 +519,7 @@ fn greet<N: Nic>(
             }
         ),
     );
-
-    // Echo from the host kernel, answered by our stack.
-    let mut details = Vec::new();
-    let mut all = true;
-    for (i, len) in [56u16, mtu - wire::ICMP_OVERHEAD as u16]
-        .into_iter()
-        .enumerate()
-    {
-        let count = 3;
-        let before = st.echo_answered;
-        let r = st.call(
-            &Msg::new(op::PING_ME, 2 + i as u16, 0).with(Body::default().u32(count).u16(len).0),
-            op::PING_RESULT,
-            ANSWER,
-        )?;
-        let mut f = Fields(&r.body);
-        let (replies, matched) = (f.u32(), f.u32());
-        all &= replies == count && matched == count;
-        details.push(format!(
-            "{len}-byte: {matched} of {count} matched ({} answered by the guest)",
-            st.echo_answered - before
-        ));
-    }
-    rep.check(
-        &format!("{prefix}icmp_echo_from_host"),
-        all,
-        format!("the host pinged {}: {}", a.ip, details.join(", ")),
-    );
-    Ok(())
+    Ok(rtts)
 }
 
 /// The host sends [`BURST_FRAMES`] while the guest has no receive buffer at all; once the
@@ -683,7 +695,7 @@ fn own_phase<H: Hal>(
     let required = feat::VERSION_1 | feat::MAC | feat::STATUS | feat::MTU | feat::MRG_RXBUF;
     rep.check(
         "own_features",
-        nic.negotiated & required == required && nic.device_features & feat::GUEST_CSUM == 0,
+        nic.negotiated & required == required && nic.negotiated & feat::GUEST_CSUM == 0,
         format!(
             "device offers 0x{:x}, our driver accepted 0x{:x} (no EVENT_IDX: ring flags)",
             nic.device_features, nic.negotiated
@@ -797,6 +809,32 @@ struct Figure {
     frame: usize,
     fps: f64,
     lost: u64,
+}
+
+/// The demo: find the host (ARP) and ping it, printing what happens.
+pub fn demo<H: Hal>(g: &mut GuestDev, rep: &mut DeviceReport) -> Result<()> {
+    let spec = g.spec;
+    let (_, mtu) = configured(g)?;
+    let label = format!("[zone {} net@{:#x}]", g.zone(), spec.addr);
+    let t = SimTransport::new(g.vcpu, spec.addr, spec.len)?;
+    let buf = STOCK_MIN_BUF.max(usize::from(mtu) + wire::ETH_HLEN + 12);
+    let nic = StockNic::<H>::open(t, buf).context("virtio-net driver initialisation")?;
+    let mut st = Stack::new(nic, &mut g.irq, addrs());
+    println!(
+        "{label} found virtio-net: mac {}, mtu {mtu}",
+        mac_str(&st.mac)
+    );
+    let a = st.a;
+    let host_mac = st.resolve_host(ANSWER)?;
+    println!("{label} {} is at {} (ARP)", a.host, mac_str(&host_mac));
+    let rtts = ping_host(&mut st, rep, "", &[56, 56, 56], mtu)?;
+    for (i, rtt) in rtts.iter().enumerate() {
+        println!(
+            "{label} 64 bytes from {}: icmp_seq={i} time={rtt:.2} ms",
+            a.host
+        );
+    }
+    Ok(())
 }
 
 pub fn bench<H: Hal>(g: &mut GuestDev, rep: &mut DeviceReport) -> Result<()> {

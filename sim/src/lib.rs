@@ -19,7 +19,9 @@
 //! - `--legacy-driver`: play the driver before February 2026: an eventfd INIT is answered with
 //!   ERROR (errno 22); a SIGNAL_WAKEUP INIT is accepted and the broker is woken with
 //!   `tgkill(peer pid, tid, SIGUSR1)`. Without it, both kinds of INIT are accepted.
-//! - `--guest`: `blk-demo`, `blk-verify`, `hostile`, `bench`, `linux-boot` or `linux-blk`
+//! - `--guest`: `demo`, `blk-demo`, `blk-verify`, `hostile`, `bench`, `net-verify`,
+//!   `net-bench`, `console-verify`, `console-bench`, `linux-boot`, `linux-blk`, `linux-net`,
+//!   `linux-console` or `linux-bench`
 //!   (below).
 //! - `--seed` (default 1): seeds every random choice of the workloads.
 //! - `--report FILE`: the run report as JSON (below).
@@ -75,8 +77,11 @@
 //!
 //! # Workloads
 //!
-//! Each zone's guest handles every blk device of its zone; net and console devices are left
-//! alone.
+//! Each zone's guest handles the devices of its zone that the workload drives: the `blk-*`,
+//! `hostile` and `bench` workloads its blk devices, `net-*` its net devices, `console-*` its
+//! consoles (sections below); `demo` all of them, visibly: the blk demo below, an ARP and three
+//! pings of the host on a net device, a greeting on a console. `linux-*` guests are User-Mode
+//! Linux (see `linux`).
 //! - `blk-demo`: prints the device (capacity, read-only or not, ID), writes three
 //!   multi-sector patterns, reads them back and prints `verified N bytes`.
 //! - `blk-verify`: with the stock `VirtIOBlk` (which negotiates INDIRECT_DESC and EVENT_IDX

@@ -174,6 +174,8 @@ pub struct LinkStats {
     pub calls: AtomicU64,
     pub config_changes: AtomicU64,
     pub config_reads: AtomicU64,
+    /// The most requests the driver had outstanding on one queue at a kick.
+    pub max_in_flight: AtomicU64,
 }
 
 /// What the report says about one device's link.
@@ -194,6 +196,8 @@ pub struct LinkSummary {
     pub calls: u64,
     pub config_changes: u64,
     pub config_reads: u64,
+    /// The most requests Linux had outstanding on one queue when it kicked.
+    pub max_in_flight: u64,
     pub errors: Vec<String>,
     /// The vhost-user messages in the order UML sent them (first 64).
     pub message_order: Vec<String>,
@@ -268,6 +272,7 @@ impl DeviceLink {
         let ld = |c: &AtomicU64| c.load(Ordering::Relaxed);
         s.messages = ld(&self.stats.messages);
         s.kicks = ld(&self.stats.kicks);
+        s.max_in_flight = ld(&self.stats.max_in_flight);
         s.interrupts = ld(&self.stats.interrupts);
         s.spurious_interrupts = ld(&self.stats.spurious_interrupts);
         s.calls = ld(&self.stats.calls);
@@ -732,6 +737,16 @@ impl DeviceLink {
         self.stats.kicks.fetch_add(1, Ordering::Relaxed);
         let (enabled, ok) = {
             let st = self.state.lock().unwrap();
+            if let Some(q) = st.queues.get(idx as usize).filter(|q| q.enabled) {
+                // Outstanding: what the driver made available and the device has not used.
+                if let (Some(avail), Some(used)) = (
+                    self.ram.read_u16(q.avail + 2),
+                    self.ram.read_u16(q.used + 2),
+                ) {
+                    let n = u64::from(avail.wrapping_sub(used));
+                    self.stats.max_in_flight.fetch_max(n, Ordering::Relaxed);
+                }
+            }
             (
                 st.queues.get(idx as usize).is_some_and(|q| q.enabled),
                 st.driver_ok,

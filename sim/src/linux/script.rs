@@ -109,6 +109,18 @@ raw_test() {
     back=$(dd if=/dev/$d bs=1048576 count=$mib iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)
     echo "HVSIM raw $d $bytes $sum"
     check "$d-raw-readback" [ "$sum" = "$back" ]
+    # Many requests in flight at once: 16 readers of their own MiB each, at the same time;
+    # together they must read exactly what one reader does.
+    i=0
+    while [ $i -lt 16 ]; do
+        dd if=/dev/$d bs=65536 count=16 skip=$((i * 16)) iflag=direct 2>/dev/null > /tmp/part$i &
+        i=$((i + 1))
+    done
+    wait
+    par=$(i=0; while [ $i -lt 16 ]; do cat /tmp/part$i; i=$((i + 1)); done | sha256sum | cut -d' ' -f1)
+    one=$(dd if=/dev/$d bs=1048576 count=16 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)
+    check "$d-parallel-reads" [ "$par" = "$one" ]
+    rm -f /tmp/part*
     # DISCARD: 8 MiB of random data after the round trip, discarded, must read back as zeros.
     if [ $sectors -ge $(( (mib + 8) * 2048 )) ]; then
         dd if=/dev/urandom of=/dev/$d bs=1048576 seek=$mib count=8 oflag=direct conv=fsync 2>/dev/null

@@ -49,93 +49,94 @@ fn path(p: &CStr) -> *const libc::c_char {
 
 /// Each attempt: a way out of the sandbox, and what the kernel answered (-1: refused).
 fn attempts() -> Vec<(&'static str, i64)> {
-    let mut out = Vec::new();
-    let mut run = |name: &'static str, f: &dyn Fn() -> i64| out.push((name, f()));
-    // SAFETY (every closure below): raw system calls whose pointer arguments are static
-    // strings or null; each is expected to be refused before the kernel looks at them.
-    run("open /etc/passwd", &|| unsafe {
-        libc::openat(libc::AT_FDCWD, path(c"/etc/passwd"), libc::O_RDONLY)
-    } as i64);
-    run("open /proc/self/status", &|| unsafe {
-        libc::openat(libc::AT_FDCWD, path(c"/proc/self/status"), libc::O_RDONLY)
-    } as i64);
-    run("write to /proc/sys", &|| unsafe {
-        libc::openat(
-            libc::AT_FDCWD,
-            path(c"/proc/sys/kernel/hostname"),
-            libc::O_WRONLY,
-        )
-    } as i64);
-    run(
-        "inet socket",
-        &|| unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) } as i64,
-    );
-    run(
-        "unix socket",
-        &|| unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) } as i64,
-    );
-    run("ptrace pid 1", &|| unsafe {
-        libc::ptrace(libc::PTRACE_ATTACH, 1, 0, 0)
-    });
-    run("mount tmpfs", &|| unsafe {
-        libc::mount(
-            path(c"none"),
-            path(c"/"),
-            path(c"tmpfs"),
-            0,
-            std::ptr::null(),
-        )
-    } as i64);
-    run("kill pid 1", &|| unsafe { libc::kill(1, libc::SIGCONT) }
-        as i64);
-    run("execve /bin/sh", &|| unsafe {
-        libc::execve(
-            path(c"/bin/sh"),
-            [std::ptr::null()].as_ptr(),
-            [std::ptr::null()].as_ptr(),
-        )
-    } as i64);
-    run("fork", &|| unsafe {
-        libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0)
-    });
-    run("setresuid 0", &|| unsafe { libc::setresuid(0, 0, 0) }
-        as i64);
-    run(
-        "unshare user",
-        &|| unsafe { libc::unshare(libc::CLONE_NEWUSER) } as i64,
-    );
-    run("chroot", &|| unsafe { libc::chroot(path(c"/")) } as i64);
-    run("map the socket", &|| unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            4096,
-            libc::PROT_READ,
-            libc::MAP_SHARED,
-            3,
-            0,
-        ) as i64
-    });
-    run("executable memory", &|| unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            4096,
-            libc::PROT_READ | libc::PROT_EXEC,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        ) as i64
-    });
-    run(
-        "ioctl",
-        &|| unsafe { libc::ioctl(3, libc::FIONREAD, std::ptr::null_mut::<libc::c_int>()) } as i64,
-    );
-    run("io_uring", &|| unsafe {
-        libc::syscall(libc::SYS_io_uring_setup, 1, std::ptr::null_mut::<u8>())
-    });
-    run("bpf", &|| unsafe {
-        libc::syscall(libc::SYS_bpf, 0, std::ptr::null_mut::<u8>(), 0)
-    });
-    out
+    let no_args: [*const libc::c_char; 1] = [std::ptr::null()];
+    // SAFETY: raw system calls whose pointer arguments are static strings, null, or the
+    // null-terminated array above; each is expected to be refused before the kernel acts.
+    unsafe {
+        vec![
+            (
+                "open /etc/passwd",
+                libc::openat(libc::AT_FDCWD, path(c"/etc/passwd"), libc::O_RDONLY) as i64,
+            ),
+            (
+                "open /proc/self/status",
+                libc::openat(libc::AT_FDCWD, path(c"/proc/self/status"), libc::O_RDONLY) as i64,
+            ),
+            (
+                "write to /proc/sys",
+                libc::openat(
+                    libc::AT_FDCWD,
+                    path(c"/proc/sys/kernel/hostname"),
+                    libc::O_WRONLY,
+                ) as i64,
+            ),
+            (
+                "inet socket",
+                libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) as i64,
+            ),
+            (
+                "unix socket",
+                libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) as i64,
+            ),
+            ("ptrace pid 1", libc::ptrace(libc::PTRACE_ATTACH, 1, 0, 0)),
+            (
+                "mount tmpfs",
+                libc::mount(
+                    path(c"none"),
+                    path(c"/"),
+                    path(c"tmpfs"),
+                    0,
+                    std::ptr::null(),
+                ) as i64,
+            ),
+            ("kill pid 1", libc::kill(1, libc::SIGCONT) as i64),
+            (
+                "execve /bin/sh",
+                libc::execve(path(c"/bin/sh"), no_args.as_ptr(), no_args.as_ptr()) as i64,
+            ),
+            (
+                "fork",
+                libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0),
+            ),
+            ("setresuid 0", libc::setresuid(0, 0, 0) as i64),
+            ("unshare user", libc::unshare(libc::CLONE_NEWUSER) as i64),
+            ("chroot", libc::chroot(path(c"/")) as i64),
+            (
+                "map the socket",
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ,
+                    libc::MAP_SHARED,
+                    3,
+                    0,
+                ) as i64,
+            ),
+            (
+                "executable memory",
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ | libc::PROT_EXEC,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                ) as i64,
+            ),
+            (
+                "ioctl",
+                libc::ioctl(3, libc::FIONREAD, std::ptr::null_mut::<libc::c_int>()) as i64,
+            ),
+            (
+                "io_uring",
+                libc::syscall(libc::SYS_io_uring_setup, 1, std::ptr::null_mut::<u8>()),
+            ),
+            (
+                "bpf",
+                libc::syscall(libc::SYS_bpf, 0, std::ptr::null_mut::<u8>(), 0),
+            ),
+        ]
+    }
 }
 
 fn main() -> ExitCode {

@@ -484,6 +484,26 @@ pub fn read_at(path: &Path, off: u64, len: usize) -> Vec<u8> {
     buf
 }
 
+/// Prints the resident memory (now and peak) of the broker and each of its workers.
+pub fn print_memory(broker: Pid) {
+    println!("resident memory (VmRSS now / VmHWM peak), target < 16 MiB each:");
+    let kib = |pid, field| {
+        proc_status(pid, field)
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0) as f64
+            / 1024.0
+    };
+    for pid in std::iter::once(broker).chain(children(broker)) {
+        let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        println!(
+            "  {:<22} {:>6.1} MiB / {:>6.1} MiB",
+            name.trim(),
+            kib(pid, "VmRSS"),
+            kib(pid, "VmHWM")
+        );
+    }
+}
+
 /// Resident memory of a process in KiB.
 pub fn rss_kib(pid: Pid) -> Option<u64> {
     proc_status(pid, "VmRSS")?

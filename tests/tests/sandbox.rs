@@ -191,11 +191,13 @@ fn every_thread_of_every_worker_is_confined_and_audit_says_so() {
     let _ = stack.stop_broker();
 }
 
-#[test]
-fn an_escape_attempt_from_inside_a_worker_finds_nothing() {
-    let s = Scratch::new();
+/// A one-disk zone, and a worker directory where the probe stands in for the blk worker.
+fn probe_setup(s: &Scratch) -> (std::path::PathBuf, String) {
     let img = s.image("disk.img", 1 << 20);
-    let cfg = s.write_json("zone.json", &json!({ "zones": [zone_json(1, RAM, RAM_SIZE, &[BlkSpec { img: &img, addr: ADDR, irq: 78, readonly: false }])] }));
+    let cfg = s.write_json(
+        "zone.json",
+        &json!({ "zones": [zone_json(1, RAM, RAM_SIZE, &[BlkSpec { img: &img, addr: ADDR, irq: 78, readonly: false }])] }),
+    );
     let workers = s.path("workers");
     std::fs::create_dir(&workers).unwrap();
     std::os::unix::fs::symlink(
@@ -203,7 +205,13 @@ fn an_escape_attempt_from_inside_a_worker_finds_nothing() {
         workers.join("hvisor-worker-blk"),
     )
     .unwrap();
-    let dir = workers.to_str().unwrap().to_string();
+    (cfg, workers.to_str().unwrap().to_string())
+}
+
+#[test]
+fn an_escape_attempt_from_inside_a_worker_finds_nothing() {
+    let s = Scratch::new();
+    let (cfg, dir) = probe_setup(&s);
     let mut run = SimRun::new(&cfg, "blk-demo");
     run.extra = vec!["--timeout".into(), "20".into()];
     let mut stack = Stack::start(
@@ -246,16 +254,7 @@ fn an_escape_attempt_from_inside_a_worker_finds_nothing() {
 #[test]
 fn a_worker_making_a_forbidden_call_is_killed_and_the_call_named() {
     let s = Scratch::new();
-    let img = s.image("disk.img", 1 << 20);
-    let cfg = s.write_json("zone.json", &json!({ "zones": [zone_json(1, RAM, RAM_SIZE, &[BlkSpec { img: &img, addr: ADDR, irq: 78, readonly: false }])] }));
-    let workers = s.path("workers");
-    std::fs::create_dir(&workers).unwrap();
-    std::os::unix::fs::symlink(
-        bin("hvisor-probe-worker"),
-        workers.join("hvisor-worker-blk"),
-    )
-    .unwrap();
-    let dir = workers.to_str().unwrap().to_string();
+    let (cfg, dir) = probe_setup(&s);
     let mut run = SimRun::new(&cfg, "blk-demo");
     run.extra = vec!["--timeout".into(), "20".into()];
     let mut stack =

@@ -41,31 +41,9 @@ fn main() -> anyhow::Result<()> {
     let mut stack = Stack::start(&s, run, &[])?;
     let report = stack.wait_report(Duration::from_secs(300))?;
     let broker = stack.broker.pid();
-    let workers = children(broker);
     println!("{}", stack.sim.text());
     println!();
-    println!("resident memory (VmRSS now / VmHWM peak), target < 16 MiB each:");
-    let mem = |pid| {
-        let rss = rss_kib(pid).unwrap_or(0);
-        let hwm = proc_status(pid, "VmHWM")
-            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-            .unwrap_or(0);
-        (rss, hwm)
-    };
-    let (rss, hwm) = mem(broker);
-    println!(
-        "  hvisor-broker      {:>6.1} MiB / {:>6.1} MiB",
-        rss as f64 / 1024.0,
-        hwm as f64 / 1024.0
-    );
-    for w in &workers {
-        let (rss, hwm) = mem(*w);
-        println!(
-            "  hvisor-worker-blk  {:>6.1} MiB / {:>6.1} MiB",
-            rss as f64 / 1024.0,
-            hwm as f64 / 1024.0
-        );
-    }
+    print_memory(broker);
     let st = stack.stop_broker()?;
     if !st.success() {
         anyhow::bail!("broker exited with {st}:\n{}", stack.diagnostics());

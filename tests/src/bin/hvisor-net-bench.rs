@@ -297,20 +297,7 @@ fn main() -> Result<()> {
     let workers = children(broker);
     println!("{}", stack.sim.text());
     println!();
-    println!("resident memory (VmRSS now / VmHWM peak), target < 16 MiB each:");
-    let mem = |pid| {
-        let rss = rss_kib(pid).unwrap_or(0);
-        let hwm = proc_status(pid, "VmHWM")
-            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-            .unwrap_or(0);
-        (rss as f64 / 1024.0, hwm as f64 / 1024.0)
-    };
-    let (rss, hwm) = mem(broker);
-    println!("  hvisor-broker      {rss:>6.1} MiB / {hwm:>6.1} MiB");
-    for w in &workers {
-        let (rss, hwm) = mem(*w);
-        println!("  hvisor-worker-net  {rss:>6.1} MiB / {hwm:>6.1} MiB");
-    }
+    print_memory(broker);
     // The worker's own cost, whatever the machine's noise does to the rates above.
     let frames = ["writes", "reads"]
         .iter()

@@ -4,14 +4,15 @@
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
+use worker::testing::{Part, Ring};
 
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::pty::openpty;
 use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
 use protocol::DeviceSetup;
-use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::{Queue, QueueT};
+use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT};
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use worker::{Device, Interest};
 
@@ -21,118 +22,6 @@ const MEM_SIZE: usize = 16 << 20;
 const QSIZE: u16 = 256;
 /// Guest buffers live from here on; the rings below.
 const DATA: u64 = 0x10_0000;
-
-/// The driver's side of one split queue: descriptor table, available ring and used ring, each
-/// on its own page.
-struct Ring {
-    base: u64,
-    next_desc: u16,
-    avail_idx: u16,
-    used_seen: u16,
-}
-
-/// One descriptor: guest address, length, device-writable.
-type Part = (u64, u32, bool);
-
-impl Ring {
-    fn new(base: u64) -> Ring {
-        Ring {
-            base,
-            next_desc: 0,
-            avail_idx: 0,
-            used_seen: 0,
-        }
-    }
-
-    fn desc(&self) -> u64 {
-        self.base
-    }
-    fn avail(&self) -> u64 {
-        self.base + 0x1000
-    }
-    fn used(&self) -> u64 {
-        self.base + 0x2000
-    }
-
-    fn queue(&self) -> Queue {
-        let mut q = Queue::new(QSIZE).unwrap();
-        q.try_set_desc_table_address(GuestAddress(self.desc()))
-            .unwrap();
-        q.try_set_avail_ring_address(GuestAddress(self.avail()))
-            .unwrap();
-        q.try_set_used_ring_address(GuestAddress(self.used()))
-            .unwrap();
-        q.set_ready(true);
-        q
-    }
-
-    fn write_desc(mem: &GuestMemoryMmap, at: u64, addr: u64, len: u32, flags: u16, next: u16) {
-        let mut d = [0u8; 16];
-        d[0..8].copy_from_slice(&addr.to_le_bytes());
-        d[8..12].copy_from_slice(&len.to_le_bytes());
-        d[12..14].copy_from_slice(&flags.to_le_bytes());
-        d[14..16].copy_from_slice(&next.to_le_bytes());
-        mem.write_slice(&d, GuestAddress(at)).unwrap();
-    }
-
-    /// Offers one chain; returns its head.
-    fn add(&mut self, mem: &GuestMemoryMmap, parts: &[Part]) -> u16 {
-        let head = self.next_desc;
-        for (i, &(addr, len, write)) in parts.iter().enumerate() {
-            let index = self.next_desc;
-            self.next_desc = (self.next_desc + 1) % QSIZE;
-            let mut flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
-            if i + 1 < parts.len() {
-                flags |= VRING_DESC_F_NEXT as u16;
-            }
-            let at = self.desc() + 16 * u64::from(index);
-            Self::write_desc(mem, at, addr, len, flags, self.next_desc);
-        }
-        self.publish(mem, head);
-        head
-    }
-
-    /// Offers one chain through an indirect table at `table`.
-    fn add_indirect(&mut self, mem: &GuestMemoryMmap, table: u64, parts: &[Part]) -> u16 {
-        for (i, &(addr, len, write)) in parts.iter().enumerate() {
-            let mut flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
-            if i + 1 < parts.len() {
-                flags |= VRING_DESC_F_NEXT as u16;
-            }
-            Self::write_desc(mem, table + 16 * i as u64, addr, len, flags, i as u16 + 1);
-        }
-        let head = self.next_desc;
-        self.next_desc = (self.next_desc + 1) % QSIZE;
-        let len = 16 * parts.len() as u32;
-        let at = self.desc() + 16 * u64::from(head);
-        Self::write_desc(mem, at, table, len, VRING_DESC_F_INDIRECT as u16, 0);
-        self.publish(mem, head);
-        head
-    }
-
-    fn publish(&mut self, mem: &GuestMemoryMmap, head: u16) {
-        let slot = self.avail() + 4 + 2 * u64::from(self.avail_idx % QSIZE);
-        mem.write_obj(head, GuestAddress(slot)).unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        mem.write_obj(self.avail_idx, GuestAddress(self.avail() + 2))
-            .unwrap();
-    }
-
-    /// Used entries (head, length) published since the last call.
-    fn take_used(&mut self, mem: &GuestMemoryMmap) -> Vec<(u32, u32)> {
-        let idx: u16 = mem.read_obj(GuestAddress(self.used() + 2)).unwrap();
-        let mut out = Vec::new();
-        while self.used_seen != idx {
-            let at = self.used() + 4 + 8 * u64::from(self.used_seen % QSIZE);
-            out.push((
-                mem.read_obj(GuestAddress(at)).unwrap(),
-                mem.read_obj(GuestAddress(at + 4)).unwrap(),
-            ));
-            self.used_seen = self.used_seen.wrapping_add(1);
-        }
-        out
-    }
-}
 
 struct Rig {
     mem: GuestMemoryMmap,
@@ -156,7 +45,7 @@ fn rig() -> Rig {
     let master = pair.master.try_clone().unwrap();
     let console = Console::new(&DeviceSetup::Console, vec![pair.master]).unwrap();
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-    let (rx, tx) = (Ring::new(0x1_0000), Ring::new(0x2_0000));
+    let (rx, tx) = (Ring::new(0x1_0000, QSIZE), Ring::new(0x2_0000, QSIZE));
     let (rxq, txq) = (rx.queue(), tx.queue());
     Rig {
         mem,
@@ -569,7 +458,7 @@ fn reset_forgets_a_blocked_chain_and_interest() {
     assert_eq!(r.console.host_ready(0, true, true), 0);
     // a new driver, new rings: its first chain starts from its first byte
     r.read_slave();
-    let mut tx = Ring::new(0x3_0000);
+    let mut tx = Ring::new(0x3_0000, QSIZE);
     r.txq = tx.queue();
     r.put(DATA + 0x30_0000, b"fresh");
     tx.add(&r.mem, &[(DATA + 0x30_0000, 5, false)]);

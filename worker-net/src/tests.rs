@@ -2,13 +2,13 @@
 //! non-blocking SEQPACKET socket pair standing in for the tap (it keeps frame boundaries).
 
 use std::os::fd::{AsRawFd, OwnedFd};
+use worker::testing::{Part, Ring};
 
 use nix::errno::Errno;
 use nix::sys::socket::{recv, send, socketpair, AddressFamily, MsgFlags, SockFlag, SockType};
 use protocol::DeviceSetup;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MRG_RXBUF};
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use worker::{Device, Interest};
@@ -22,91 +22,6 @@ const DATA: u64 = 0x10_0000;
 const RX_DATA: u64 = 0x20_0000;
 const V1: u64 = 1 << VIRTIO_F_VERSION_1;
 const MRG: u64 = 1 << VIRTIO_NET_F_MRG_RXBUF;
-
-/// One descriptor: guest address, length, device-writable.
-type Part = (u64, u32, bool);
-
-/// A split ring laid out by hand: descriptors, available ring, used ring.
-struct Ring {
-    base: u64,
-    next_desc: u16,
-    avail_idx: u16,
-    used_seen: u16,
-}
-
-impl Ring {
-    fn new(base: u64) -> Ring {
-        Ring {
-            base,
-            next_desc: 0,
-            avail_idx: 0,
-            used_seen: 0,
-        }
-    }
-
-    fn desc(&self) -> u64 {
-        self.base
-    }
-    fn avail(&self) -> u64 {
-        self.base + 0x1000
-    }
-    fn used(&self) -> u64 {
-        self.base + 0x2000
-    }
-
-    fn queue(&self) -> Queue {
-        let mut q = Queue::new(QSIZE).unwrap();
-        q.try_set_desc_table_address(GuestAddress(self.desc()))
-            .unwrap();
-        q.try_set_avail_ring_address(GuestAddress(self.avail()))
-            .unwrap();
-        q.try_set_used_ring_address(GuestAddress(self.used()))
-            .unwrap();
-        q.set_ready(true);
-        q
-    }
-
-    /// Offers one chain; returns its head.
-    fn add(&mut self, mem: &GuestMemoryMmap, parts: &[Part]) -> u16 {
-        let head = self.next_desc;
-        for (i, &(addr, len, write)) in parts.iter().enumerate() {
-            let idx = (self.next_desc + i as u16) % QSIZE;
-            let mut flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
-            if i + 1 < parts.len() {
-                flags |= VRING_DESC_F_NEXT as u16;
-            }
-            let at = GuestAddress(self.desc() + 16 * u64::from(idx));
-            let mut d = [0u8; 16];
-            d[0..8].copy_from_slice(&addr.to_le_bytes());
-            d[8..12].copy_from_slice(&len.to_le_bytes());
-            d[12..14].copy_from_slice(&flags.to_le_bytes());
-            d[14..16].copy_from_slice(&((idx + 1) % QSIZE).to_le_bytes());
-            mem.write_slice(&d, at).unwrap();
-        }
-        self.next_desc = (self.next_desc + parts.len() as u16) % QSIZE;
-        let slot = GuestAddress(self.avail() + 4 + 2 * u64::from(self.avail_idx % QSIZE));
-        mem.write_obj(head, slot).unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        mem.write_obj(self.avail_idx, GuestAddress(self.avail() + 2))
-            .unwrap();
-        head
-    }
-
-    /// Used entries (head, length) added since the last call.
-    fn take_used(&mut self, mem: &GuestMemoryMmap) -> Vec<(u32, u32)> {
-        let idx: u16 = mem.read_obj(GuestAddress(self.used() + 2)).unwrap();
-        let mut out = Vec::new();
-        while self.used_seen != idx {
-            let at = self.used() + 4 + 8 * u64::from(self.used_seen % QSIZE);
-            out.push((
-                mem.read_obj(GuestAddress(at)).unwrap(),
-                mem.read_obj(GuestAddress(at + 4)).unwrap(),
-            ));
-            self.used_seen = self.used_seen.wrapping_add(1);
-        }
-        out
-    }
-}
 
 struct Rig {
     mem: GuestMemoryMmap,
@@ -131,8 +46,8 @@ impl Rig {
         .unwrap();
         let mut net = Net::new(&DeviceSetup::Net { mtu: 1500 }, vec![dev]).unwrap();
         net.activate(features);
-        let rx = Ring::new(0);
-        let tx = Ring::new(0x4000);
+        let rx = Ring::new(0, QSIZE);
+        let tx = Ring::new(0x4000, QSIZE);
         Rig {
             mem: GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap(),
             net,
@@ -199,7 +114,7 @@ impl Rig {
 
     /// A new receive ring, as a driver sets up after a reset.
     fn new_rx_ring(&mut self) {
-        self.rx = Ring::new(0);
+        self.rx = Ring::new(0, QSIZE);
         self.mem
             .write_obj(0u16, GuestAddress(self.rx.avail() + 2))
             .unwrap();

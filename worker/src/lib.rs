@@ -9,6 +9,8 @@ mod event_loop;
 pub mod guest_io;
 mod logger;
 pub mod memory;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};

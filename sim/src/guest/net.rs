@@ -30,7 +30,8 @@
 
 mod nic;
 mod stack;
-mod wire;
+/// The wire formats and the peer protocol, shared with the host-side test peer.
+pub mod wire;
 
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;

@@ -1,7 +1,7 @@
 //! The host end of the net workloads, shared by the net tests and `hvisor-net-bench`: a
 //! network namespace of their own, and the peer that answers the simulator's net guests there
-//! (the protocol is described in `sim/src/guest/net.rs`; its wire format is mirrored here, and
-//! the tests fail if the two ever disagree).
+//! (the protocol is described in `sim/src/guest/net.rs`; its wire format is the guest's own,
+//! `hvisor_sim::guest::net::wire`).
 
 #![allow(dead_code)] // each user takes what it needs
 
@@ -13,7 +13,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -127,25 +127,11 @@ pub fn cpu_seconds(pid: nix::unistd::Pid) -> Option<f64> {
     Some(ticks as f64 / hz.max(1) as f64)
 }
 
-// ---- the wire format (mirrors sim/src/guest/net/wire.rs) ----
+// ---- the wire format: the guest's own (sim/src/guest/net/wire.rs) ----
 
-pub const MSG_HDR: usize = 16;
-pub const UDP_OVERHEAD: usize = 42;
-
-pub mod op {
-    pub const HELLO: u8 = 1;
-    pub const SINK: u8 = 2;
-    pub const DATA: u8 = 3;
-    pub const ACK: u8 = 4;
-    pub const SINK_END: u8 = 5;
-    pub const RESULT: u8 = 6;
-    pub const SOURCE: u8 = 7;
-    pub const END: u8 = 8;
-    pub const BURST: u8 = 9;
-    pub const PING_ME: u8 = 10;
-    pub const PING_RESULT: u8 = 11;
-    pub const BASELINE: u8 = 12;
-}
+#[allow(unused_imports)] // the benchmark builds frames itself
+pub use hvisor_sim::guest::net::wire::UDP_OVERHEAD;
+pub use hvisor_sim::guest::net::wire::{data_len, fill_body, now_ns, op, Fields, MSG_HDR};
 
 /// Header fields of a message.
 #[derive(Debug, Clone, Copy, Default)]
@@ -188,62 +174,6 @@ impl Hdr {
         d.extend_from_slice(&self.seq.to_le_bytes());
         d.extend_from_slice(&self.stamp.to_le_bytes());
     }
-}
-
-/// Reads little-endian fields of a body in order; 0 past its end.
-pub struct Fields<'a>(pub &'a [u8]);
-
-impl Fields<'_> {
-    fn take<const N: usize>(&mut self) -> [u8; N] {
-        let mut out = [0u8; N];
-        let n = N.min(self.0.len());
-        out[..n].copy_from_slice(&self.0[..n]);
-        self.0 = &self.0[n..];
-        out
-    }
-    pub fn u16(&mut self) -> u16 {
-        u16::from_le_bytes(self.take())
-    }
-    pub fn u32(&mut self) -> u32 {
-        u32::from_le_bytes(self.take())
-    }
-    pub fn u64(&mut self) -> u64 {
-        u64::from_le_bytes(self.take())
-    }
-}
-
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-fn datagram_seed(seed: u64, stream: u16, seq: u32) -> u64 {
-    mix(seed ^ (u64::from(stream) << 48) ^ (u64::from(seq) << 8))
-}
-
-pub fn data_len(seed: u64, stream: u16, seq: u32, min: u16, max: u16) -> usize {
-    let (min, max) = (usize::from(min.max(MSG_HDR as u16)), usize::from(max));
-    if max <= min {
-        return min;
-    }
-    min + (mix(datagram_seed(seed, stream, seq)) % (max - min + 1) as u64) as usize
-}
-
-pub fn fill_body(seed: u64, stream: u16, seq: u32, body: &mut [u8]) {
-    let mut state = datagram_seed(seed, stream, seq);
-    for chunk in body.chunks_mut(8) {
-        state = mix(state);
-        chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
-    }
-}
-
-pub fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
 }
 
 /// The shape of a DATA stream.

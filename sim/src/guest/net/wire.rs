@@ -325,6 +325,9 @@ impl Fields<'_> {
         self.0 = &self.0[n..];
         out
     }
+    pub fn u16(&mut self) -> u16 {
+        u16::from_le_bytes(self.take())
+    }
     pub fn u32(&mut self) -> u32 {
         u32::from_le_bytes(self.take())
     }

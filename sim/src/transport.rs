@@ -66,7 +66,38 @@ pub struct SimTransport<'a> {
     error: RefCell<Option<VcpuError>>,
 }
 
+/// The status after a successful negotiation.
+const NEGOTIATED: DeviceStatus = DeviceStatus::ACKNOWLEDGE
+    .union(DeviceStatus::DRIVER)
+    .union(DeviceStatus::FEATURES_OK);
+
 impl<'a> SimTransport<'a> {
+    /// For our own drivers: resets the device (Status 0) and negotiates `wanted` from scratch
+    /// (virtio 3.1.1) up to FEATURES_OK; returns the device's features and the negotiated ones.
+    pub fn negotiate(&mut self, wanted: u64) -> anyhow::Result<(u64, u64)> {
+        self.set_status(DeviceStatus::empty());
+        anyhow::ensure!(
+            self.get_status().is_empty(),
+            "device status is not 0 after reset"
+        );
+        self.set_status(DeviceStatus::ACKNOWLEDGE);
+        self.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER);
+        let device_features = self.read_device_features();
+        let negotiated = device_features & wanted;
+        self.write_driver_features(negotiated);
+        self.set_status(NEGOTIATED);
+        anyhow::ensure!(
+            self.get_status().contains(DeviceStatus::FEATURES_OK),
+            "device refused features 0x{negotiated:x} (FEATURES_OK cleared)"
+        );
+        Ok((device_features, negotiated))
+    }
+
+    /// For our own drivers, after [`Self::negotiate`] and the queues: DRIVER_OK.
+    pub fn driver_ok(&mut self) {
+        self.set_status(NEGOTIATED | DeviceStatus::DRIVER_OK);
+    }
+
     /// Probes the device as a guest would (magic, version 2, device ID).
     pub fn new(vcpu: &'a Vcpu, base: u64, len: u64) -> anyhow::Result<Self> {
         let magic = vcpu.read(base + reg::MAGIC_VALUE, 4)?;

@@ -98,22 +98,7 @@ pub struct Port<'a, H: Hal> {
 impl<'a, H: Hal> Port<'a, H> {
     /// Resets the device (Status 0) and initialises it from scratch (virtio 3.1.1).
     pub fn init(mut t: SimTransport<'a>, wanted: u64) -> Result<Self> {
-        t.set_status(DeviceStatus::empty());
-        ensure!(
-            t.get_status().is_empty(),
-            "device status is not 0 after reset"
-        );
-        t.set_status(DeviceStatus::ACKNOWLEDGE);
-        t.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER);
-        let device_features = t.read_device_features();
-        let negotiated = device_features & wanted;
-        t.write_driver_features(negotiated);
-        let st = DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER | DeviceStatus::FEATURES_OK;
-        t.set_status(st);
-        ensure!(
-            t.get_status().contains(DeviceStatus::FEATURES_OK),
-            "device refused features 0x{negotiated:x} (FEATURES_OK cleared)"
-        );
+        let (device_features, negotiated) = t.negotiate(wanted)?;
         let (cols, rows, max_nr_ports) = t
             .read_consistent(|| {
                 Ok((
@@ -127,7 +112,7 @@ impl<'a, H: Hal> Port<'a, H> {
         let event_idx = negotiated & feat::EVENT_IDX != 0;
         let rxq = VirtQueue::new(&mut t, RXQ, indirect, event_idx).context("receiveq0")?;
         let txq = VirtQueue::new(&mut t, TXQ, indirect, event_idx).context("transmitq0")?;
-        t.set_status(st | DeviceStatus::DRIVER_OK);
+        t.driver_ok();
         Ok(Port {
             t,
             rxq,

@@ -73,23 +73,10 @@ pub struct RawBlk<'a, H: Hal> {
 impl<'a, H: Hal> RawBlk<'a, H> {
     /// Resets the device (Status 0) and initialises it from scratch (virtio 3.1.1).
     pub fn init(mut t: SimTransport<'a>, wanted: u64) -> Result<Self> {
-        t.set_status(DeviceStatus::empty());
-        if !t.get_status().is_empty() {
-            bail!("device status is not 0 after reset");
-        }
-        t.set_status(DeviceStatus::ACKNOWLEDGE);
-        t.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER);
-        let device_features = t.read_device_features();
-        let negotiated = device_features & wanted;
-        t.write_driver_features(negotiated);
-        let st = DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER | DeviceStatus::FEATURES_OK;
-        t.set_status(st);
-        if !t.get_status().contains(DeviceStatus::FEATURES_OK) {
-            bail!("device refused features 0x{negotiated:x} (FEATURES_OK cleared)");
-        }
+        let (device_features, negotiated) = t.negotiate(wanted)?;
         let config = read_config(&t).context("reading config space")?;
         let q = VirtQueue::new(&mut t, 0, false, false).context("setting up queue 0")?;
-        t.set_status(st | DeviceStatus::DRIVER_OK);
+        t.driver_ok();
         Ok(RawBlk {
             t,
             q,

@@ -311,22 +311,7 @@ impl<'a, H: Hal> OwnNic<'a, H> {
     /// Resets the device (Status 0), initialises it from scratch (virtio 3.1.1) and offers a
     /// full ring of `buf_len`-byte receive buffers.
     pub fn init(mut t: SimTransport<'a>, wanted: u64, buf_len: usize) -> Result<Self> {
-        t.set_status(DeviceStatus::empty());
-        ensure!(
-            t.get_status().is_empty(),
-            "device status is not 0 after reset"
-        );
-        t.set_status(DeviceStatus::ACKNOWLEDGE);
-        t.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER);
-        let device_features = t.read_device_features();
-        let negotiated = device_features & wanted;
-        t.write_driver_features(negotiated);
-        let st = DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER | DeviceStatus::FEATURES_OK;
-        t.set_status(st);
-        ensure!(
-            t.get_status().contains(DeviceStatus::FEATURES_OK),
-            "device refused features 0x{negotiated:x} (FEATURES_OK cleared)"
-        );
+        let (device_features, negotiated) = t.negotiate(wanted)?;
         let config = t
             .read_consistent(|| {
                 let mut mac = [0u8; 6];
@@ -344,7 +329,7 @@ impl<'a, H: Hal> OwnNic<'a, H> {
         let event_idx = negotiated & feat::EVENT_IDX != 0;
         let rxq = VirtQueue::new(&mut t, RXQ, false, event_idx).context("receiveq1")?;
         let txq = VirtQueue::new(&mut t, TXQ, false, event_idx).context("transmitq1")?;
-        t.set_status(st | DeviceStatus::DRIVER_OK);
+        t.driver_ok();
         let mergeable = negotiated & feat::MRG_RXBUF != 0;
         let mut nic = OwnNic {
             t,

@@ -455,6 +455,23 @@ pub fn failed_checks(report: &Value) -> Vec<String> {
     out
 }
 
+/// Asserts that every check of `report` passed and that each of `wanted` is among them;
+/// `context` (logs) is printed on failure.
+pub fn assert_checks(report: &Value, wanted: &[&str], context: &str) {
+    let failed = failed_checks(report);
+    assert!(
+        failed.is_empty(),
+        "failed checks: {failed:#?}\nreport: {report:#}\n{context}"
+    );
+    let names = check_names(report);
+    for want in wanted {
+        assert!(
+            names.iter().any(|n| n == want),
+            "no {want} check: {names:?}"
+        );
+    }
+}
+
 /// Names of all checks in a report.
 pub fn check_names(report: &Value) -> Vec<String> {
     let mut out = Vec::new();

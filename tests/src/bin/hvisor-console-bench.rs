@@ -16,21 +16,9 @@ use hvisor_tests::*;
 use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
 use serde_json::json;
 
-/// The transfer pattern (see hvisor-sim's documentation), made 8 bytes at a time, so it can
-/// be produced in pieces of any multiple of 8.
-struct Pattern(u64);
-
-impl Pattern {
-    fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            chunk.copy_from_slice(&(z ^ (z >> 31)).to_le_bytes()[..chunk.len()]);
-        }
-    }
-}
+/// The transfer pattern, made as the guest makes it: 8 bytes at a time, so it can be
+/// produced in pieces of any multiple of 8.
+use hvisor_sim::guest::Rng as Pattern;
 
 /// The user's end: the pty slave in raw mode, blocking (the guest drives the pace).
 struct Tty {
@@ -100,7 +88,7 @@ fn serve(pty: &Path) -> Result<()> {
     let (len, seed) = transfer(&tty.read_line()?, "BENCH-TX")?;
     let got = tty.read_exact(len)?;
     let mut want = vec![0u8; len];
-    Pattern(seed).fill(&mut want);
+    Pattern::new(seed).fill(&mut want);
     let answer = match got.iter().zip(&want).position(|(a, b)| a != b) {
         None => format!("HVC GOT {len} ok\n"),
         Some(i) => format!("HVC GOT {len} bad@{i}\n"),
@@ -108,7 +96,7 @@ fn serve(pty: &Path) -> Result<()> {
     tty.file.write_all(answer.as_bytes())?;
 
     let (len, seed) = transfer(&tty.read_line()?, "BENCH-RX")?;
-    let mut pattern = Pattern(seed);
+    let mut pattern = Pattern::new(seed);
     let mut chunk = vec![0u8; 64 * 1024];
     let mut left = len;
     while left > 0 {

@@ -9,6 +9,7 @@ pub mod control;
 pub mod devices;
 pub mod driver;
 pub mod host;
+pub mod irq;
 pub mod logging;
 pub mod serve;
 pub mod supervisor;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use hvisor_broker::irq::Inject;
 use hvisor_broker::serve::{self, Broker, Options};
 use hvisor_broker::supervisor::Jail;
 use hvisor_broker::{driver, logging, supervisor};
@@ -54,6 +55,12 @@ enum Command {
         /// The unprivileged UID[:GID] workers run as (seen from outside their namespaces).
         #[arg(long, default_value = "65534:65534", value_parser = parse_ids)]
         worker_user: (u32, u32),
+        /// When a device injects its interrupt: `every` used-buffer report and again while the
+        /// guest has not acknowledged; `retry` only when the line was clear, and again while
+        /// unacknowledged; `once` only when the line was clear (stalls on hvisor, which drops
+        /// injections; for comparison only).
+        #[arg(long, value_enum, default_value_t = Inject::Every)]
+        irq_inject: Inject,
     },
     /// Validate CONFIG and print what would be served; starts nothing.
     Check { config: PathBuf },
@@ -89,6 +96,7 @@ fn main() -> ExitCode {
             seccomp,
             worker_user,
             worker_args,
+            irq_inject,
         } => {
             // Before any thread exists: SIGUSR1 (old drivers' wakeup) must never take its
             // default action, and the rest are read through a signalfd.
@@ -110,6 +118,7 @@ fn main() -> ExitCode {
                 poll: Duration::from_micros(poll_us),
                 jail,
                 worker_args,
+                inject: irq_inject,
                 ..Options::default()
             };
             match start(&config, &driver, worker_dir, opts) {

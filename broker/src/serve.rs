@@ -23,6 +23,7 @@ use protocol::{BrokerMsg, Channel, ChannelError, DeviceKind, MemoryRegion, Worke
 use crate::devices::{self, Host, Prepared};
 use crate::driver::Driver;
 use crate::host::Tap;
+use crate::irq::{retry_delay, Inject};
 use crate::supervisor;
 use crate::transport::{Effect, MmioTransport};
 use crate::{audit, control};
@@ -40,6 +41,8 @@ pub struct Options {
     pub ready_timeout: Duration,
     /// Who workers run as and what a seccomp violation does.
     pub jail: supervisor::Jail,
+    /// When devices inject their interrupt.
+    pub inject: Inject,
 }
 
 impl Default for Options {
@@ -51,6 +54,7 @@ impl Default for Options {
             max_sleep: Duration::from_millis(10),
             ready_timeout: Duration::from_secs(5),
             jail: supervisor::Jail::default(),
+            inject: Inject::default(),
         }
     }
 }
@@ -87,13 +91,27 @@ struct Slot {
     kicks: Vec<EventFd>,
     calls: Vec<EventFd>,
     worker: Option<Worker>,
+    /// The interrupt is to be pushed to `res_list` in this round.
     irq_pending: bool,
+    /// When to inject again if the guest has not acknowledged by then (hvisor drops an
+    /// injection that meets the interrupt active in the guest).
+    irq_retry_at: Option<Instant>,
+    /// Retries since the last injection the device asked for; they back off.
+    irq_retries: u32,
     host: Host,
     /// How its last worker ended, for audits.
     last_exit: Option<String>,
     /// A guest can make its worker log on every request: records beyond a budget per second
     /// are counted, not logged.
     log_budget: LogBudget,
+}
+
+impl Slot {
+    /// The device asked for its interrupt: inject it this round, with fresh retry delays.
+    fn interrupt(&mut self) {
+        self.irq_pending = true;
+        self.irq_retries = 0;
+    }
 }
 
 /// At most [`LogBudget::PER_SECOND`] worker records a second reach the log.
@@ -344,6 +362,8 @@ impl Broker {
             dev.irq,
             binary.display()
         );
+        let mut transport = MmioTransport::new(prep.model);
+        transport.set_inject(self.opts.inject);
         self.slots.push(Slot {
             zone: dev.zone,
             base: dev.addr,
@@ -351,7 +371,7 @@ impl Broker {
             irq: dev.irq,
             label,
             kind: prep.kind,
-            transport: MmioTransport::new(prep.model),
+            transport,
             kicks,
             calls,
             worker: Some(Worker {
@@ -364,6 +384,8 @@ impl Broker {
                 confinement: None,
             }),
             irq_pending: false,
+            irq_retry_at: None,
+            irq_retries: 0,
             host: prep.host,
             last_exit: None,
             log_budget: LogBudget::default(),
@@ -398,7 +420,13 @@ impl Broker {
                     continue;
                 }
                 sleeping = true;
-                EpollTimeout::try_from(self.opts.max_sleep).unwrap_or(EpollTimeout::NONE)
+                let sleep = match self.next_retry() {
+                    Some(at) => at
+                        .saturating_duration_since(Instant::now())
+                        .min(self.opts.max_sleep),
+                    None => self.opts.max_sleep,
+                };
+                EpollTimeout::try_from(sleep).unwrap_or(EpollTimeout::NONE)
             };
             let n = match self.epoll.wait(&mut events, timeout) {
                 Ok(n) => n,
@@ -411,6 +439,7 @@ impl Broker {
             for ev in &events[..n] {
                 self.dispatch(ev.data())?;
             }
+            self.retry_interrupts();
             self.flush_interrupts()?;
             if sleeping || n > 0 {
                 self.check_deadlines();
@@ -496,6 +525,7 @@ impl Broker {
             }
             Effect::Reset => {
                 slot.irq_pending = false;
+                slot.irq_retry_at = None;
                 BrokerMsg::Reset
             }
             Effect::ConfigWrite { offset, data } => BrokerMsg::ConfigWrite { offset, data },
@@ -553,7 +583,7 @@ impl Broker {
             let _ = c.read();
         }
         if slot.transport.is_active() && slot.transport.raise_used() {
-            slot.irq_pending = true;
+            slot.interrupt();
         }
     }
 
@@ -612,7 +642,7 @@ impl Broker {
                     }
                     w.gone_since = Some(Instant::now());
                     if slot.transport.fail() {
-                        slot.irq_pending = true;
+                        slot.interrupt();
                     }
                     return Ok(());
                 }
@@ -684,7 +714,7 @@ impl Broker {
                 self.epoll.delete(c.as_fd()).ok();
             }
             if slot.transport.fail() {
-                slot.irq_pending = true;
+                slot.interrupt();
             }
         }
     }
@@ -712,6 +742,33 @@ impl Broker {
         }
     }
 
+    /// The earliest retry of an unacknowledged interrupt.
+    fn next_retry(&self) -> Option<Instant> {
+        self.slots.iter().filter_map(|s| s.irq_retry_at).min()
+    }
+
+    /// Injects again every interrupt the guest has not acknowledged by its retry time: the
+    /// injection may have met the interrupt active in the guest and been dropped.
+    fn retry_interrupts(&mut self) {
+        let Some(first) = self.next_retry() else {
+            return;
+        };
+        let now = Instant::now();
+        if first > now {
+            return;
+        }
+        for slot in &mut self.slots {
+            if slot.irq_retry_at.is_none_or(|at| at > now) {
+                continue;
+            }
+            slot.irq_retry_at = None;
+            if slot.transport.retry_interrupt() {
+                slot.irq_pending = true;
+                slot.irq_retries += 1;
+            }
+        }
+    }
+
     /// Pushes pending interrupts to `res_list` and tells the hypervisor. A full ring is flushed
     /// and retried; what still does not fit stays pending for the next round.
     fn flush_interrupts(&mut self) -> Result<()> {
@@ -731,7 +788,9 @@ impl Broker {
                 ok = self.driver.bridge().push_res(res);
             }
             if ok {
-                self.slots[i].irq_pending = false;
+                let slot = &mut self.slots[i];
+                slot.irq_pending = false;
+                slot.irq_retry_at = Some(Instant::now() + retry_delay(slot.irq_retries));
                 pushed = true;
             }
         }

@@ -8,6 +8,7 @@
 //! negotiated per 32-bit word and cleared on reset, `FEATURES_OK` and `DRIVER_OK` are only
 //! accepted when valid, and config-space reads are zero-extended to the access size.
 
+use crate::irq::{Inject, IrqLine};
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
@@ -97,9 +98,7 @@ pub struct MmioTransport {
     activated: bool,
     /// The device can no longer work until the driver resets it.
     failed: bool,
-    interrupt_status: u32,
-    /// An interrupt was injected and not yet fully acknowledged.
-    line_asserted: bool,
+    irq: IrqLine,
     config_generation: u32,
 }
 
@@ -140,8 +139,7 @@ impl MmioTransport {
             status: 0,
             activated: false,
             failed: false,
-            interrupt_status: 0,
-            line_asserted: false,
+            irq: IrqLine::new(Inject::default()),
             config_generation: 0,
         }
     }
@@ -181,7 +179,7 @@ impl MmioTransport {
                 .and_then(|q| self.model.queue_max.get(q))
                 .map_or(0, |&max| u64::from(max)),
             VIRTIO_MMIO_QUEUE_READY => self.queue().map_or(0, |q| u64::from(q.ready)),
-            VIRTIO_MMIO_INTERRUPT_STATUS => u64::from(self.interrupt_status),
+            VIRTIO_MMIO_INTERRUPT_STATUS => u64::from(self.irq.status()),
             VIRTIO_MMIO_STATUS => u64::from(self.read_status()),
             VIRTIO_MMIO_SHM_LEN_LOW
             | VIRTIO_MMIO_SHM_LEN_HIGH
@@ -232,8 +230,7 @@ impl MmioTransport {
     }
 
     /// The used ring of some queue moved: sets the VRING bit. Returns true when the interrupt
-    /// must be injected now, false when the device is not active or an injected interrupt is
-    /// still unacknowledged (the guest will see the bit when it reads InterruptStatus).
+    /// must be injected now ([`IrqLine::raise`]), false when the device is not active.
     pub fn raise_used(&mut self) -> bool {
         if !self.activated {
             log::debug!("used-buffer interrupt before DRIVER_OK or after reset: dropped");
@@ -266,19 +263,22 @@ impl MmioTransport {
     }
 
     fn raise(&mut self, bit: u32) -> bool {
-        self.interrupt_status |= bit;
-        if self.line_asserted {
-            return false;
-        }
-        self.line_asserted = true;
-        true
+        self.irq.raise(bit)
     }
 
     fn ack(&mut self, v: u32) {
-        self.interrupt_status &= !(v & INT_BITS);
-        if self.interrupt_status == 0 {
-            self.line_asserted = false;
-        }
+        self.irq.ack(v & INT_BITS);
+    }
+
+    /// The retry timer of the last injection expired: whether to inject again (the guest has
+    /// not acknowledged; the injection may have been dropped).
+    pub fn retry_interrupt(&self) -> bool {
+        self.irq.retry()
+    }
+
+    /// When to inject (the default suits hvisor; see [`Inject`]).
+    pub fn set_inject(&mut self, policy: Inject) {
+        self.irq = IrqLine::new(policy);
     }
 
     fn read_status(&self) -> u32 {
@@ -469,8 +469,7 @@ impl MmioTransport {
         self.status = 0;
         self.activated = false;
         self.failed = false;
-        self.interrupt_status = 0;
-        self.line_asserted = false;
+        self.irq.clear();
     }
 
     fn config_access(&self, offset: u64, size: u64) -> Option<(usize, usize)> {
@@ -963,6 +962,7 @@ mod tests {
     #[test]
     fn reset_clears_everything() {
         let mut t = active();
+        t.set_inject(Inject::Once);
         w(&mut t, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
         w(&mut t, VIRTIO_MMIO_QUEUE_SEL, 1);
         assert!(t.raise_used());
@@ -1043,8 +1043,9 @@ mod tests {
     }
 
     #[test]
-    fn interrupt_merge_and_ack_cycle() {
+    fn interrupt_merge_and_ack_cycle_of_the_once_policy() {
         let mut t = active();
+        t.set_inject(Inject::Once);
         assert_eq!(rd(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS), 0);
         assert!(t.raise_used(), "first raise injects");
         assert!(!t.raise_used(), "merged while unacknowledged");
@@ -1069,6 +1070,22 @@ mod tests {
     }
 
     #[test]
+    fn by_default_every_report_injects_and_an_unacknowledged_one_is_retried() {
+        let mut t = active();
+        assert!(t.raise_used());
+        assert!(t.raise_used(), "the first injection may have been dropped");
+        assert!(t.raise_config());
+        assert!(t.retry_interrupt());
+        w(&mut t, VIRTIO_MMIO_INTERRUPT_ACK, 1);
+        assert!(t.retry_interrupt(), "the config bit is still untold");
+        w(&mut t, VIRTIO_MMIO_INTERRUPT_ACK, 2);
+        assert!(!t.retry_interrupt());
+        assert!(t.raise_used());
+        assert_eq!(w(&mut t, VIRTIO_MMIO_STATUS, 0), Some(Effect::Reset));
+        assert!(!t.retry_interrupt(), "a reset leaves nothing to tell");
+    }
+
+    #[test]
     fn no_interrupts_before_driver_ok() {
         let mut t = t();
         assert!(!t.raise_used());
@@ -1084,6 +1101,7 @@ mod tests {
     #[test]
     fn config_generation_and_set_config() {
         let mut t = active();
+        t.set_inject(Inject::Once);
         assert_eq!(rd(&mut t, VIRTIO_MMIO_CONFIG_GENERATION), 0);
         assert!(t.set_config(vec![9, 8, 7]));
         assert_eq!(rd(&mut t, VIRTIO_MMIO_CONFIG_GENERATION), 1);

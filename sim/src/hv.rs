@@ -103,11 +103,54 @@ impl fmt::Display for VcpuError {
 
 impl std::error::Error for VcpuError {}
 
-/// Interrupts delivered to guests, by (zone, irq).
+/// What hvisor's GICv3 does with an injection while the interrupt sits in a list register.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Gic {
+    /// As hvisor does (hvisor-abi 2.7): an injection while the interrupt is pending merges
+    /// with it; while it is active (taken, not yet EOIed) it is dropped.
+    #[default]
+    Hvisor,
+    /// A GIC that keeps an injection made while active pending until the EOI, as hardware
+    /// does for a physical interrupt; for comparison only.
+    Ideal,
+}
+
+enum Injected {
+    Delivered,
+    Merged,
+    Dropped,
+}
+
+/// One (zone, irq) as a GIC list register holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum LrState {
+    #[default]
+    Idle,
+    /// Injected, not yet taken by the guest.
+    Pending,
+    /// The guest's handler runs (taken, no EOI yet).
+    Active,
+    /// Active, and injected again meanwhile (only an ideal GIC keeps this).
+    ActivePending,
+}
+
+#[derive(Debug, Default)]
+struct Line {
+    state: LrState,
+    /// Times the line became pending for the guest to take.
+    delivered: u64,
+    /// `res_list` entries naming this line, delivered or not.
+    injections: u64,
+}
+
+/// Interrupt lines of the guests, by (zone, irq).
 #[derive(Default)]
 struct Irqs {
-    counts: HashMap<(u32, u32), u64>,
+    lines: HashMap<(u32, u32), Line>,
     stray: u64,
+    merged: u64,
+    dropped: u64,
 }
 
 /// Counters for the report.
@@ -119,10 +162,16 @@ pub struct HvStats {
     pub wakeups: u64,
     /// FINISH_REQ signals seen.
     pub finish_signals: u64,
-    /// Interrupts delivered to a configured (zone, irq).
+    /// Interrupts made pending for a configured (zone, irq).
     pub interrupts: u64,
+    /// Injections merged into an interrupt that was already pending.
+    pub merged_interrupts: u64,
+    /// Injections dropped because the interrupt was active in the guest (hvisor's GIC).
+    pub dropped_interrupts: u64,
     /// `res_list` entries naming no configured (zone, irq); hvisor skips unknown zones.
     pub stray_interrupts: u64,
+    /// The GIC behaviour simulated.
+    pub gic: Gic,
 }
 
 /// The simulated hypervisor shared by every vCPU and the hypervisor thread.
@@ -134,6 +183,7 @@ pub struct Hypervisor {
     req_lock: Mutex<()>,
     irqs: Mutex<Irqs>,
     irq_cond: Condvar,
+    gic: Gic,
     broker_gone: AtomicBool,
     cpus_in_use: Mutex<u64>,
     requests: AtomicU64,
@@ -150,6 +200,7 @@ impl Hypervisor {
         machine: Machine,
         wakeup: Wakeup,
         watchdog: Duration,
+        gic: Gic,
     ) -> Arc<Self> {
         Arc::new(Hypervisor {
             bridge,
@@ -158,6 +209,7 @@ impl Hypervisor {
             req_lock: Mutex::new(()),
             irqs: Mutex::new(Irqs::default()),
             irq_cond: Condvar::new(),
+            gic,
             broker_gone: AtomicBool::new(false),
             cpus_in_use: Mutex::new(0),
             requests: AtomicU64::new(0),
@@ -192,8 +244,11 @@ impl Hypervisor {
             requests: self.requests.load(Ordering::Relaxed),
             wakeups: self.wakeups.load(Ordering::Relaxed),
             finish_signals: self.finishes.load(Ordering::Relaxed),
-            interrupts: irqs.counts.values().sum(),
+            interrupts: irqs.lines.values().map(|l| l.delivered).sum(),
+            merged_interrupts: irqs.merged,
+            dropped_interrupts: irqs.dropped,
             stray_interrupts: irqs.stray,
+            gic: self.gic,
         }
     }
 
@@ -214,21 +269,58 @@ impl Hypervisor {
         })
     }
 
-    /// Interrupts delivered so far to (zone, irq).
+    /// Interrupts made pending so far for (zone, irq).
     pub fn irq_count(&self, zone: u32, irq: u32) -> u64 {
         let irqs = self.irqs.lock().unwrap();
-        irqs.counts.get(&(zone, irq)).copied().unwrap_or(0)
+        irqs.lines.get(&(zone, irq)).map_or(0, |l| l.delivered)
     }
 
-    /// Waits until the count of (zone, irq) exceeds `*seen`, then sets `*seen` to it. False on
-    /// timeout or when the broker went away (it cannot interrupt any more).
-    pub fn wait_irq(&self, zone: u32, irq: u32, seen: &mut u64, timeout: Duration) -> bool {
+    /// The guest takes the interrupt (zone, irq): waits until it is pending, then makes it
+    /// active, as a CPU entering its handler does. Injections meet an active line until the
+    /// guest calls [`Hypervisor::eoi`]. False on timeout or when the broker went away.
+    pub fn take_irq(&self, zone: u32, irq: u32, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         let mut irqs = self.irqs.lock().unwrap();
         loop {
-            let now = irqs.counts.get(&(zone, irq)).copied().unwrap_or(0);
-            if now > *seen {
-                *seen = now;
+            let line = irqs.lines.entry((zone, irq)).or_default();
+            if line.state == LrState::Pending {
+                line.state = LrState::Active;
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.broker_gone() {
+                return false;
+            }
+            irqs = self.irq_cond.wait_timeout(irqs, left).unwrap().0;
+        }
+    }
+
+    /// End of interrupt: the guest's handler for (zone, irq) is done.
+    pub fn eoi(&self, zone: u32, irq: u32) {
+        let mut irqs = self.irqs.lock().unwrap();
+        let line = irqs.lines.entry((zone, irq)).or_default();
+        line.state = match line.state {
+            LrState::ActivePending => {
+                self.irq_cond.notify_all();
+                LrState::Pending
+            }
+            LrState::Active => LrState::Idle,
+            other => other,
+        };
+    }
+
+    /// `res_list` entries that named (zone, irq) so far, whether delivered or not.
+    pub fn injections(&self, zone: u32, irq: u32) -> u64 {
+        let irqs = self.irqs.lock().unwrap();
+        irqs.lines.get(&(zone, irq)).map_or(0, |l| l.injections)
+    }
+
+    /// Waits until more than `seen` injections named (zone, irq); false on timeout.
+    pub fn wait_injections(&self, zone: u32, irq: u32, seen: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut irqs = self.irqs.lock().unwrap();
+        loop {
+            if irqs.lines.get(&(zone, irq)).map_or(0, |l| l.injections) > seen {
                 return true;
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -251,7 +343,7 @@ impl Hypervisor {
         }
     }
 
-    /// Hypercall FINISH_REQ: drain `res_list` and inject each interrupt.
+    /// Hypercall FINISH_REQ: drain `res_list` and inject each interrupt into its list register.
     fn drain_res(&self) {
         let mut irqs = self.irqs.lock().unwrap();
         let mut any = false;
@@ -263,14 +355,24 @@ impl Hypervisor {
                 .filter(|z| z.id == res.target_zone)
                 .flat_map(|z| z.devices.iter())
                 .any(|d| d.irq == res.irq_id);
-            if known {
-                *irqs
-                    .counts
-                    .entry((res.target_zone, res.irq_id))
-                    .or_default() += 1;
-                any = true;
-            } else {
+            if !known {
                 irqs.stray += 1;
+                continue;
+            }
+            any = true;
+            let line = irqs.lines.entry((res.target_zone, res.irq_id)).or_default();
+            line.injections += 1;
+            let (next, outcome) = match (line.state, self.gic) {
+                (LrState::Idle, _) => (LrState::Pending, Injected::Delivered),
+                (LrState::Active, Gic::Ideal) => (LrState::ActivePending, Injected::Delivered),
+                (LrState::Active, Gic::Hvisor) => (LrState::Active, Injected::Dropped),
+                (state, _) => (state, Injected::Merged),
+            };
+            line.state = next;
+            match outcome {
+                Injected::Delivered => line.delivered += 1,
+                Injected::Merged => irqs.merged += 1,
+                Injected::Dropped => irqs.dropped += 1,
             }
         }
         if any {

@@ -12,7 +12,7 @@ use protocol::bridge::BridgeMap;
 
 use crate::guest::{self, GuestOptions, Workload, ZoneJob};
 use crate::hal::SLOTS;
-use crate::hv::Hypervisor;
+use crate::hv::{Gic, Hypervisor};
 use crate::layout::{DevKind, Machine};
 use crate::mem::PhysMem;
 use crate::report::Report;
@@ -31,6 +31,10 @@ pub struct Args {
     /// Emulate the driver before February 2026: refuse eventfd INIT, wake with SIGUSR1.
     #[arg(long)]
     pub legacy_driver: bool,
+    /// What the interrupt controller does with an injection while the guest handles the
+    /// same interrupt: `hvisor` drops it, as the real hypervisor does; `ideal` keeps it.
+    #[arg(long, value_enum, default_value_t = Gic::Hvisor)]
+    pub gic: Gic,
     /// The guest workload.
     #[arg(long, value_enum)]
     pub guest: Workload,
@@ -120,7 +124,7 @@ fn run(args: Args) -> Result<i32> {
         "hvisor-sim: broker connected ({} wakeup)",
         wakeup.describe()
     );
-    let hv = Hypervisor::new(bridge, machine.clone(), wakeup, VCPU_WATCHDOG);
+    let hv = Hypervisor::new(bridge, machine.clone(), wakeup, VCPU_WATCHDOG, args.gic);
     let _hv_thread = hv.spawn(conn, shared.finish)?;
 
     if let Some(go) = &args.wait_for {
@@ -278,12 +282,16 @@ pub(crate) fn print_summary(r: &Report) {
     }
     let h = &r.hypervisor;
     println!(
-        "  hypervisor: {} requests, {} wakeups, {} finish signals, {} interrupts ({} stray){}",
+        "  hypervisor: {} requests, {} wakeups, {} finish signals, {} interrupts ({} merged, \
+         {} dropped while active, {} stray; {:?} GIC){}",
         h.requests,
         h.wakeups,
         h.finish_signals,
         h.interrupts,
+        h.merged_interrupts,
+        h.dropped_interrupts,
         h.stray_interrupts,
+        h.gic,
         if r.broker_gone {
             "; the broker went away"
         } else {

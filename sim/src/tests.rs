@@ -19,7 +19,7 @@ use protocol::bridge::{BridgeMap, DeviceReq, DeviceRes};
 use protocol::sim::{recv_reply, send_init, Init, Reply, SIGNAL_WAKEUP};
 use virtio_drivers::transport::Transport;
 
-use crate::hv::{Hypervisor, Vcpu, VcpuError, Wakeup};
+use crate::hv::{Gic, Hypervisor, Vcpu, VcpuError, Wakeup};
 use crate::layout::{DevKind, DevSpec, Machine, RamRegion, ZoneSpec};
 use crate::mem::PhysMem;
 use crate::server::{Listener, SharedFds};
@@ -202,6 +202,7 @@ fn simulator(
     name: &str,
     legacy: bool,
     mode: Mode,
+    gic: Gic,
 ) -> (Arc<Hypervisor>, crate::hv::HvThread, Responder, PhysMem) {
     let m = machine();
     let mem = PhysMem::new(&m).unwrap();
@@ -213,7 +214,7 @@ fn simulator(
     let (conn, wakeup) = listener
         .accept_broker(&shared, mem.fd(), mem.size(), legacy)
         .unwrap();
-    let hv = Hypervisor::new(bridge, m, wakeup, Duration::from_secs(5));
+    let hv = Hypervisor::new(bridge, m, wakeup, Duration::from_secs(5), gic);
     let thread = hv.spawn(conn, shared.finish).unwrap();
     (hv, thread, responder, mem)
 }
@@ -229,12 +230,13 @@ fn exercise(vcpu: &Vcpu, responder: &Responder) {
         assert_eq!(vcpu.read(BASE + reg::QUEUE_DESC_LOW, 4).unwrap(), i);
     }
     // QueueNotify does not wait; its interrupt comes back through res_list + FINISH.
-    let mut seen = hv.irq_count(ZONE, IRQ);
     vcpu.write(BASE + reg::QUEUE_NOTIFY, 4, 0).unwrap();
-    assert!(hv.wait_irq(ZONE, IRQ, &mut seen, Duration::from_secs(5)));
+    assert!(hv.take_irq(ZONE, IRQ, Duration::from_secs(5)));
+    hv.eoi(ZONE, IRQ);
     // A read of QueueNotify is not waited for either (the offset decides).
     assert_eq!(vcpu.read(BASE + reg::QUEUE_NOTIFY, 4).unwrap(), 0);
-    assert!(hv.wait_irq(ZONE, IRQ, &mut seen, Duration::from_secs(5)));
+    assert!(hv.take_irq(ZONE, IRQ, Duration::from_secs(5)));
+    hv.eoi(ZONE, IRQ);
 
     let log = responder.log();
     assert!(log
@@ -260,7 +262,7 @@ fn exercise(vcpu: &Vcpu, responder: &Responder) {
 
 #[test]
 fn eventfd_handshake_and_trapped_accesses() {
-    let (hv, _t, mut responder, _mem) = simulator("eventfd", false, Mode::EventFd);
+    let (hv, _t, mut responder, _mem) = simulator("eventfd", false, Mode::EventFd, Gic::Hvisor);
     assert_eq!(hv.wakeup_kind(), "eventfd");
     let vcpu = hv.vcpu(1, ZONE).unwrap();
     assert!(hv.vcpu(1, ZONE).is_err(), "one vCPU per physical CPU");
@@ -273,7 +275,8 @@ fn eventfd_handshake_and_trapped_accesses() {
 
 #[test]
 fn legacy_driver_refuses_eventfd_and_wakes_with_sigusr1() {
-    let (hv, _t, mut responder, _mem) = simulator("legacy", true, Mode::LegacyFallback);
+    let (hv, _t, mut responder, _mem) =
+        simulator("legacy", true, Mode::LegacyFallback, Gic::Hvisor);
     assert_eq!(hv.wakeup_kind(), "SIGUSR1");
     let vcpu = hv.vcpu(2, ZONE).unwrap();
     exercise(&vcpu, &responder);
@@ -286,7 +289,7 @@ fn legacy_driver_refuses_eventfd_and_wakes_with_sigusr1() {
 
 #[test]
 fn transport_maps_registers_to_trapped_accesses() {
-    let (hv, _t, mut responder, _mem) = simulator("transport", false, Mode::EventFd);
+    let (hv, _t, mut responder, _mem) = simulator("transport", false, Mode::EventFd, Gic::Hvisor);
     let vcpu = hv.vcpu(3, ZONE).unwrap();
     let mut t = SimTransport::new(&vcpu, BASE, 0x200).unwrap();
     let skip = responder.log().len();
@@ -301,10 +304,10 @@ fn transport_maps_registers_to_trapped_accesses() {
         t.read_config_space::<u32>(0x100).is_err(),
         "past the config space"
     );
-    let mut seen = hv.irq_count(ZONE, IRQ);
     t.notify(0);
     // The kick is not waited for: its interrupt says the responder has seen it.
-    assert!(hv.wait_irq(ZONE, IRQ, &mut seen, Duration::from_secs(5)));
+    assert!(hv.take_irq(ZONE, IRQ, Duration::from_secs(5)));
+    hv.eoi(ZONE, IRQ);
     let got: Vec<(u64, u64, u8, u64)> = responder.log()[skip..]
         .iter()
         .map(|r| (r.address - BASE, r.size, r.is_write, r.value))
@@ -325,9 +328,53 @@ fn transport_maps_registers_to_trapped_accesses() {
     responder.finish();
 }
 
+/// Takes the interrupt, then kicks again while it is active: the responder's injection meets
+/// the active list register. Returns whether an interrupt is pending after the EOI.
+fn inject_while_active(hv: &Hypervisor, vcpu: &Vcpu) -> bool {
+    vcpu.write(BASE + reg::QUEUE_NOTIFY, 4, 0).unwrap();
+    assert!(hv.take_irq(ZONE, IRQ, Duration::from_secs(5)));
+    let seen = hv.injections(ZONE, IRQ);
+    vcpu.write(BASE + reg::QUEUE_NOTIFY, 4, 0).unwrap();
+    assert!(hv.wait_injections(ZONE, IRQ, seen, Duration::from_secs(5)));
+    hv.eoi(ZONE, IRQ);
+    // Nothing else injects: a pending interrupt is there now or never.
+    let pending = hv.take_irq(ZONE, IRQ, Duration::ZERO);
+    if pending {
+        hv.eoi(ZONE, IRQ);
+    }
+    pending
+}
+
+#[test]
+fn hvisors_gic_drops_an_injection_while_the_interrupt_is_active_and_merges_pending_ones() {
+    let (hv, _t, mut responder, _mem) = simulator("gic", false, Mode::EventFd, Gic::Hvisor);
+    let vcpu = hv.vcpu(5, ZONE).unwrap();
+    assert!(!inject_while_active(&hv, &vcpu), "dropped while active");
+    assert_eq!(hv.stats().dropped_interrupts, 1);
+    // Two injections before the guest takes one merge into one interrupt.
+    let seen = hv.injections(ZONE, IRQ);
+    vcpu.write(BASE + reg::QUEUE_NOTIFY, 4, 0).unwrap();
+    vcpu.write(BASE + reg::QUEUE_NOTIFY, 4, 0).unwrap();
+    assert!(hv.wait_injections(ZONE, IRQ, seen + 1, Duration::from_secs(5)));
+    assert!(hv.take_irq(ZONE, IRQ, Duration::ZERO));
+    hv.eoi(ZONE, IRQ);
+    assert!(!hv.take_irq(ZONE, IRQ, Duration::ZERO));
+    assert_eq!(hv.stats().merged_interrupts, 1);
+    responder.finish();
+}
+
+#[test]
+fn an_ideal_gic_keeps_an_injection_made_while_active_until_the_eoi() {
+    let (hv, _t, mut responder, _mem) = simulator("ideal", false, Mode::EventFd, Gic::Ideal);
+    let vcpu = hv.vcpu(6, ZONE).unwrap();
+    assert!(inject_while_active(&hv, &vcpu));
+    assert_eq!(hv.stats().dropped_interrupts, 0);
+    responder.finish();
+}
+
 #[test]
 fn vcpu_fails_fast_when_the_broker_goes_away() {
-    let (hv, _t, mut responder, _mem) = simulator("gone", false, Mode::EventFd);
+    let (hv, _t, mut responder, _mem) = simulator("gone", false, Mode::EventFd, Gic::Hvisor);
     let vcpu = hv.vcpu(4, ZONE).unwrap();
     assert_eq!(vcpu.read(BASE, 4).unwrap(), 0x7472_6976);
     responder.finish();
@@ -336,8 +383,7 @@ fn vcpu_fails_fast_when_the_broker_goes_away() {
     assert!(matches!(err, VcpuError::BrokerGone { cpu: 4, .. }), "{err}");
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
     assert!(hv.broker_gone());
-    let mut seen = hv.irq_count(ZONE, IRQ);
-    assert!(!hv.wait_irq(ZONE, IRQ, &mut seen, Duration::from_secs(5)));
+    assert!(!hv.take_irq(ZONE, IRQ, Duration::from_secs(5)));
 }
 
 #[test]
@@ -390,7 +436,7 @@ fn a_blocking_driver_call_gives_up_on_a_device_that_never_completes() {
     use crate::hal::ZoneHal;
 
     // The responder answers registers but never touches a virtqueue: a dead worker.
-    let (hv, _t, mut responder, mem) = simulator("dead", false, Mode::EventFd);
+    let (hv, _t, mut responder, mem) = simulator("dead", false, Mode::EventFd, Gic::Hvisor);
     let vcpu = hv.vcpu(5, ZONE).unwrap();
     let ram = mem.largest_region(ZONE).unwrap();
     // SAFETY: `mem` outlives the driver below; slot 2 is used by no other test.

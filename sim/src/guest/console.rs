@@ -195,6 +195,7 @@ impl<'a, H: Hal> Port<'a, H> {
         if irq.wait() {
             self.t.read_isr_and_ack();
             self.reap()?;
+            irq.eoi();
             return Ok(());
         }
         if self.reap()? > 0 {
@@ -452,6 +453,7 @@ pub fn verify<H: Hal>(g: &mut GuestDev, rep: &mut DeviceReport) -> Result<()> {
     // The stock driver spins on the used ring; take the interrupt that came meanwhile.
     if g.irq.wait_for(Duration::ZERO) {
         let _ = stock.ack_interrupt();
+        g.irq.eoi();
     }
     drop(stock);
 

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod console;
 pub mod demo;
 pub mod hostile;
+pub mod irq_window;
 pub mod net;
 pub mod rawblk;
 pub mod stock;
@@ -31,6 +32,8 @@ pub enum Workload {
     BlkDemo,
     BlkVerify,
     Hostile,
+    /// blk completions that land while the guest handles the interrupt (dropped injections).
+    IrqWindow,
     Bench,
     NetVerify,
     NetBench,
@@ -55,6 +58,7 @@ impl Workload {
             Workload::BlkDemo => "blk-demo",
             Workload::BlkVerify => "blk-verify",
             Workload::Hostile => "hostile",
+            Workload::IrqWindow => "irq-window",
             Workload::Bench => "bench",
             Workload::NetVerify => "net-verify",
             Workload::NetBench => "net-bench",
@@ -72,7 +76,11 @@ impl Workload {
     pub fn serves(self, kind: &DevKind) -> bool {
         match self {
             Workload::Demo => true,
-            Workload::BlkDemo | Workload::BlkVerify | Workload::Hostile | Workload::Bench => {
+            Workload::BlkDemo
+            | Workload::BlkVerify
+            | Workload::Hostile
+            | Workload::IrqWindow
+            | Workload::Bench => {
                 matches!(kind, DevKind::Blk { .. })
             }
             Workload::NetVerify | Workload::NetBench => matches!(kind, DevKind::Net { .. }),
@@ -128,45 +136,65 @@ impl Rng {
     }
 }
 
-/// Interrupt side of a guest driver: waits for its device's interrupt, as an IRQ handler
-/// would be entered.
+/// Interrupt side of a guest driver, as a CPU's interrupt controller shows it: `wait` takes
+/// the device's interrupt (it becomes active) and `eoi` ends the handler. Between the two,
+/// hvisor drops injections (hvisor-abi 2.7), so handlers call `eoi` where Linux's would: after
+/// acknowledging the device and processing its used rings. A handler that does not is ended by
+/// the next wait.
 pub struct IrqWaiter {
     hv: Arc<Hypervisor>,
     zone: u32,
     irq: u32,
-    seen: u64,
     start: u64,
+    active: bool,
     timeout: Duration,
 }
 
 impl IrqWaiter {
     pub fn new(vcpu: &Vcpu, irq: u32, timeout: Duration) -> Self {
         let hv = vcpu.hypervisor().clone();
-        let seen = hv.irq_count(vcpu.zone(), irq);
+        let start = hv.irq_count(vcpu.zone(), irq);
         IrqWaiter {
             hv,
             zone: vcpu.zone(),
             irq,
-            seen,
-            start: seen,
+            start,
+            active: false,
             timeout,
         }
     }
 
-    /// Waits for an interrupt not seen yet; false on timeout or when the broker is gone.
+    /// Takes the next interrupt; false on timeout or when the broker is gone.
     pub fn wait(&mut self) -> bool {
-        self.hv
-            .wait_irq(self.zone, self.irq, &mut self.seen, self.timeout)
+        self.wait_for(self.timeout)
     }
 
     pub fn wait_for(&mut self, timeout: Duration) -> bool {
-        self.hv
-            .wait_irq(self.zone, self.irq, &mut self.seen, timeout)
+        self.eoi();
+        self.active = self.hv.take_irq(self.zone, self.irq, timeout);
+        self.active
+    }
+
+    /// Ends the handler of the interrupt taken last, if it is still running.
+    pub fn eoi(&mut self) {
+        if std::mem::take(&mut self.active) {
+            self.hv.eoi(self.zone, self.irq);
+        }
     }
 
     /// Interrupts delivered since this waiter was made.
     pub fn delivered(&self) -> u64 {
         self.hv.irq_count(self.zone, self.irq) - self.start
+    }
+
+    /// Injections that named this interrupt so far, delivered or dropped.
+    pub fn injections(&self) -> u64 {
+        self.hv.injections(self.zone, self.irq)
+    }
+
+    /// Waits until more than `seen` injections named this interrupt.
+    pub fn wait_injections(&self, seen: u64, timeout: Duration) -> bool {
+        self.hv.wait_injections(self.zone, self.irq, seen, timeout)
     }
 
     pub fn broker_gone(&self) -> bool {
@@ -175,6 +203,12 @@ impl IrqWaiter {
 
     pub fn timeout(&self) -> Duration {
         self.timeout
+    }
+}
+
+impl Drop for IrqWaiter {
+    fn drop(&mut self) {
+        self.eoi();
     }
 }
 
@@ -284,6 +318,7 @@ fn run_devices<H: Hal>(
             Workload::BlkDemo => demo::run::<H>(&mut g, &mut dev_rep),
             Workload::BlkVerify => verify::run::<H>(&mut g, &mut dev_rep, true),
             Workload::Hostile => hostile::run::<H>(&mut g, &mut dev_rep),
+            Workload::IrqWindow => irq_window::run::<H>(&mut g, &mut dev_rep),
             Workload::Bench => bench::run::<H>(&mut g, &mut dev_rep).map(|b| {
                 *bench = Some(b);
             }),

@@ -134,13 +134,62 @@ impl<'a, H: Hal> RawBlk<'a, H> {
                 );
             }
             self.t.read_isr_and_ack();
-            if self.q.can_pop() {
+            let done = self.q.can_pop();
+            irq.eoi();
+            if done {
                 break;
             }
         }
         // SAFETY: the same buffers as passed to `add` for `token`.
         unsafe { self.q.pop_used(token, &inputs, &mut outputs) }?;
         Ok(st[0])
+    }
+
+    /// Reads sector 0 and, while its interrupt is still being handled (taken and ACKed, no
+    /// EOI yet, as in Linux's `vm_interrupt`), sector 1: the device completes the second
+    /// request and its injection meets the active interrupt. After the EOI the second request
+    /// sits in the used ring; returns whether an interrupt for it came within `wait`.
+    pub fn completion_inside_handler(
+        &mut self,
+        irq: &mut IrqWaiter,
+        wait: std::time::Duration,
+    ) -> Result<bool> {
+        let header = |sector: u64| {
+            let mut h = [0u8; 16];
+            h[..4].copy_from_slice(&req::IN.to_le_bytes());
+            h[8..].copy_from_slice(&sector.to_le_bytes());
+            h
+        };
+        let (ha, hb) = (header(0), header(1));
+        let (mut da, mut sa, mut db, mut sb) = ([0u8; 512], [0xffu8], [0u8; 512], [0xffu8]);
+        let (ia, ib): ([&[u8]; 1], [&[u8]; 1]) = ([&ha], [&hb]);
+        let mut oa: [&mut [u8]; 2] = [&mut da, &mut sa];
+        let mut ob: [&mut [u8]; 2] = [&mut db, &mut sb];
+        // SAFETY: the buffers live on this frame until `pop_used` returns them or the device
+        // is reset (Drop) before they go.
+        let ta = unsafe { self.q.add(&ia, &mut oa) }?;
+        self.t.notify(0);
+        anyhow::ensure!(irq.wait(), "the first request's interrupt never came");
+        self.t.read_isr_and_ack();
+        let seen = irq.injections();
+        // SAFETY: as above.
+        let tb = unsafe { self.q.add(&ib, &mut ob) }?;
+        self.t.notify(0);
+        anyhow::ensure!(
+            irq.wait_injections(seen, irq.timeout()),
+            "the second request was never signalled"
+        );
+        // SAFETY: the buffers passed to `add` for `ta`; the device completes in order.
+        unsafe { self.q.pop_used(ta, &ia, &mut oa) }?;
+        irq.eoi();
+        let signalled = irq.wait_for(wait);
+        if signalled {
+            self.t.read_isr_and_ack();
+            irq.eoi();
+            // SAFETY: the buffers passed to `add` for `tb`.
+            unsafe { self.q.pop_used(tb, &ib, &mut ob) }?;
+        }
+        Ok(signalled)
     }
 
     /// DISCARD or WRITE_ZEROES of one range (`struct virtio_blk_discard_write_zeroes`).

@@ -156,7 +156,9 @@ impl<'a, H: Hal> Pipe<'a, H> {
             } else {
                 self.blk.ack_interrupt();
             }
-            if self.complete_used()? > 0 {
+            let completed = self.complete_used()?;
+            irq.eoi();
+            if completed > 0 {
                 return Ok(());
             }
         }
@@ -211,6 +213,7 @@ impl<'a, H: Hal> Pipe<'a, H> {
     pub fn settle_interrupt(&mut self, irq: &mut IrqWaiter) {
         if irq.wait_for(Duration::ZERO) {
             self.blk.ack_interrupt();
+            irq.eoi();
         }
     }
 

@@ -855,20 +855,22 @@ impl DeviceLink {
         }
     }
 
-    /// Interrupts of this device, as Linux's `vm_interrupt` takes them, until stopped.
+    /// Interrupts of this device, as Linux's `vm_interrupt` takes them, until stopped. The
+    /// EOI follows the handler, so an injection meanwhile meets an active interrupt.
     pub fn interrupts(self: &Arc<Self>) {
         let hv = self.cpu.hypervisor();
         let zone = self.cpu.zone();
-        let mut seen = hv.irq_count(zone, self.spec.irq);
         while !self.stop.load(Ordering::Acquire) {
-            if !hv.wait_irq(zone, self.spec.irq, &mut seen, Duration::from_millis(100)) {
+            if !hv.take_irq(zone, self.spec.irq, Duration::from_millis(100)) {
                 if hv.broker_gone() {
                     return;
                 }
                 continue;
             }
             self.stats.interrupts.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = self.take_interrupt() {
+            let handled = self.take_interrupt();
+            hv.eoi(zone, self.spec.irq);
+            if let Err(e) = handled {
                 self.error(format!("interrupt: {e}"));
                 if hv.broker_gone() {
                     return;

@@ -320,7 +320,13 @@ pub fn run(args: &Args, machine: Machine, job: GuestJob) -> Result<i32> {
         "hvisor-sim: broker connected ({} wakeup)",
         wakeup.describe()
     );
-    let hv = Hypervisor::new(bridge, machine.clone(), wakeup, crate::run::VCPU_WATCHDOG);
+    let hv = Hypervisor::new(
+        bridge,
+        machine.clone(),
+        wakeup,
+        crate::run::VCPU_WATCHDOG,
+        args.gic,
+    );
     let _hv_thread = hv.spawn(conn, shared.finish)?;
     let cpu = Arc::new(ZoneCpu::new(hv.vcpu(1, zone.id)?));
 

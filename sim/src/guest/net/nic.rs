@@ -119,6 +119,7 @@ fn wait_tx_room<N: Nic + ?Sized>(nic: &mut N, irq: &mut IrqWaiter) -> Result<()>
     if irq.wait() {
         nic.ack();
         nic.reap_tx()?;
+        irq.eoi();
         return Ok(());
     }
     if nic.reap_tx()? > 0 {

@@ -221,7 +221,9 @@ impl<'i, N: Nic> Stack<'i, N> {
                 return Ok(None);
             }
             if self.irq.wait_for(left) {
+                // Linux's handler only schedules NAPI; the rings are read after the EOI.
                 self.nic.ack();
+                self.irq.eoi();
             } else if self.irq.broker_gone() {
                 bail!("the broker went away");
             }

@@ -73,9 +73,11 @@ impl IrqLine {
     }
 }
 
-/// The first retry comes this long after an injection: long enough for a guest that took the
-/// interrupt to have acknowledged it, short enough that a dropped injection costs little.
-pub const FIRST_RETRY: Duration = Duration::from_micros(200);
+/// The first retry comes this long after an injection: about when a guest that took the
+/// interrupt has acknowledged it and ended its handler, so that a dropped injection costs
+/// little. A retry finds nothing to do once the guest acknowledged, and one that meets the
+/// interrupt still pending merges with it: short is cheap.
+pub const FIRST_RETRY: Duration = Duration::from_micros(50);
 /// Retries back off to this: a guest that never acknowledges (it polls, or it stopped) costs
 /// at most 50 hypercalls a second per device.
 pub const MAX_RETRY: Duration = Duration::from_millis(20);

@@ -119,6 +119,11 @@ pub struct Throughput {
     pub baseline_mb_per_s: f64,
     /// virtio / baseline (of IOPS, equivalently of MB/s).
     pub ratio: f64,
+    /// Requests kept in flight.
+    pub depth: usize,
+    /// Interrupts the guest took, and injections made (taken, merged or dropped), per request.
+    pub interrupts_per_op: f64,
+    pub injections_per_op: f64,
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
@@ -129,6 +134,7 @@ pub struct BenchReport {
     pub capacity_sectors: u64,
     pub sync_read: Latency,
     pub randread_4k_qd1: Throughput,
+    pub randread_4k_qd16: Throughput,
     pub seqread_128k: Throughput,
 }
 

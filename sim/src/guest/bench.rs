@@ -1,5 +1,6 @@
-//! `bench`: synchronous register latency, 4 KiB random-read IOPS at queue depth 1 and 128 KiB
-//! sequential-read throughput, each beside the same reads done with `pread` on the image.
+//! `bench`: synchronous register latency, 4 KiB random-read IOPS at queue depth 1 and 16 and
+//! 128 KiB sequential-read throughput, each beside the same reads done with `pread` on the
+//! image, with the interrupts taken and injected per request.
 
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
@@ -49,14 +50,19 @@ pub fn run<H: Hal>(g: &mut GuestDev<'_>, rep: &mut DeviceReport) -> Result<Bench
     let offsets: Vec<u64> = (0..65536)
         .map(|_| rng.range(0, blocks - 1) * RAND_BLOCK)
         .collect();
-    let randread_4k_qd1 = throughput(g, &mut pipe, &img, RAND_BLOCK, |i| {
-        offsets[i % offsets.len()]
-    })?;
+    let random = |i: usize| offsets[i % offsets.len()];
+    let randread_4k_qd1 = throughput(g, &mut pipe, &img, RAND_BLOCK, random)?;
     let seq = SEQ_BLOCK.min(disk - disk % SECTOR);
     let seq_blocks = (disk / seq).max(1);
     let seqread_128k = throughput(g, &mut pipe, &img, seq, |i| (i as u64 % seq_blocks) * seq)?;
-    rep.reads = randread_4k_qd1.ops + seqread_128k.ops;
-    rep.missed_interrupts = pipe.missed_interrupts;
+    let mut missed = pipe.missed_interrupts;
+    drop(pipe);
+    let t = SimTransport::new(g.vcpu, g.spec.addr, g.spec.len)?;
+    let mut pipe = Pipe::<H>::open(t, g.mem, 16).context("driver initialisation")?;
+    let randread_4k_qd16 = throughput(g, &mut pipe, &img, RAND_BLOCK, random)?;
+    missed += pipe.missed_interrupts;
+    rep.reads = randread_4k_qd1.ops + seqread_128k.ops + randread_4k_qd16.ops;
+    rep.missed_interrupts = missed;
 
     let b = BenchReport {
         zone: g.zone(),
@@ -65,6 +71,7 @@ pub fn run<H: Hal>(g: &mut GuestDev<'_>, rep: &mut DeviceReport) -> Result<Bench
         capacity_sectors: cap,
         sync_read,
         randread_4k_qd1,
+        randread_4k_qd16,
         seqread_128k,
     };
     print_table(&b);
@@ -72,8 +79,8 @@ pub fn run<H: Hal>(g: &mut GuestDev<'_>, rep: &mut DeviceReport) -> Result<Bench
         "bench_completed",
         true,
         format!(
-            "{} register reads, {} + {} device reads",
-            b.sync_read.count, b.randread_4k_qd1.ops, b.seqread_128k.ops
+            "{} register reads, {} + {} + {} device reads",
+            b.sync_read.count, b.randread_4k_qd1.ops, b.randread_4k_qd16.ops, b.seqread_128k.ops
         ),
     );
     Ok(b)
@@ -104,7 +111,7 @@ fn latency(g: &GuestDev<'_>) -> Result<Latency> {
 }
 
 /// Reads `block` bytes at `offset(i)` for i = 0, 1, ... for about [`RUN`], through the device
-/// (one at a time) and then with `pread` on the image.
+/// (as many in flight as the pipe's depth) and then one at a time with `pread` on the image.
 fn throughput<H: Hal>(
     g: &mut GuestDev<'_>,
     pipe: &mut Pipe<'_, H>,
@@ -112,30 +119,42 @@ fn throughput<H: Hal>(
     block: u64,
     offset: impl Fn(usize) -> u64,
 ) -> Result<Throughput> {
-    let mut read_at = |i: usize| -> Result<()> {
+    let depth = pipe.depth();
+    // Submits read `i` (waiting for room); returns how many reads completed meanwhile.
+    let mut read_at = |g: &mut GuestDev<'_>, i: usize, drain: bool| -> Result<u64> {
         pipe.submit(
             &mut g.irq,
             false,
             offset(i) / SECTOR,
             vec![0; block as usize],
         )?;
-        pipe.drain(&mut g.irq)?;
-        for d in pipe.take_done() {
-            d.result
-                .with_context(|| format!("{block}-byte read at sector {}", d.sector))?;
+        if drain {
+            pipe.drain(&mut g.irq)?;
         }
-        Ok(())
+        let done = pipe.take_done();
+        for d in &done {
+            if let Err(e) = &d.result {
+                anyhow::bail!("{block}-byte read at sector {}: {e}", d.sector);
+            }
+        }
+        Ok(done.len() as u64)
     };
     for i in 0..32 {
-        read_at(i)?;
+        read_at(g, i, true)?;
     }
+    let (irqs, injections) = (g.irq.delivered(), g.irq.injections());
     let start = Instant::now();
-    let mut ops = 0;
+    let (mut submitted, mut ops) = (0, 0);
     while start.elapsed() < RUN {
-        read_at(ops)?;
-        ops += 1;
+        ops += read_at(g, submitted, depth == 1)?;
+        submitted += 1;
     }
+    pipe.drain(&mut g.irq)?;
+    ops += pipe.take_done().len() as u64;
     let secs = start.elapsed().as_secs_f64();
+    let per_op = |n: u64| n as f64 / ops.max(1) as f64;
+    let interrupts_per_op = per_op(g.irq.delivered() - irqs);
+    let injections_per_op = per_op(g.irq.injections() - injections);
 
     let mut buf = vec![0u8; block as usize];
     let start = Instant::now();
@@ -151,7 +170,7 @@ fn throughput<H: Hal>(
     let mb = |iops: f64| iops * block as f64 / 1e6;
     Ok(Throughput {
         block_bytes: block,
-        ops: ops as u64,
+        ops,
         seconds: secs,
         iops,
         mb_per_s: mb(iops),
@@ -160,6 +179,9 @@ fn throughput<H: Hal>(
         baseline_iops: base_iops,
         baseline_mb_per_s: mb(base_iops),
         ratio: iops / base_iops,
+        depth,
+        interrupts_per_op,
+        injections_per_op,
     })
 }
 
@@ -180,11 +202,29 @@ fn print_table(b: &BenchReport) {
     ] {
         println!("  {name:<38} {v:>12.2} {:>12} {:>8}", "-", "-");
     }
-    let r = &b.randread_4k_qd1;
-    println!(
-        "  {:<38} {:>12.0} {:>12.0} {:>8.4}",
-        "4 KiB random read, QD1 (IOPS)", r.iops, r.baseline_iops, r.ratio
-    );
+    for r in [&b.randread_4k_qd1, &b.randread_4k_qd16] {
+        println!(
+            "  {:<38} {:>12.0} {:>12.0} {:>8.4}",
+            format!("4 KiB random read, QD{} (IOPS)", r.depth),
+            r.iops,
+            r.baseline_iops,
+            r.ratio
+        );
+        println!(
+            "  {:<38} {:>12.2} {:>12} {:>8}",
+            format!("  interrupts taken per request, QD{}", r.depth),
+            r.interrupts_per_op,
+            "-",
+            "-"
+        );
+        println!(
+            "  {:<38} {:>12.2} {:>12} {:>8}",
+            format!("  injections per request, QD{}", r.depth),
+            r.injections_per_op,
+            "-",
+            "-"
+        );
+    }
     let s = &b.seqread_128k;
     println!(
         "  {:<38} {:>12.1} {:>12.1} {:>8.4}",

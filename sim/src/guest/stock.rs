@@ -71,6 +71,11 @@ impl<'a, H: Hal> Pipe<'a, H> {
         })
     }
 
+    /// The most requests kept in flight.
+    pub fn depth(&self) -> usize {
+        self.depth
+    }
+
     pub fn in_flight(&self) -> usize {
         self.inflight.len()
     }

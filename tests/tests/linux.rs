@@ -364,8 +364,10 @@ struct Tty {
     file: std::fs::File,
     /// Read and not yet split into lines.
     pending: Vec<u8>,
-    /// Every line read so far, for failure messages.
+    /// Every line read so far.
     seen: Vec<String>,
+    /// Queued by [`Tty::send`], written while [`Tty::line_where`] waits.
+    outgoing: Vec<u8>,
 }
 
 impl Tty {
@@ -385,6 +387,7 @@ impl Tty {
             file,
             pending: Vec::new(),
             seen: Vec::new(),
+            outgoing: Vec::new(),
         }
     }
 
@@ -404,7 +407,23 @@ impl Tty {
         }
     }
 
-    /// The first line (without its CR LF) for which `want` is true, waiting up to `timeout`.
+    /// Queues `data` to be typed while the next [`Tty::line_where`] reads: typing much
+    /// without reading would fill the guest's output and stall it.
+    fn send(&mut self, data: &[u8]) {
+        self.outgoing.extend_from_slice(data);
+    }
+
+    /// Writes as much of the queued input as the pty takes now.
+    fn flush_some(&mut self) {
+        match (&self.file).write(&self.outgoing) {
+            Ok(n) => drop(self.outgoing.drain(..n)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("writing to the console: {e}"),
+        }
+    }
+
+    /// The first line (without its CR LF) for which `want` is true, waiting up to `timeout`
+    /// and typing the queued input meanwhile.
     fn line_where(&mut self, want: impl Fn(&str) -> bool, timeout: Duration) -> String {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         use std::io::Read;
@@ -429,8 +448,19 @@ impl Tty {
                 String::from_utf8_lossy(&self.pending)
             );
             let ms = u16::try_from(left.as_millis().min(200)).unwrap();
-            let mut fds = [PollFd::new(self.file.as_fd(), PollFlags::POLLIN)];
+            let mut events = PollFlags::POLLIN;
+            if !self.outgoing.is_empty() {
+                events |= PollFlags::POLLOUT;
+            }
+            let mut fds = [PollFd::new(self.file.as_fd(), events)];
             if poll(&mut fds, PollTimeout::from(ms)).unwrap_or(0) == 0 {
+                continue;
+            }
+            let revents = fds[0].revents().unwrap_or(PollFlags::empty());
+            if revents.contains(PollFlags::POLLOUT) {
+                self.flush_some();
+            }
+            if !revents.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR) {
                 continue;
             }
             let mut buf = [0u8; 4096];
@@ -505,6 +535,14 @@ fn a_shell_on_linux_hvc0_answers_through_the_brokers_pty() {
     assert_eq!(word(&out, "ANSWER"), "42", "{out:?}");
     assert_eq!(word(&out, "TTY"), "/dev/hvc0", "{out:?}");
     let release = word(&out, "RELEASE").to_string();
+    let report = end_console_session(&mut stack, &mut tty, &uml);
+    assert_eq!(report["linux"]["release"], release.as_str());
+    eprintln!("hvc0: {}", tty.seen.join("\n      "));
+}
+
+/// Types `exit` to end the guest's shell; checks that the guest, simulator and broker end
+/// cleanly and that UML's own console (the HVSIM lines) stayed apart from hvc0.
+fn end_console_session(stack: &mut Stack, tty: &mut Tty, uml: &KillGroup) -> Value {
     tty.type_line("exit");
     let report = stack.wait_report(Duration::from_secs(60)).unwrap();
     let failed = failed_checks(&report);
@@ -513,12 +551,10 @@ fn a_shell_on_linux_hvc0_answers_through_the_brokers_pty() {
         "failed checks: {failed:#?}\n{}",
         stack.diagnostics()
     );
-    assert_eq!(report["linux"]["release"], release.as_str());
     assert!(
         check_names(&report).iter().any(|n| n == "hvc0-session"),
         "{report:#}"
     );
-    // UML's own console (the HVSIM lines) and hvc0 stay apart.
     assert!(
         !tty.seen.iter().any(|l| l.contains("HVSIM")),
         "{:?}",
@@ -529,7 +565,63 @@ fn a_shell_on_linux_hvc0_answers_through_the_brokers_pty() {
     let st = stack.broker.wait_exit(Duration::from_secs(10)).unwrap();
     assert!(st.success(), "broker: {st}\n{}", stack.diagnostics());
     assert!(process_group(uml.0).is_empty());
-    eprintln!("hvc0: {}", tty.seen.join("\n      "));
+    report
+}
+
+/// Line `i` of the echo test: distinct, 10 to 129 characters (no spaces at either end,
+/// nothing the shell's `read` changes).
+fn echo_line(i: usize) -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let tail: String = (0..(i * 37) % 120)
+        .map(|k| ALPHABET[(i + k) % ALPHABET.len()] as char)
+        .collect();
+    format!("line-{i:04} {tail}").trim_end().to_string()
+}
+
+#[test]
+fn a_thousand_lines_typed_into_the_brokers_pty_come_back_from_linux_hvc0_once_each_in_order() {
+    if !have_uml() {
+        return;
+    }
+    const LINES: usize = 1000;
+    let s = Scratch::new();
+    let link = s.path("zone1-console");
+    let cfg = s.write_json("zone.json", &zone_of(vec![console(0x2000_0000, 78, &link)]));
+    let (mut stack, uml, mut tty) = start_console_guest(&s, &cfg, &link);
+    // Terminal echo off: each line comes back exactly once, from the loop.
+    tty.ask(
+        "stty -echo; n=0; echo READY-$n; \
+         while read -r l && [ \"$l\" != END ]; do n=$((n + 1)); echo \"ECHO $l\"; done; \
+         echo COUNT-$n; stty echo",
+        "READY-",
+        Duration::from_secs(30),
+    );
+    let lines: Vec<String> = (0..LINES).map(echo_line).collect();
+    let started = std::time::Instant::now();
+    tty.send(format!("{}\nEND\n", lines.join("\n")).as_bytes());
+    let count = tty.line_where(|l| l.starts_with("COUNT-"), Duration::from_secs(120));
+    eprintln!(
+        "{LINES} lines echoed through hvc0 in {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+    let echoed: Vec<&str> = tty
+        .seen
+        .iter()
+        .filter_map(|l| l.strip_prefix("ECHO "))
+        .collect();
+    if let Some(i) = (0..LINES).find(|&i| echoed.get(i) != Some(&lines[i].as_str())) {
+        panic!(
+            "echo {i}: {:?}, typed {:?} ({} echoes)",
+            echoed.get(i),
+            lines[i],
+            echoed.len()
+        );
+    }
+    assert_eq!(echoed.len(), LINES, "more echoes than lines");
+    assert_eq!(count, format!("COUNT-{LINES}"));
+    // Nothing typed came back but through the loop.
+    assert!(!tty.seen.iter().any(|l| l.starts_with("line-")));
+    end_console_session(&mut stack, &mut tty, &uml);
 }
 
 #[test]

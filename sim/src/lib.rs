@@ -111,8 +111,9 @@
 //!   `/init` script) runs the workload and reports on the console with `HVSIM ` lines, which
 //!   the simulator prints (prefixed `linux| `) and parses into the report's `linux` section.
 //!   `linux-boot` loads the drivers, checks every disk appeared, and powers off. `linux-blk`
-//!   also makes an ext2 file system on the first disk (`mke2fs`), writes five files, syncs,
-//!   unmounts, drops caches, remounts read-only and checks every SHA-256; on the second disk
+//!   also uses the first disk's ext4 file system (made on the host) or else makes ext2 there
+//!   (`mke2fs`), writes six files (one of 8 MiB), syncs, unmounts, drops caches, remounts
+//!   read-only and checks every SHA-256 (likewise on any disk after the second); on the second disk
 //!   (if any) it writes up to 64 MiB of random data with `dd oflag=direct`, reads it back with
 //!   `iflag=direct` and compares checksums, then writes the next 8 MiB, discards them
 //!   (`blkdiscard`) and checks they read back as zeros. The report lists every file and checksum, so the

@@ -4,7 +4,8 @@
 //! The guest writes up to [`BENCH_MIB`] MiB to its first disk in 1 MiB blocks with `dd
 //! oflag=direct conv=fsync` (the final FLUSH is the worker's `fdatasync`), then reads them
 //! back [`READ_PASSES`] times with `iflag=direct` (the guest clock ticks in 10 ms steps, so
-//! the transfers are large). After UML exits, [`host_rates`] does the same on the image:
+//! the transfers are large), then once more with [`PARALLEL_READERS`] readers at once,
+//! which keeps many requests in flight. After UML exits, [`host_rates`] does the same on the image:
 //! once with `O_DIRECT` (no page cache at all) and once through the page cache with a final
 //! `fdatasync`, which is what the worker itself does for the guest.
 
@@ -21,6 +22,8 @@ use super::script::Rate;
 pub const BENCH_MIB: u64 = 256;
 /// Read passes over the written range.
 pub const READ_PASSES: u64 = 4;
+/// Readers at once in the last phase, each over its own part of the written range.
+pub const PARALLEL_READERS: u64 = 16;
 const BLOCK: usize = 1 << 20;
 
 /// The shell lines of the `linux-bench` workload.
@@ -45,6 +48,17 @@ bench() {{
     done
     t1=$(now)
     echo "HVSIM rate $d read $(({READ_PASSES} * bytes)) $(secs $t0 $t1)"
+    # {PARALLEL_READERS} readers of their own part at once: many requests in flight.
+    part=$((mib / {PARALLEL_READERS}))
+    t0=$(now)
+    i=0
+    while [ $i -lt {PARALLEL_READERS} ]; do
+        dd if=/dev/$d of=/dev/null bs=1048576 count=$part skip=$((i * part)) iflag=direct 2>/dev/null &
+        i=$((i + 1))
+    done
+    wait
+    t1=$(now)
+    echo "HVSIM rate $d parallel-read $(({PARALLEL_READERS} * part * 1048576)) $(secs $t0 $t1)"
 }}
 bench {d}
 "#
@@ -145,6 +159,7 @@ mod tests {
         let s = script(&["vda".into(), "vdb".into()]);
         assert!(s.contains("bench vda\n"));
         assert!(s.contains("oflag=direct conv=fsync"));
+        assert!(s.contains("HVSIM rate $d parallel-read"));
         assert!(script(&[]).contains("fail"));
         assert_eq!(pass_bytes(80 << 20), 80 << 20);
         assert_eq!(pass_bytes(1 << 30), BENCH_MIB << 20);

@@ -16,9 +16,10 @@ use serde::Serialize;
 pub enum GuestJob {
     /// Boot, load the drivers of every device, list what was found, power off.
     Boot,
-    /// On the first disk: ext2, files, sync, umount, remount and verify. On the second (if
-    /// any): a raw `dd` round trip of up to 64 MiB, then 8 MiB after it written, discarded
-    /// and read back as zeros.
+    /// On the first disk and any after the second: its ext4 file system if the host made
+    /// one, otherwise ext2 made by the guest; files (one of 8 MiB), sync, umount, remount and
+    /// verify. On the second (if any): a raw `dd` round trip of up to 64 MiB, then 8 MiB
+    /// after it written, discarded and read back as zeros.
     Blk,
     /// eth0 against the host end of the tap (see `super::net`).
     Net,
@@ -62,25 +63,36 @@ waitdev() {
 "#;
 
 const BLK_FS: &str = r#"
+# A disk that holds an ext4 file system (made on the host) is used as it is: journal,
+# extents and metadata checksums. Any other disk gets an ext2 file system made here.
 fs_test() {
     d=$1
-    check "$d-mke2fs" mke2fs -F /dev/$d || return
     mkdir -p /mnt/$d
-    check "$d-mount" mount -t ext2 /dev/$d /mnt/$d || return
+    if mount -t ext4 -o ro /dev/$d /mnt/$d 2>/dev/null; then
+        umount /mnt/$d
+        fs=ext4
+    else
+        check "$d-mke2fs" mke2fs -F /dev/$d || return
+        fs=ext2
+    fi
+    check "$d-mount-$fs" mount -t $fs /dev/$d /mnt/$d || return
+    [ $fs = ext4 ] && check "$d-journal" sh -c "ls /proc/fs/jbd2 | grep -q '^$d-'"
     mkdir -p /mnt/$d/dir/sub
     echo "hello from a Linux guest" > /mnt/$d/hello.txt
     dd if=/dev/urandom of=/mnt/$d/small.bin bs=1024 count=1 2>/dev/null
     dd if=/dev/urandom of=/mnt/$d/dir/medium.bin bs=4096 count=25 2>/dev/null
     dd if=/dev/urandom of=/mnt/$d/dir/sub/large.bin bs=65536 count=48 2>/dev/null
+    dd if=/dev/urandom of=/mnt/$d/dir/big.bin bs=1048576 count=8 2>/dev/null
     head -c 777 /dev/urandom > /mnt/$d/dir/sub/odd.bin
-    for f in /hello.txt /small.bin /dir/medium.bin /dir/sub/large.bin /dir/sub/odd.bin; do
-        echo "HVSIM file $d $f $(stat -c %s /mnt/$d$f) $(sha256sum /mnt/$d$f | cut -d' ' -f1)"
+    files="hello.txt small.bin dir/medium.bin dir/sub/large.bin dir/big.bin dir/sub/odd.bin"
+    for f in $files; do
+        echo "HVSIM file $d /$f $(stat -c %s /mnt/$d/$f) $(sha256sum /mnt/$d/$f | cut -d' ' -f1)"
     done
-    (cd /mnt/$d && sha256sum hello.txt small.bin dir/medium.bin dir/sub/large.bin dir/sub/odd.bin > /tmp/$d.sums)
+    (cd /mnt/$d && sha256sum $files > /tmp/$d.sums)
     check "$d-sync" sync
     check "$d-umount" umount /mnt/$d
     echo 3 > /proc/sys/vm/drop_caches
-    check "$d-remount" mount -t ext2 -o ro /dev/$d /mnt/$d || return
+    check "$d-remount" mount -t $fs -o ro /dev/$d /mnt/$d || return
     check "$d-reread" sh -c "cd /mnt/$d && sha256sum -c /tmp/$d.sums"
     check "$d-final-umount" umount /mnt/$d
 }
@@ -156,7 +168,12 @@ pub fn init_script(job: GuestJob, disks: &[String]) -> String {
             match disks {
                 [] => s.push_str("echo \"HVSIM check blk-disks fail no blk device\"\n"),
                 [fs] => s.push_str(&format!("fs_test {fs}\n")),
-                [fs, raw, ..] => s.push_str(&format!("fs_test {fs}\nraw_test {raw}\n")),
+                [fs, raw, more @ ..] => {
+                    s.push_str(&format!("fs_test {fs}\nraw_test {raw}\n"));
+                    for d in more {
+                        s.push_str(&format!("fs_test {d}\n"));
+                    }
+                }
             }
         }
         GuestJob::Net => s.push_str(&super::net::script()),
@@ -312,8 +329,8 @@ mod tests {
 
     #[test]
     fn scripts_name_the_disks() {
-        let s = init_script(GuestJob::Blk, &["vda".into(), "vdb".into()]);
-        assert!(s.contains("fs_test vda\nraw_test vdb\n"));
+        let s = init_script(GuestJob::Blk, &["vda".into(), "vdb".into(), "vdc".into()]);
+        assert!(s.contains("fs_test vda\nraw_test vdb\nfs_test vdc\n"));
         assert!(s.contains("waitdev vda"));
         assert!(s.ends_with("poweroff -f\n"));
         let s = init_script(GuestJob::Boot, &[]);

@@ -1,8 +1,9 @@
 //! Disk benchmark from inside a real Linux guest (not a timed test): runs the simulator's
 //! `linux-bench` workload (User-Mode Linux, its own virtio-blk driver, through the broker and
 //! the blk worker) and prints the guest's sequential `dd` figures beside the same operations
-//! done on the host on the same image file in the same run. Needs Debian's `user-mode-linux`
-//! and `busybox-static`. Build with `--release` first:
+//! done on the host on the same image file in the same run; then 16 parallel readers and the
+//! most requests the guest had outstanding at a kick. Needs Debian's `user-mode-linux` and
+//! `busybox-static`. Build with `--release` first:
 //! `cargo build --release --workspace --bins && target/release/hvisor-linux-bench [IMAGE_MIB]`.
 
 use std::time::Duration;
@@ -103,6 +104,15 @@ fn main() -> anyhow::Result<()> {
     );
     println!(
         "host page cache: pwrite then fdatasync, pread from a warm cache: what the worker does for the guest."
+    );
+    // How many requests Linux keeps in flight depends on scheduling: a figure, not a check.
+    let par = rate(&guest, None, "parallel-read");
+    println!(
+        "16 parallel readers (dd iflag=direct), {} MiB in all: {}; most requests Linux had \
+         outstanding on a queue at a kick: {}",
+        bytes(par),
+        cell(mbps(par)),
+        linux["links"][0]["max_in_flight"]
     );
     println!(
         "UML boot to /init {:.2} s, whole run {:.1} s.",

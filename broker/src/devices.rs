@@ -1,9 +1,9 @@
 //! What each device kind offers the guest (features, queues, config space) and the host
 //! resources the broker opens for its worker.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::FileTypeExt;
 
 use anyhow::{bail, Context, Result};
 use config::{Device, DeviceConfig};
@@ -49,12 +49,9 @@ pub enum Host {
 pub fn prepare(dev: &Device) -> Result<Prepared> {
     match &dev.kind {
         DeviceConfig::Blk { img, readonly } => {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(!readonly)
-                .custom_flags(libc::O_CLOEXEC)
-                .open(img)
-                .with_context(|| format!("{}.img: cannot open {}", dev.json_path, img.display()))?;
+            // Checked again here: the path may have changed since the config was read.
+            let file = config::paths::open_image(img, *readonly)
+                .map_err(|e| anyhow::anyhow!("{}.img: {e}", dev.json_path))?;
             lock(&file, *readonly).with_context(|| {
                 format!(
                     "{}.img: {} is in use by another device or process",

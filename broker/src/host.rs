@@ -4,7 +4,7 @@
 
 use std::fs::OpenOptions;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -133,7 +133,7 @@ pub struct Pty {
     /// Held open so the master never sees a hang-up while no reader is attached.
     _slave: OwnedFd,
     pub path: PathBuf,
-    link: Option<PathBuf>,
+    link: Option<Link>,
 }
 
 impl Pty {
@@ -162,32 +162,19 @@ impl Pty {
             );
         }
         let path = nix::unistd::ttyname(pair.slave.as_fd()).context("ttyname of the pty")?;
-        let mut pty = Pty {
+        let link = link
+            .map(|l| Link::make(l, &path).with_context(|| format!("pty_link {}", l.display())))
+            .transpose()?;
+        Ok(Pty {
             master: pair.master,
             _slave: pair.slave,
             path,
-            link: None,
-        };
-        if let Some(link) = link {
-            make_link(link, &pty.path).with_context(|| format!("pty_link {}", link.display()))?;
-            pty.link = Some(link.to_owned());
-        }
-        Ok(pty)
+            link,
+        })
     }
 
     pub fn link(&self) -> Option<&Path> {
-        self.link.as_deref()
-    }
-}
-
-impl Drop for Pty {
-    fn drop(&mut self) {
-        // Only our own link: someone may have replaced it meanwhile.
-        if let Some(link) = &self.link {
-            if std::fs::read_link(link).is_ok_and(|t| t == self.path) {
-                let _ = std::fs::remove_file(link);
-            }
-        }
+        self.link.as_ref().map(|l| l.shown.as_path())
     }
 }
 
@@ -199,16 +186,57 @@ fn set_cloexec(fd: &OwnedFd) -> Result<()> {
     Ok(())
 }
 
-/// Points `link` at `target`, replacing a stale symlink; a regular file there is refused.
-fn make_link(link: &Path, target: &Path) -> Result<()> {
-    if let Some(dir) = link.parent() {
-        std::fs::create_dir_all(dir)?;
+/// A `pty_link` we made, and the directories made for it; all removed when dropped (only what
+/// is still ours: someone may have replaced the link, or put files in the directories).
+struct Link {
+    /// As configured, for messages.
+    shown: PathBuf,
+    /// Where it is, without symlinks.
+    path: PathBuf,
+    target: PathBuf,
+    /// Outermost first.
+    made: Vec<PathBuf>,
+}
+
+impl Link {
+    /// Points a link at `target`, through the same checks as the config's (see
+    /// [`config::paths::link_place`]): only a stale link to a pty is replaced.
+    fn make(link: &Path, target: &Path) -> Result<Link> {
+        let place = config::paths::link_place(link).map_err(anyhow::Error::msg)?;
+        let mut made = Link {
+            shown: link.to_owned(),
+            path: place.path(),
+            target: target.to_owned(),
+            made: Vec::new(),
+        };
+        let mut dir = place.dir;
+        for name in &place.missing {
+            dir.push(name);
+            std::fs::DirBuilder::new()
+                .mode(0o755)
+                .create(&dir)
+                .with_context(|| format!("mkdir {}", dir.display()))?;
+            made.made.push(dir.clone());
+        }
+        match std::fs::remove_file(&made.path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+            _ => {}
+        }
+        std::os::unix::fs::symlink(target, &made.path)?;
+        Ok(made)
     }
-    match std::fs::symlink_metadata(link) {
-        Ok(m) if m.file_type().is_symlink() => std::fs::remove_file(link)?,
-        Ok(_) => bail!("exists and is not a symlink"),
-        Err(_) => {}
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        if std::fs::read_link(&self.path).is_ok_and(|t| t == self.target) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+        // Innermost first; one that is not empty keeps its parents too.
+        for dir in self.made.iter().rev() {
+            if std::fs::remove_dir(dir).is_err() {
+                break;
+            }
+        }
     }
-    std::os::unix::fs::symlink(target, link)?;
-    Ok(())
 }

@@ -10,7 +10,9 @@ use std::fs::File;
 use std::io::{Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+mod keys;
 mod number;
+pub mod paths;
 mod validate;
 
 /// Zone ids index per-zone tables in hvisor-tool (`MAX_ZONES` = `MAX_CPUS`).
@@ -20,6 +22,9 @@ pub const MAX_REGIONS: usize = 64;
 /// The bridge page's `mmio_addrs[MAX_DEVS]`: enabled devices in total, across zones.
 pub const MAX_DEVS: usize = 8;
 pub const PAGE_SIZE: u64 = 4096;
+/// No RAM region or MMIO range may end above 2^52, the widest physical address of Armv8 (LPA)
+/// and x86-64: no board comes near, and larger sizes are typing mistakes or attacks.
+pub const PHYS_ADDR_BITS: u32 = 52;
 
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -145,7 +150,15 @@ fn parse_named(text: &str, name: &str) -> Result<Loaded, ConfigErrors> {
     // serde_json's message ends with "at line L column C".
     let value: serde_json::Value = serde_json::from_str(text)
         .map_err(|e| ConfigErrors::one(name, format!("not valid JSON: {e}")))?;
-    validate::validate(&value)
+    let mut errors = keys::duplicates(text);
+    match validate::validate(&value) {
+        Ok(loaded) if errors.is_empty() => Ok(loaded),
+        Ok(_) => Err(ConfigErrors(errors)),
+        Err(more) => {
+            errors.extend(more.0);
+            Err(ConfigErrors(errors))
+        }
+    }
 }
 
 impl Config {

@@ -1,6 +1,8 @@
 use super::*;
 use serde_json::{json, Value};
 use std::io::Write;
+use std::os::unix::fs::{chown, symlink, PermissionsExt};
+use std::path::PathBuf;
 
 /// The example from the hvisor-tool documentation, with `img` filled in by the test.
 const SEED: &str = r#"{
@@ -51,14 +53,27 @@ const SEED: &str = r#"{
     ]
 }"#;
 
-/// A 1 MiB image file that lives as long as the test.
-fn image() -> tempfile::NamedTempFile {
-    let mut f = tempfile::NamedTempFile::new().unwrap();
-    f.write_all(&vec![0u8; 1 << 20]).unwrap();
-    f
+/// A 1 MiB image file that lives as long as the test, in a directory of its own (a file
+/// directly in a sticky /tmp would be refused).
+struct Image {
+    dir: tempfile::TempDir,
 }
 
-fn seed(img: &tempfile::NamedTempFile) -> Value {
+impl Image {
+    fn path(&self) -> PathBuf {
+        self.dir.path().join("disk.img")
+    }
+}
+
+fn image() -> Image {
+    let img = Image {
+        dir: tempfile::tempdir().unwrap(),
+    };
+    std::fs::write(img.path(), vec![0u8; 1 << 20]).unwrap();
+    img
+}
+
+fn seed(img: &Image) -> Value {
     let mut v: Value = serde_json::from_str(SEED).unwrap();
     v["zones"][0]["devices"][2]["img"] = json!(img.path().to_str().unwrap());
     v
@@ -511,7 +526,6 @@ fn blk_img_that_cannot_be_opened() {
 
 #[test]
 fn blk_readonly_mode_is_checked_by_opening() {
-    use std::os::unix::fs::PermissionsExt;
     let img = image();
     std::fs::set_permissions(img.path(), std::fs::Permissions::from_mode(0o444)).unwrap();
     // Root may write to anything; only check refusal where permissions apply.
@@ -584,6 +598,10 @@ fn bad_tap_names() {
         ("tap 0", "must not contain"),
         ("tap\u{0}", "must not contain"),
         ("..", "not a valid interface name"),
+        // The kernel would replace "%d" by a number: another interface than configured.
+        ("tap%d", "must not contain"),
+        ("tap:1", "must not contain"),
+        ("tap\t", "must not contain"),
     ] {
         let e = broken(|v| dev(v, 0)["tap"] = json!(tap));
         has(&e, "zones[0].devices[0].tap", reason);
@@ -680,12 +698,14 @@ fn eight_devices_across_zones_are_fine() {
     let mut v = seed(&img);
     let mut z2 = v["zones"][0].clone();
     z2["id"] = json!(2);
+    z2["memory_region"][0]["zone0_ipa"] = json!("0x80000000");
     z2["devices"].as_array_mut().unwrap().truncate(2);
     z2["devices"][0]["type"] = json!("console");
     z2["devices"][0].as_object_mut().unwrap().remove("tap");
     z2["devices"][0].as_object_mut().unwrap().remove("mac");
     let mut z3 = z2.clone();
     z3["id"] = json!(3);
+    z3["memory_region"][0]["zone0_ipa"] = json!("0xb0000000");
     z3["devices"].as_array_mut().unwrap().pop();
     v["zones"].as_array_mut().unwrap().extend([z2, z3]);
     // 3 + 2 + 1 = 6 enabled.
@@ -756,6 +776,7 @@ fn zones_may_reuse_addr_and_irq() {
     let mut v = seed(&img);
     let mut z2 = v["zones"][0].clone();
     z2["id"] = json!(2);
+    z2["memory_region"][0]["zone0_ipa"] = json!("0x80000000");
     z2["devices"] = json!([v["zones"][0]["devices"][2].clone()]);
     z2["devices"][0]["img"] = json!(img2.path().to_str().unwrap());
     v["zones"].as_array_mut().unwrap().push(z2);
@@ -871,4 +892,258 @@ fn net_and_console_extensions() {
     bad["zones"][0]["devices"][1]["cols"] = serde_json::json!(0);
     let e = parse(&bad.to_string()).unwrap_err().to_string();
     assert!(e.contains("zones[0].devices[1].cols"), "{e}");
+}
+
+/// A second zone with one region and, optionally, one device.
+fn add_zone(v: &mut Value, id: u32, zone0_ipa: &str, device: Option<Value>) {
+    let devices: Vec<Value> = device.into_iter().collect();
+    v["zones"].as_array_mut().unwrap().push(json!({
+        "id": id,
+        "memory_region": [{ "zone0_ipa": zone0_ipa, "zonex_ipa": "0x50000000", "size": "0x10000000" }],
+        "devices": devices
+    }));
+}
+
+#[test]
+fn ram_of_two_zones_must_not_overlap_in_zone0_space() {
+    // Zone 2's RAM starts inside zone 1's (0x50000000-0x7fffffff as the root zone sees it):
+    // zone 2's workers would map zone 1's memory.
+    let e = broken(|v| add_zone(v, 2, "0x7ffff000", None));
+    has(
+        &e,
+        "zones[1].memory_region[0]",
+        "overlaps zones[0].memory_region[0] in zone0_ipa space",
+    );
+    // The same zonex_ipa in two zones is normal: each zone has its own address space.
+    let img = image();
+    let mut v = seed(&img);
+    add_zone(&mut v, 2, "0x80000000", None);
+    ok(&v);
+}
+
+#[test]
+fn region_size_must_be_whole_pages() {
+    let e = broken(|v| v["zones"][0]["memory_region"][0]["size"] = json!("0x30000001"));
+    has(
+        &e,
+        "zones[0].memory_region[0].size",
+        "0x30000001 is not a whole number of pages",
+    );
+    let e = broken(|v| v["zones"][0]["memory_region"][0]["size"] = json!("0x800"));
+    has(&e, "zones[0].memory_region[0].size", "not a whole number");
+}
+
+#[test]
+fn ranges_beyond_the_physical_address_width() {
+    let e = broken(|v| {
+        v["zones"][0]["memory_region"][0] = json!({
+            "zone0_ipa": "0xffffffff0000", "zonex_ipa": "0x50000000", "size": "0x10000000000000"
+        })
+    });
+    has(
+        &e,
+        "zones[0].memory_region[0]",
+        "zone0_ipa 0xffffffff0000 + size 0x10000000000000 ends beyond the 52-bit",
+    );
+    let e = broken(|v| v["zones"][0]["memory_region"][0]["zonex_ipa"] = json!("0xfffffff000000"));
+    has(&e, "zones[0].memory_region[0]", "zonex_ipa 0xfffffff000000");
+    let e = broken(|v| dev(v, 1)["addr"] = json!("0xfffffffffff00"));
+    has(&e, "zones[0].devices[1]", "ends beyond the 52-bit");
+    // Up to the last byte below 2^52 is fine.
+    let img = image();
+    let mut v = seed(&img);
+    dev(&mut v, 1)["addr"] = json!("0xffffffffffe00");
+    ok(&v);
+}
+
+#[test]
+fn duplicate_keys_are_refused_wherever_they_are() {
+    let img = image();
+    let text = seed(&img).to_string();
+    // hvisor-tool's parser takes the first "img", a JSON library may take the last.
+    let dup = text.replacen("\"img\":", "\"img\":\"/nonexistent\",\"img\":", 1);
+    assert_ne!(dup, text);
+    has(
+        &errors_text(&dup),
+        "zones[0].devices[2].img",
+        "duplicate key",
+    );
+    let dup = text.replacen('{', "{\"zones\":[],", 1);
+    has(&errors_text(&dup), "zones", "duplicate key");
+    let dup = text.replacen("\"size\":", "\"size\":\"0x1000\",\"size\":", 1);
+    has(
+        &errors_text(&dup),
+        "zones[0].memory_region[0].size",
+        "duplicate key",
+    );
+    // Even under keys we ignore.
+    let dup = text.replacen("\"irq\":", "\"x\":{\"a\":[{\"b\":1,\"b\":1}]},\"irq\":", 1);
+    has(
+        &errors_text(&dup),
+        "zones[0].devices[0].x.a[0].b",
+        "duplicate key",
+    );
+}
+
+#[test]
+fn all_zero_mac() {
+    let e = broken(|v| dev(v, 0)["mac"] = json!([0, 0, 0, 0, 0, 0]));
+    has(&e, "zones[0].devices[0].mac", "all zero");
+}
+
+#[test]
+fn one_pty_link_for_two_consoles() {
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("console");
+    // The same place through "." and a symlinked directory.
+    symlink(dir.path(), dir.path().join("alias")).unwrap();
+    let same = format!("{}/./alias/console", dir.path().display());
+    let console = json!({ "type": "console", "addr": "0xa003800", "len": "0x200", "irq": 76,
+                          "status": "enable", "pty_link": same });
+    let e = broken(|v| {
+        dev(v, 1)["pty_link"] = json!(link.to_str().unwrap());
+        add_zone(v, 2, "0x80000000", Some(console));
+    });
+    has(
+        &e,
+        "zones[1].devices[0].pty_link",
+        "same link as zones[0].devices[1].pty_link",
+    );
+}
+
+/// A directory owned by an unprivileged user, below a fresh root-owned one.
+fn user_dir() -> (tempfile::TempDir, PathBuf) {
+    let top = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(top.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let user = top.path().join("user");
+    std::fs::create_dir(&user).unwrap();
+    chown(&user, Some(65534), Some(65534)).unwrap();
+    (top, user)
+}
+
+fn img_errors(path: &std::path::Path) -> Vec<ConfigError> {
+    broken(|v| dev(v, 2)["img"] = json!(path.to_str().unwrap()))
+}
+
+#[test]
+fn img_below_a_directory_another_user_controls() {
+    let (_top, user) = user_dir();
+    let img = user.join("disk.img");
+    std::fs::write(&img, [0u8; 4096]).unwrap();
+    has(
+        &img_errors(&img),
+        "zones[0].devices[2].img",
+        "owned by uid 65534",
+    );
+
+    // Root's, but writable by its group.
+    chown(&user, Some(0), Some(0)).unwrap();
+    std::fs::set_permissions(&user, std::fs::Permissions::from_mode(0o775)).unwrap();
+    has(
+        &img_errors(&img),
+        "zones[0].devices[2].img",
+        "writable by group or others",
+    );
+
+    // Sticky like /tmp: fine on the way to a directory of root's, not as the last one.
+    std::fs::set_permissions(&user, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    has(&img_errors(&img), "zones[0].devices[2].img", "sticky");
+    let inner = user.join("root");
+    std::fs::create_dir(&inner).unwrap();
+    std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(inner.join("disk.img"), [0u8; 4096]).unwrap();
+    let img = image();
+    let mut v = seed(&img);
+    dev(&mut v, 2)["img"] = json!(inner.join("disk.img").to_str().unwrap());
+    ok(&v);
+}
+
+#[test]
+fn img_symlinks() {
+    let (top, user) = user_dir();
+    let secret = top.path().join("secret");
+    std::fs::write(&secret, [0u8; 4096]).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    // The attack: a link in a directory a user owns, pointing at a root-only file.
+    let swapped = user.join("disk.img");
+    symlink(&secret, &swapped).unwrap();
+    has(
+        &img_errors(&swapped),
+        "zones[0].devices[2].img",
+        "owned by uid 65534",
+    );
+    // A link to the user's directory from a safe place is no better.
+    let via = top.path().join("via");
+    symlink(&user, &via).unwrap();
+    has(
+        &img_errors(&via.join("disk.img")),
+        "zones[0].devices[2].img",
+        "owned by uid 65534",
+    );
+    // A safe link to a target on a safe path is accepted (relative targets too).
+    let good = top.path().join("good.img");
+    symlink("secret", &good).unwrap();
+    let img = image();
+    let mut v = seed(&img);
+    dev(&mut v, 2)["img"] = json!(good.to_str().unwrap());
+    ok(&v);
+    // ... but not one whose target lies below the user's directory.
+    std::fs::write(user.join("own.img"), [0u8; 4096]).unwrap();
+    let bad = top.path().join("bad.img");
+    symlink(user.join("own.img"), &bad).unwrap();
+    has(
+        &img_errors(&bad),
+        "zones[0].devices[2].img",
+        "owned by uid 65534",
+    );
+}
+
+fn link_errors(link: &std::path::Path) -> Vec<ConfigError> {
+    broken(|v| dev(v, 1)["pty_link"] = json!(link.to_str().unwrap()))
+}
+
+#[test]
+fn pty_link_places() {
+    let (top, user) = user_dir();
+    has(
+        &link_errors(&user.join("console")),
+        "zones[0].devices[1].pty_link",
+        "owned by uid 65534",
+    );
+    // Below a missing directory of the user's directory: we would create it there.
+    has(
+        &link_errors(&user.join("run/console")),
+        "zones[0].devices[1].pty_link",
+        "owned by uid 65534",
+    );
+    // Something that is not a link of ours is never replaced.
+    let file = top.path().join("file");
+    std::fs::write(&file, "x").unwrap();
+    has(
+        &link_errors(&file),
+        "zones[0].devices[1].pty_link",
+        "exists and is not a symlink",
+    );
+    let other = top.path().join("other");
+    symlink("/etc/passwd", &other).unwrap();
+    has(
+        &link_errors(&other),
+        "zones[0].devices[1].pty_link",
+        "not a pty link",
+    );
+    has(
+        &link_errors(&top.path().join("a/../console")),
+        "zones[0].devices[1].pty_link",
+        "'..'",
+    );
+    // A stale link to a pty is ours to replace; missing directories are ours to make.
+    let stale = top.path().join("stale");
+    symlink("/dev/pts/4242", &stale).unwrap();
+    for link in [stale, top.path().join("new/dir/console")] {
+        let img = image();
+        let mut v = seed(&img);
+        dev(&mut v, 1)["pty_link"] = json!(link.to_str().unwrap());
+        ok(&v);
+    }
 }

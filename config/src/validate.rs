@@ -1,8 +1,6 @@
 //! Turns the parsed JSON into a [`Config`], collecting every error and warning on the way.
 
 use std::collections::HashMap;
-use std::fs::OpenOptions;
-use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
 
 use serde_json::{Map, Value};
@@ -10,7 +8,7 @@ use serde_json::{Map, Value};
 use crate::number::{kind_of, parse_value, C_INT_MAX};
 use crate::{
     Config, ConfigError, ConfigErrors, Device, DeviceConfig, Loaded, MemRegion, Zone, MAX_DEVS,
-    MAX_REGIONS, MAX_ZONES, PAGE_SIZE,
+    MAX_REGIONS, MAX_ZONES, PAGE_SIZE, PHYS_ADDR_BITS,
 };
 
 const TOP_KEYS: &[&str] = &["zones"];
@@ -21,6 +19,8 @@ const COMMON_DEVICE_KEYS: &[&str] = &["type", "status", "addr", "len", "irq"];
 const MIN_DEVICE_LEN: u64 = 0x100;
 /// IFNAMSIZ - 1.
 const MAX_TAP_NAME: usize = 15;
+/// Where the physical address space ends.
+const PHYS_END: u64 = 1 << PHYS_ADDR_BITS;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -96,7 +96,7 @@ pub fn validate(root: &Value) -> Result<Loaded, ConfigErrors> {
     }
 }
 
-fn join(path: &str, key: &str) -> String {
+pub(crate) fn join(path: &str, key: &str) -> String {
     if path.is_empty() {
         key.to_string()
     } else {
@@ -162,6 +162,11 @@ struct Checker {
     zone_ids: HashMap<u32, usize>,
     /// Devices with `"status": "enable"` and a known type, across all zones.
     enabled: usize,
+    /// Every valid region of every zone, with the zone's index and the region's path: RAM of
+    /// two zones must not overlap in the root zone's view.
+    all_ram: Vec<(usize, String, MemRegion)>,
+    /// Each `pty_link` (as resolved) -> the JSON path of the first console with it.
+    pty_links: HashMap<PathBuf, String>,
 }
 
 impl Checker {
@@ -311,7 +316,31 @@ impl Checker {
         if self.enabled == 0 {
             self.err("zones", "nothing to serve: no enabled device");
         }
+        self.zones_apart();
         zones
+    }
+
+    /// RAM of one zone must not be another's: each zone's workers map its regions at zone0_ipa.
+    fn zones_apart(&mut self) {
+        let spans: Vec<Span> = self
+            .all_ram
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (_, _, r))| Span::new(i, r.zone0_ipa, r.size))
+            .collect();
+        for (later, earlier) in overlapping(&spans) {
+            let (zl, pl, _) = &self.all_ram[later.index];
+            let (ze, pe, _) = &self.all_ram[earlier.index];
+            // Overlaps within a zone are already reported.
+            if zl != ze {
+                let reason = format!(
+                    "overlaps {pe} in zone0_ipa space ({} and {}): RAM of another zone",
+                    later.show(),
+                    earlier.show()
+                );
+                self.err(pl.clone(), reason);
+            }
+        }
     }
 
     fn zone(&mut self, v: &Value, path: &str, index: usize) -> Option<Zone> {
@@ -332,6 +361,11 @@ impl Checker {
             Some(id)
         });
         let memory = self.regions(obj, path);
+        self.all_ram.extend(
+            memory
+                .iter()
+                .map(|(i, r)| (index, format!("{path}.memory_region[{i}]"), *r)),
+        );
         let enabled_before = self.enabled;
         let devices = self.devices(obj, path, id.unwrap_or(0), &memory);
         if memory.is_empty() && self.enabled > enabled_before {
@@ -420,13 +454,18 @@ impl Checker {
         if let Some(a) = zonex {
             ok &= self.aligned(a, path, "zonex_ipa");
         }
+        // Workers map whole pages: a partial one would expose what follows the region.
+        if let Some(s) = size.filter(|s| s % PAGE_SIZE != 0) {
+            self.err(
+                join(path, "size"),
+                format!("{s:#x} is not a whole number of pages ({PAGE_SIZE:#x} bytes)"),
+            );
+            ok = false;
+        }
         let (zone0, zonex, size) = (zone0?, zonex?, size?);
         for (key, start) in [("zone0_ipa", zone0), ("zonex_ipa", zonex)] {
-            if start.checked_add(size).is_none() {
-                self.err(
-                    path,
-                    format!("{key} {start:#x} + size {size:#x} overflows 64 bits"),
-                );
+            if let Some(reason) = range_problem(start, size) {
+                self.err(path, format!("{key} {start:#x} + size {size:#x} {reason}"));
                 ok = false;
             }
         }
@@ -564,11 +603,10 @@ impl Checker {
         let irq = self.nonzero(obj, path, "irq", 32);
         let span = match (addr, len) {
             (Some(a), Some(l)) => {
-                let span = Span::new(index, a, l);
-                if span.is_none() {
-                    self.err(path, format!("addr {a:#x} + len {l:#x} overflows 64 bits"));
+                if let Some(reason) = range_problem(a, l) {
+                    self.err(path, format!("addr {a:#x} + len {l:#x} {reason}"));
                 }
-                span
+                Span::new(index, a, l)
             }
             _ => None,
         };
@@ -631,7 +669,7 @@ impl Checker {
             None => return None,
         };
         let readonly = readonly?;
-        if let Err(reason) = check_image(&img, readonly) {
+        if let Err(reason) = crate::paths::open_image(&img, readonly) {
             self.err(join(path, "img"), reason);
             return None;
         }
@@ -663,9 +701,9 @@ impl Checker {
         let rows = self.small_number(obj, path, "rows", drows, 1..=u16::MAX);
         let pty_link = match obj.get("pty_link") {
             None => Some(None),
-            Some(Value::String(s)) if s.starts_with('/') && s.len() > 1 => {
-                Some(Some(PathBuf::from(s)))
-            }
+            Some(Value::String(s)) if s.starts_with('/') && s.len() > 1 => self
+                .pty_link(PathBuf::from(s), &join(path, "pty_link"))
+                .map(Some),
             Some(v) => {
                 let what = match v {
                     Value::String(s) => format!("{s:?}"),
@@ -683,6 +721,24 @@ impl Checker {
             cols: cols?,
             rows: rows?,
         })
+    }
+
+    /// A link that is safe to make and no other console's.
+    fn pty_link(&mut self, link: PathBuf, path: &str) -> Option<PathBuf> {
+        let place = match crate::paths::link_place(&link) {
+            Ok(place) => place,
+            Err(reason) => {
+                self.err(path, reason);
+                return None;
+            }
+        };
+        if let Some(first) = self.pty_links.get(&place.path()) {
+            let reason = format!("{link:?} is the same link as {first}");
+            self.err(path, reason);
+            return None;
+        }
+        self.pty_links.insert(place.path(), path.to_string());
+        Some(link)
     }
 
     /// An optional 16-bit number within `range`, `default` when absent.
@@ -731,6 +787,10 @@ impl Checker {
         if !ok {
             return None;
         }
+        if mac == [0; 6] {
+            self.err(p, "00:00:00:00:00:00 is all zero, not an address");
+            return None;
+        }
         if mac[0] & 1 != 0 {
             self.err(
                 p,
@@ -758,33 +818,22 @@ fn tap_problem(name: &str) -> Option<String> {
         Some("is not a valid interface name".to_string())
     } else if name
         .chars()
-        .any(|c| c == '/' || c == ':' || c == '\0' || c.is_whitespace())
+        .any(|c| matches!(c, '/' | ':' | '%' | '\0') || c.is_whitespace())
     {
-        Some("must not contain '/', ':', white space or NUL".to_string())
+        // The kernel refuses these, or (for '%') makes up a name of its own.
+        Some("must not contain '/', ':', '%', white space or NUL".to_string())
     } else {
         None
     }
 }
 
-/// Opens the image the way the worker will use it. Anything but a regular file or a block
-/// device is refused first, since opening a FIFO would block.
-fn check_image(img: &std::path::Path, readonly: bool) -> Result<(), String> {
-    let mode = if readonly { "read-only" } else { "read-write" };
-    let shown = img.display();
-    let meta = std::fs::metadata(img).map_err(|e| format!("cannot open {shown:?} {mode}: {e}"))?;
-    let ft = meta.file_type();
-    if ft.is_dir() {
-        return Err(format!("{shown:?} is a directory"));
+/// Why `[start, start + len)` cannot be a physical range, if it cannot.
+fn range_problem(start: u64, len: u64) -> Option<String> {
+    match start.checked_add(len) {
+        None => Some("overflows 64 bits".to_string()),
+        Some(end) if end > PHYS_END => Some(format!(
+            "ends beyond the {PHYS_ADDR_BITS}-bit physical address space"
+        )),
+        Some(_) => None,
     }
-    if !ft.is_file() && !ft.is_block_device() {
-        return Err(format!(
-            "{shown:?} is neither a regular file nor a block device"
-        ));
-    }
-    OpenOptions::new()
-        .read(true)
-        .write(!readonly)
-        .open(img)
-        .map(drop)
-        .map_err(|e| format!("cannot open {shown:?} {mode}: {e}"))
 }

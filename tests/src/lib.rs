@@ -75,6 +75,38 @@ impl Scratch {
         std::fs::write(&p, serde_json::to_vec_pretty(v).unwrap()).unwrap();
         p
     }
+    /// A directory `name` owned by the unprivileged user `uid` (the scratch directory is opened
+    /// to everyone for it, still root's and writable only by root).
+    pub fn user_dir(&self, name: &str, uid: u32) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(self.dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod scratch");
+        let p = self.path(name);
+        std::fs::create_dir(&p).expect("mkdir");
+        std::os::unix::fs::chown(&p, Some(uid), Some(uid)).expect("chown");
+        p
+    }
+}
+
+/// The unprivileged user the path tests play.
+pub const NOBODY: u32 = 65534;
+
+/// Runs the shell `script` as user and group `uid` (no supplementary groups) and asserts it
+/// succeeded.
+pub fn run_as(uid: u32, script: &str) {
+    use std::os::unix::process::CommandExt;
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .uid(uid)
+        .gid(uid)
+        .output()
+        .expect("run sh");
+    assert!(
+        out.status.success(),
+        "as uid {uid}: {script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 impl Default for Scratch {

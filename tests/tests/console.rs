@@ -381,3 +381,42 @@ fn without_a_link_the_pty_is_found_in_the_log_and_the_size_is_80x25() {
     let st = stack.stop_broker().unwrap();
     assert!(st.success(), "broker: {st}\n{}", stack.diagnostics());
 }
+
+#[test]
+fn directories_made_for_the_link_are_removed_and_a_stale_link_is_replaced() {
+    // The link two directories below one that exists: both are made at start, and removed at
+    // stop since they are empty again.
+    let s = Scratch::new();
+    let link = s.path("run/made/deeper/zone1-console");
+    std::fs::create_dir(s.path("run")).unwrap();
+    let cfg = console_config(&s, json!({ "pty_link": link.to_str().unwrap() }));
+    let (mut stack, pty, _, _) = start(&s, &cfg);
+    assert_eq!(std::fs::read_link(&link).unwrap(), pty);
+    assert!(
+        stack.stop_broker().unwrap().success(),
+        "{}",
+        stack.diagnostics()
+    );
+    assert!(!s.path("run/made").exists(), "made directories left behind");
+    assert!(
+        s.path("run").is_dir(),
+        "a directory we did not make was removed"
+    );
+
+    // A link to a pty that is gone is a stale one of ours: replaced, then removed at stop.
+    let s = Scratch::new();
+    let link = s.path("zone1-console");
+    std::os::unix::fs::symlink("/dev/pts/424242", &link).unwrap();
+    let cfg = console_config(&s, json!({ "pty_link": link.to_str().unwrap() }));
+    let (mut stack, pty, _, _) = start(&s, &cfg);
+    assert_eq!(std::fs::read_link(&link).unwrap(), pty);
+    assert!(
+        stack.stop_broker().unwrap().success(),
+        "{}",
+        stack.diagnostics()
+    );
+    assert!(
+        std::fs::symlink_metadata(&link).is_err(),
+        "link left behind"
+    );
+}

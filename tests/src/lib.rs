@@ -379,7 +379,15 @@ impl Stack {
         // the report is written whole; give a slow writer a moment
         std::thread::sleep(Duration::from_millis(50));
         let text = std::fs::read_to_string(&self.report)?;
-        serde_json::from_str(&text).with_context(|| format!("report: {text}"))
+        let report: Value =
+            serde_json::from_str(&text).with_context(|| format!("report: {text}"))?;
+        let hv = &report["hypervisor"];
+        // Seen with --nocapture: whether injections met an active interrupt in this run.
+        println!(
+            "interrupts: {} taken, {} merged, {} dropped while active",
+            hv["interrupts"], hv["merged_interrupts"], hv["dropped_interrupts"]
+        );
+        Ok(report)
     }
 
     /// Stops the broker with SIGTERM and returns its exit status.

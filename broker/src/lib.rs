@@ -10,6 +10,7 @@ pub mod devices;
 pub mod driver;
 pub mod host;
 pub mod logging;
+pub mod rundir;
 pub mod serve;
 pub mod supervisor;
 pub mod transport;

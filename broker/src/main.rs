@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use hvisor_broker::rundir::RunDir;
 use hvisor_broker::serve::{self, Broker, Options};
 use hvisor_broker::supervisor::Jail;
 use hvisor_broker::{driver, logging, supervisor};
@@ -54,6 +55,9 @@ enum Command {
         /// The unprivileged UID[:GID] workers run as (seen from outside their namespaces).
         #[arg(long, default_value = "65534:65534", value_parser = parse_ids)]
         worker_user: (u32, u32),
+        /// Where the locks and the control socket live (made root-only if missing).
+        #[arg(long, default_value = hvisor_broker::rundir::DEFAULT)]
+        run_dir: PathBuf,
     },
     /// Validate CONFIG and print what would be served; starts nothing.
     Check { config: PathBuf },
@@ -65,6 +69,9 @@ enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// The broker's run directory.
+        #[arg(long, default_value = hvisor_broker::rundir::DEFAULT)]
+        run_dir: PathBuf,
     },
     /// Print the seccomp allowlist of a worker kind: system calls and argument rules.
     Policy {
@@ -77,7 +84,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => check(&config),
-        Command::Audit { driver, json } => audit(&driver, json),
+        Command::Audit {
+            driver,
+            json,
+            run_dir,
+        } => audit(&run_dir, &driver, json),
         Command::Policy { kind } => policy(&kind),
         Command::Start {
             config,
@@ -89,6 +100,7 @@ fn main() -> ExitCode {
             seccomp,
             worker_user,
             worker_args,
+            run_dir,
         } => {
             // Before any thread exists: SIGUSR1 (old drivers' wakeup) must never take its
             // default action, and the rest are read through a signalfd.
@@ -112,7 +124,7 @@ fn main() -> ExitCode {
                 worker_args,
                 ..Options::default()
             };
-            match start(&config, &driver, worker_dir, opts) {
+            match start(&config, &driver, &run_dir, worker_dir, opts) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     let msg = format!("{e:#}");
@@ -125,8 +137,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn audit(driver: &Path, json: bool) -> ExitCode {
-    let text = match hvisor_broker::control::request_audit(driver) {
+fn audit(run_dir: &Path, driver: &Path, json: bool) -> ExitCode {
+    let text = match hvisor_broker::control::request_audit(run_dir, driver) {
         Ok(t) => t,
         Err(e) => {
             eprintln!("hvisor-broker audit: {e:#}");
@@ -215,6 +227,7 @@ fn check(path: &Path) -> ExitCode {
 fn start(
     config_path: &Path,
     driver_path: &Path,
+    run_dir: &Path,
     worker_dir: Option<PathBuf>,
     mut opts: Options,
 ) -> Result<()> {
@@ -227,9 +240,10 @@ fn start(
         Some(d) => d,
         None => supervisor::default_worker_dir()?,
     };
+    let run = RunDir::create(run_dir)?;
     // A second broker on the same driver would fight over the bridge page.
-    let control = hvisor_broker::control::listen_on(driver_path)?;
-    let prepared = serve::prepare_all(&loaded.config)?;
+    let control = hvisor_broker::control::listen_on(run, driver_path)?;
+    let prepared = serve::prepare_all(&loaded.config, control.run_dir())?;
     let drv = driver::Driver::open(driver_path)?;
     let mut broker = Broker::new(&loaded.config, prepared, drv, opts, Some(control))?;
     broker.run()

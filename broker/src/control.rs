@@ -277,6 +277,9 @@ impl Refusals {
 
 /// Asks the broker serving `driver` for its audit (JSON), after making sure it is one.
 pub fn request_audit(run_dir: &Path, driver: &Path) -> Result<String> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("audits are for root only");
+    }
     let run = RunDir::open(run_dir)
         .with_context(|| format!("no hvisor-broker is serving {}", driver.display()))?;
     let path = socket_path(run.path(), driver);

@@ -111,8 +111,12 @@ fn trusted_parent(path: &Path) -> Result<PathBuf> {
     let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
         bail!("{} cannot be the run directory", path.display());
     };
-    let parent = std::fs::canonicalize(parent)
-        .with_context(|| format!("the run directory's parent {}", parent.display()))?;
+    let parent = std::fs::canonicalize(parent).with_context(|| {
+        format!(
+            "the run directory's parent {} (give another place with --run-dir)",
+            parent.display()
+        )
+    })?;
     for dir in parent.ancestors() {
         let meta = std::fs::metadata(dir).with_context(|| format!("{}", dir.display()))?;
         let others_write = meta.mode() & 0o022 != 0;

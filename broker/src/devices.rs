@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
 use anyhow::{bail, Context, Result};
 use config::{Device, DeviceConfig};
@@ -13,6 +13,7 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
 use crate::host::{Pty, Tap};
+use crate::rundir::{self, RunDir};
 use crate::transport::DeviceModel;
 
 /// The GET_ID answer; hvisor-tool's, so guests see the same serial after the switch.
@@ -41,24 +42,21 @@ pub struct Prepared {
 /// The host side the broker keeps controlling while a worker serves the device.
 pub enum Host {
     None,
+    /// The lock that keeps a second writer off the image.
+    Image(File),
     Tap(Tap),
     Pty(Pty),
 }
 
 /// Opens the host side of `dev`.
-pub fn prepare(dev: &Device) -> Result<Prepared> {
+pub fn prepare(dev: &Device, run: &RunDir) -> Result<Prepared> {
     match &dev.kind {
         DeviceConfig::Blk { img, readonly } => {
             // Checked again here: the path may have changed since the config was read.
             let file = config::paths::open_image(img, *readonly)
                 .map_err(|e| anyhow::anyhow!("{}.img: {e}", dev.json_path))?;
-            lock(&file, *readonly).with_context(|| {
-                format!(
-                    "{}.img: {} is in use by another device or process",
-                    dev.json_path,
-                    img.display()
-                )
-            })?;
+            let what = format!("{}.img: {}", dev.json_path, img.display());
+            let guard = guard_image(&file, *readonly, run, &what)?;
             let size = image_size(&file)
                 .with_context(|| format!("{}.img: size of {}", dev.json_path, img.display()))?;
             if size < SECTOR {
@@ -85,7 +83,7 @@ pub fn prepare(dev: &Device) -> Result<Prepared> {
                     serial: BLK_SERIAL.into(),
                 },
                 fds: vec![file.into()],
-                host: Host::None,
+                host: Host::Image(guard),
             })
         }
         DeviceConfig::Net { tap, mac, mtu } => {
@@ -124,14 +122,25 @@ pub fn prepare(dev: &Device) -> Result<Prepared> {
     }
 }
 
-/// Advisory lock so two devices (or two brokers) never write one image.
-fn lock(file: &File, shared: bool) -> Result<()> {
-    let op = if shared { libc::LOCK_SH } else { libc::LOCK_EX } | libc::LOCK_NB;
-    // SAFETY: flock on an fd we own; no memory is involved.
-    if unsafe { libc::flock(file.as_raw_fd(), op) } != 0 {
-        return Err(std::io::Error::last_os_error().into());
+/// Keeps two devices (or two brokers) from writing one image. The guard is a lock in the run
+/// directory, keyed by what the image is (its device and inode, or the block device's number),
+/// which no other user can take. The image's own `flock` is taken too where it is free, for
+/// other programs that honour it; anyone who can read the image can hold that one, so it being
+/// taken only earns a warning.
+fn guard_image(file: &File, readonly: bool, run: &RunDir, what: &str) -> Result<File> {
+    let meta = file.metadata().with_context(|| what.to_owned())?;
+    let key = if meta.file_type().is_block_device() {
+        format!("blockdev-{:x}.lock", meta.rdev())
+    } else {
+        format!("image-{:x}-{:x}.lock", meta.dev(), meta.ino())
+    };
+    let Some(guard) = run.lock(&key, readonly)? else {
+        bail!("{what} is in use by another hvisor-broker (or another device of this one)");
+    };
+    if let Err(e) = rundir::flock(file, readonly) {
+        log::warn!("{what}: another process holds a lock on it ({e}); serving it anyway");
     }
-    Ok(())
+    Ok(guard)
 }
 
 fn image_size(file: &File) -> Result<u64> {

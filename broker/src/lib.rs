@@ -11,6 +11,7 @@ pub mod driver;
 pub mod host;
 pub mod irq;
 pub mod logging;
+pub mod rundir;
 pub mod serve;
 pub mod supervisor;
 pub mod transport;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use hvisor_broker::irq::Inject;
+use hvisor_broker::rundir::RunDir;
 use hvisor_broker::serve::{self, Broker, Options};
 use hvisor_broker::supervisor::Jail;
 use hvisor_broker::{driver, logging, supervisor};
@@ -61,6 +62,9 @@ enum Command {
         /// injections; for comparison only).
         #[arg(long, value_enum, default_value_t = Inject::Every)]
         irq_inject: Inject,
+        /// Where the locks and the control socket live (made root-only if missing).
+        #[arg(long, default_value = hvisor_broker::rundir::DEFAULT)]
+        run_dir: PathBuf,
     },
     /// Validate CONFIG and print what would be served; starts nothing.
     Check { config: PathBuf },
@@ -72,6 +76,9 @@ enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// The broker's run directory.
+        #[arg(long, default_value = hvisor_broker::rundir::DEFAULT)]
+        run_dir: PathBuf,
     },
     /// Print the seccomp allowlist of a worker kind: system calls and argument rules.
     Policy {
@@ -84,7 +91,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => check(&config),
-        Command::Audit { driver, json } => audit(&driver, json),
+        Command::Audit {
+            driver,
+            json,
+            run_dir,
+        } => audit(&run_dir, &driver, json),
         Command::Policy { kind } => policy(&kind),
         Command::Start {
             config,
@@ -97,6 +108,7 @@ fn main() -> ExitCode {
             worker_user,
             worker_args,
             irq_inject,
+            run_dir,
         } => {
             // Before any thread exists: SIGUSR1 (old drivers' wakeup) must never take its
             // default action, and the rest are read through a signalfd.
@@ -121,7 +133,7 @@ fn main() -> ExitCode {
                 inject: irq_inject,
                 ..Options::default()
             };
-            match start(&config, &driver, worker_dir, opts) {
+            match start(&config, &driver, &run_dir, worker_dir, opts) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     let msg = format!("{e:#}");
@@ -134,8 +146,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn audit(driver: &Path, json: bool) -> ExitCode {
-    let text = match hvisor_broker::control::request_audit(driver) {
+fn audit(run_dir: &Path, driver: &Path, json: bool) -> ExitCode {
+    let text = match hvisor_broker::control::request_audit(run_dir, driver) {
         Ok(t) => t,
         Err(e) => {
             eprintln!("hvisor-broker audit: {e:#}");
@@ -224,6 +236,7 @@ fn check(path: &Path) -> ExitCode {
 fn start(
     config_path: &Path,
     driver_path: &Path,
+    run_dir: &Path,
     worker_dir: Option<PathBuf>,
     mut opts: Options,
 ) -> Result<()> {
@@ -236,9 +249,10 @@ fn start(
         Some(d) => d,
         None => supervisor::default_worker_dir()?,
     };
+    let run = RunDir::create(run_dir)?;
     // A second broker on the same driver would fight over the bridge page.
-    let control = hvisor_broker::control::listen_on(driver_path)?;
-    let prepared = serve::prepare_all(&loaded.config)?;
+    let control = hvisor_broker::control::listen_on(run, driver_path)?;
+    let prepared = serve::prepare_all(&loaded.config, control.run_dir())?;
     let drv = driver::Driver::open(driver_path)?;
     let mut broker = Broker::new(&loaded.config, prepared, drv, opts, Some(control))?;
     broker.run()

@@ -24,6 +24,7 @@ use crate::devices::{self, Host, Prepared};
 use crate::driver::Driver;
 use crate::host::Tap;
 use crate::irq::{retry_delay, Inject};
+use crate::rundir::RunDir;
 use crate::supervisor;
 use crate::transport::{Effect, MmioTransport};
 use crate::{audit, control};
@@ -224,17 +225,17 @@ pub struct Broker {
     signals: SignalFd,
     opts: Options,
     stop: bool,
-    /// The single-instance socket, listening for audits.
-    control: Option<std::os::fd::OwnedFd>,
+    /// The single-instance lock and the socket answering audits.
+    control: Option<control::Control>,
 }
 
 /// Opens every device's resources (nothing is started if one fails), then the driver is used
 /// to start the workers.
-pub fn prepare_all(config: &Config) -> Result<Vec<(Device, Prepared)>> {
+pub fn prepare_all(config: &Config, run: &RunDir) -> Result<Vec<(Device, Prepared)>> {
     let mut out = Vec::new();
     for zone in &config.zones {
         for dev in &zone.devices {
-            out.push((dev.clone(), devices::prepare(dev)?));
+            out.push((dev.clone(), devices::prepare(dev, run)?));
         }
     }
     Ok(out)
@@ -246,7 +247,7 @@ impl Broker {
         prepared: Vec<(Device, Prepared)>,
         driver: Driver,
         opts: Options,
-        control: Option<std::os::fd::OwnedFd>,
+        control: Option<control::Control>,
     ) -> Result<Self> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
         if let Some(c) = &control {
@@ -549,8 +550,8 @@ impl Broker {
             TOKEN_WAKEUP => self.driver.clear_wakeup(),
             TOKEN_SIGNALS => self.on_signals(),
             TOKEN_CONTROL => {
-                if let Some(listener) = &self.control {
-                    control::serve_one(listener, || {
+                if let Some(c) = &mut self.control {
+                    c.serve(|| {
                         serde_json::to_string(&audit::collect(known(&self.slots)))
                             .unwrap_or_default()
                     });

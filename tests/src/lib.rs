@@ -396,6 +396,18 @@ impl Stack {
         self.broker.wait_exit(Duration::from_secs(10))
     }
 
+    /// `hvisor-broker audit --json` for this stack's broker: (success, output).
+    pub fn audit(&self) -> (bool, String) {
+        broker_cmd(&[
+            "audit",
+            "--json",
+            "--driver",
+            self.socket.to_str().unwrap(),
+            "--run-dir",
+            run_dir(&self.socket).to_str().unwrap(),
+        ])
+    }
+
     pub fn diagnostics(&mut self) -> String {
         format!(
             "--- sim ---\n{}\n--- broker ---\n{}",
@@ -405,12 +417,20 @@ impl Stack {
     }
 }
 
+/// The run directory of a test's broker: beside its driver socket, in the test's own scratch
+/// directory, so tests running side by side never share a lock.
+pub fn run_dir(socket: &Path) -> PathBuf {
+    socket.with_file_name("run")
+}
+
 pub fn start_broker(config: &Path, socket: &Path, args: &[&str]) -> Result<Proc> {
     let mut cmd = Command::new(bin("hvisor-broker"));
     cmd.arg("start")
         .arg(config)
         .arg("--driver")
         .arg(socket)
+        .arg("--run-dir")
+        .arg(run_dir(socket))
         .args(args);
     Proc::spawn("hvisor-broker", cmd)
 }
@@ -568,6 +588,96 @@ pub fn rss_kib(pid: Pid) -> Option<u64> {
         .next()?
         .parse()
         .ok()
+}
+
+/// A local user without privileges: a forked child that leaves root (no supplementary groups,
+/// then gid and uid [`LocalUser::ID`]) and exits with what `act` returns. It may keep some
+/// capabilities effective (`keep`), to reach what only the capability would open. Killed and
+/// reaped when dropped.
+pub struct LocalUser {
+    pid: Pid,
+    ready: std::os::fd::OwnedFd,
+    code: Option<i32>,
+}
+
+/// Handed to the user's `act`: tells the test the user is in place.
+pub struct Ready(std::os::fd::OwnedFd);
+
+impl Ready {
+    pub fn signal(&self) {
+        let _ = nix::unistd::write(&self.0, b"r");
+    }
+}
+
+impl LocalUser {
+    /// An id no account uses.
+    pub const ID: u32 = 54321;
+
+    pub fn run(keep: &[caps::Capability], act: impl FnOnce(&Ready) -> i32) -> LocalUser {
+        let (rx, tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
+        // SAFETY: the child only drops its ids, runs `act` and leaves with _exit, never
+        // returning into the test harness.
+        match unsafe { nix::unistd::fork() }.expect("fork") {
+            nix::unistd::ForkResult::Child => {
+                drop(rx);
+                let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    become_user(keep);
+                    act(&Ready(tx))
+                }))
+                .unwrap_or(101);
+                // SAFETY: ends the child without running the test process's exit handlers.
+                unsafe { libc::_exit(code) }
+            }
+            nix::unistd::ForkResult::Parent { child } => LocalUser {
+                pid: child,
+                ready: rx,
+                code: None,
+            },
+        }
+    }
+
+    /// Waits until the user called [`Ready::signal`] (or ended).
+    pub fn wait_ready(&self, timeout: Duration) -> Result<()> {
+        protocol::channel::wait_readable(std::os::fd::AsFd::as_fd(&self.ready), timeout)
+            .map_err(|e| anyhow!("the local user did not get ready: {e}"))
+    }
+
+    /// Waits for the user's exit code.
+    pub fn wait(&mut self, timeout: Duration) -> Result<i32> {
+        use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+        let deadline = Instant::now() + timeout;
+        while self.code.is_none() {
+            match waitpid(self.pid, Some(WaitPidFlag::WNOHANG))? {
+                WaitStatus::Exited(_, c) => self.code = Some(c),
+                WaitStatus::Signaled(_, s, _) => self.code = Some(128 + s as i32),
+                _ if Instant::now() >= deadline => bail!("the local user still runs"),
+                _ => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+        Ok(self.code.unwrap_or(-1))
+    }
+}
+
+impl Drop for LocalUser {
+    fn drop(&mut self) {
+        if self.code.is_none() {
+            let _ = kill(self.pid, Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(self.pid, None);
+        }
+    }
+}
+
+fn become_user(keep: &[caps::Capability]) {
+    let id = LocalUser::ID;
+    if !keep.is_empty() {
+        // SAFETY: PR_SET_KEEPCAPS takes no pointers.
+        assert_eq!(unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) }, 0);
+    }
+    nix::unistd::setgroups(&[]).expect("setgroups");
+    nix::unistd::setgid(nix::unistd::Gid::from_raw(id)).expect("setgid");
+    nix::unistd::setuid(nix::unistd::Uid::from_raw(id)).expect("setuid");
+    let keep: caps::CapsHashSet = keep.iter().copied().collect();
+    caps::set(None, caps::CapSet::Effective, &keep).expect("capset");
 }
 
 pub fn err<T>(msg: impl Into<String>) -> Result<T> {

@@ -198,6 +198,8 @@ fn the_worker_is_sandboxed_and_sigterm_stops_everything() {
         cfg.to_str().unwrap(),
         "--driver",
         stack.socket.to_str().unwrap(),
+        "--run-dir",
+        run_dir(&stack.socket).to_str().unwrap(),
     ]);
     assert!(!ok && out.contains("already serving"), "{out}");
 

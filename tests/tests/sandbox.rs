@@ -144,8 +144,7 @@ fn every_thread_of_every_worker_is_confined_and_audit_says_so() {
     }
 
     // the audit says the same as /proc
-    let socket = stack.socket.to_str().unwrap().to_string();
-    let (ok, out) = broker_cmd(&["audit", "--driver", &socket, "--json"]);
+    let (ok, out) = stack.audit();
     assert!(ok, "{out}");
     let audit: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(audit["broker_pid"], broker);
@@ -183,7 +182,15 @@ fn every_thread_of_every_worker_is_confined_and_audit_says_so() {
         assert_eq!(w["uid"], json!([65534, 65534, 65534, 65534]));
         assert_eq!(w["rlimits"]["Max processes"][0], "0");
     }
-    let (ok, table) = broker_cmd(&["audit", "--driver", &socket]);
+    let socket = stack.socket.to_str().unwrap();
+    let run = run_dir(&stack.socket);
+    let (ok, table) = broker_cmd(&[
+        "audit",
+        "--driver",
+        socket,
+        "--run-dir",
+        run.to_str().unwrap(),
+    ]);
     assert!(
         ok && table.contains("seccomp 2 (filter)") && table.contains("user:own"),
         "{table}"
@@ -303,7 +310,7 @@ fn where_pivot_root_is_refused_the_worker_still_gets_an_empty_root() {
     let s = Scratch::new();
     let root = s.path("root");
     let work = root.join("work");
-    for d in ["work", "bin", "proc", "dev", "tmp"] {
+    for d in ["work", "bin", "proc", "dev", "tmp", "run"] {
         std::fs::create_dir_all(root.join(d)).unwrap();
     }
     // the binaries and the shared libraries they load, at the same paths

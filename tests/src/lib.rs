@@ -420,7 +420,7 @@ impl Stack {
 /// The run directory of a test's broker: beside its driver socket, in the test's own scratch
 /// directory, so tests running side by side never share a lock.
 pub fn run_dir(socket: &Path) -> PathBuf {
-    socket.with_file_name("run")
+    socket.with_file_name("broker-run")
 }
 
 pub fn start_broker(config: &Path, socket: &Path, args: &[&str]) -> Result<Proc> {

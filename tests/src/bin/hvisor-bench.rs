@@ -2,7 +2,7 @@
 //! the broker and blk worker, then reports the resident memory of both processes; the run is
 //! repeated with the broker's interrupt policies on both GIC models and compared. Every speed
 //! figure is printed beside a baseline measured in the same run. Build with `--release` first:
-//! `cargo build --release --workspace --bins && target/release/hvisor-bench [IMAGE_MIB]`.
+//! `cargo build --release --workspace --bins && target/release/hvisor-bench [IMAGE_MIB [ROUNDS]]`.
 
 use std::io::Write;
 use std::time::Duration;
@@ -52,16 +52,26 @@ fn main() -> anyhow::Result<()> {
             "hvisor",
         ),
     ];
-    let mut rows = Vec::new();
-    for (i, (name, broker_args, gic)) in setups.iter().enumerate() {
-        println!("== {name}");
-        let report = run_once(&s, &cfg, broker_args, gic, i == 0)?;
-        rows.push((name, report["bench"].clone(), report["hypervisor"].clone()));
+    // Round robin, so that a busy spell of the machine hits every setup alike; medians.
+    let rounds: usize = std::env::args()
+        .nth(2)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(3);
+    let mut runs: Vec<Vec<serde_json::Value>> = vec![Vec::new(); setups.len()];
+    for round in 0..rounds {
+        for (i, (name, broker_args, gic)) in setups.iter().enumerate() {
+            println!("== round {} of {rounds}: {name}", round + 1);
+            let report = run_once(&s, &cfg, broker_args, gic, round == 0 && i == 0)?;
+            runs[i].push(report);
+        }
     }
     println!();
-    println!("interrupt delivery, 4 KiB random reads (IOPS ratio against the first row)");
     println!(
-        "  {:<36} {:>9} {:>7} {:>9} {:>7} {:>8} {:>8} {:>8} {:>8}",
+        "interrupt delivery, 4 KiB random reads: medians of {rounds} rounds (IOPS ratio against \
+         the first row)"
+    );
+    println!(
+        "  {:<34} {:>9} {:>6} {:>9} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8}",
         "setup",
         "QD1 IOPS",
         "ratio",
@@ -70,26 +80,40 @@ fn main() -> anyhow::Result<()> {
         "irq/req1",
         "inj/req1",
         "irq/r16",
+        "inj/r16",
         "dropped"
     );
-    let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(0.0);
+    let median = |i: usize, f: &dyn Fn(&serde_json::Value) -> f64| {
+        let mut v: Vec<f64> = runs[i].iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let bench = |q: &'static str, k: &'static str| {
+        move |r: &serde_json::Value| r["bench"][q][k].as_f64().unwrap_or(0.0)
+    };
     let (base1, base16) = (
-        f(&rows[0].1["randread_4k_qd1"], "iops"),
-        f(&rows[0].1["randread_4k_qd16"], "iops"),
+        median(0, &bench("randread_4k_qd1", "iops")),
+        median(0, &bench("randread_4k_qd16", "iops")),
     );
-    for (name, b, hv) in &rows {
-        let (q1, q16) = (&b["randread_4k_qd1"], &b["randread_4k_qd16"]);
+    for (i, (name, _, _)) in setups.iter().enumerate() {
+        let (q1, q16) = (
+            median(i, &bench("randread_4k_qd1", "iops")),
+            median(i, &bench("randread_4k_qd16", "iops")),
+        );
         println!(
-            "  {:<36} {:>9.0} {:>7.3} {:>9.0} {:>7.3} {:>8.2} {:>8.2} {:>8.2} {:>8}",
+            "  {:<34} {:>9.0} {:>6.3} {:>9.0} {:>6.3} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.0}",
             name,
-            f(q1, "iops"),
-            f(q1, "iops") / base1,
-            f(q16, "iops"),
-            f(q16, "iops") / base16,
-            f(q1, "interrupts_per_op"),
-            f(q1, "injections_per_op"),
-            f(q16, "interrupts_per_op"),
-            hv["dropped_interrupts"].as_u64().unwrap_or(0)
+            q1,
+            q1 / base1,
+            q16,
+            q16 / base16,
+            median(i, &bench("randread_4k_qd1", "interrupts_per_op")),
+            median(i, &bench("randread_4k_qd1", "injections_per_op")),
+            median(i, &bench("randread_4k_qd16", "interrupts_per_op")),
+            median(i, &bench("randread_4k_qd16", "injections_per_op")),
+            median(i, &|r| r["hypervisor"]["dropped_interrupts"]
+                .as_f64()
+                .unwrap_or(0.0)),
         );
     }
     Ok(())

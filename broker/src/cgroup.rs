@@ -248,6 +248,7 @@ impl Hierarchies {
                 let dir = v2.join(GROUP);
                 write(&v2.join("cgroup.subtree_control"), &enable.join(" "))?;
                 mkdir(&dir)?;
+                remove_stale(&dir);
                 write(&dir.join("cgroup.subtree_control"), &enable.join(" "))?;
                 left.retain(|c| !ours.contains(c));
                 list.push(Hierarchy {
@@ -262,6 +263,7 @@ impl Hierarchies {
             if fs_type(&mount) == Some(CGROUP_SUPER_MAGIC) {
                 let dir = mount.join(GROUP);
                 mkdir(&dir)?;
+                remove_stale(&dir);
                 left.retain(|l| *l != c);
                 list.push(Hierarchy {
                     dir,
@@ -307,6 +309,27 @@ impl Hierarchies {
             write(&dir.join("cgroup.procs"), &pid.to_string())?;
         }
         Ok(cgroup)
+    }
+}
+
+/// Removes the worker cgroups of brokers that are gone (killed before they could remove them;
+/// their workers died with them). The kernel refuses to remove a cgroup still in use.
+fn remove_stale(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let broker = name.to_str().and_then(|n| {
+            n.strip_prefix("broker")?
+                .split('-')
+                .next()?
+                .parse::<u32>()
+                .ok()
+        });
+        if broker.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+            let _ = std::fs::remove_dir(e.path());
+        }
     }
 }
 
@@ -434,6 +457,21 @@ mod tests {
         o.apply(parse_pids("net=3").unwrap(), |l, v| l.pids = v);
         assert_eq!(o.limits(DeviceKind::Net).pids, Some(3));
         assert_eq!(o.limits(DeviceKind::Blk).pids, Limits::default().pids);
+    }
+
+    #[test]
+    fn only_the_cgroups_of_brokers_that_are_gone_are_removed() {
+        let d = tempfile::tempdir().unwrap();
+        let gone = d.path().join("broker999999999-zone1-blk-0xa003c00");
+        let live = d
+            .path()
+            .join(format!("broker{}-zone1-blk-0xa003c00", std::process::id()));
+        let other = d.path().join("someone-else");
+        for dir in [&gone, &live, &other] {
+            std::fs::create_dir(dir).unwrap();
+        }
+        remove_stale(d.path());
+        assert!(!gone.exists() && live.exists() && other.exists());
     }
 
     #[test]

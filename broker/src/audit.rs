@@ -16,6 +16,8 @@ pub struct Known {
     pub last_exit: Option<String>,
     pub root_kind: Option<String>,
     pub notes: Vec<String>,
+    /// The worker's cgroup directories.
+    pub cgroups: Vec<std::path::PathBuf>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -47,6 +49,8 @@ pub struct Worker {
     pub fds: Vec<(i32, String)>,
     pub restarts: u32,
     pub last_exit: Option<String>,
+    /// Its cgroups, read back from their files.
+    pub cgroups: Vec<crate::cgroup::View>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -116,8 +120,10 @@ fn worker(me: i32, k: Known) -> Worker {
         fds: Vec::new(),
         restarts: k.restarts,
         last_exit: k.last_exit,
+        cgroups: Vec::new(),
     };
     let Some(pid) = k.pid else { return w };
+    w.cgroups = crate::cgroup::read_back(&k.cgroups, pid);
     let dir = format!("/proc/{pid}");
     let Ok(status) = std::fs::read_to_string(format!("{dir}/status")) else {
         return w;
@@ -270,6 +276,7 @@ pub fn render(r: &Report) -> String {
             "Max processes",
             "Max core file size",
             "Max locked memory",
+            "Max file size",
         ]
         .iter()
         .filter_map(|k| {
@@ -279,6 +286,9 @@ pub fn render(r: &Report) -> String {
         })
         .collect();
         let _ = writeln!(out, "  rlimits     {}", limits.join(", "));
+        for c in &w.cgroups {
+            let _ = writeln!(out, "  cgroup      {c}");
+        }
         for (fd, target) in &w.fds {
             let _ = writeln!(out, "  fd {fd:<8} {target}");
         }
@@ -292,6 +302,7 @@ fn short_limit(name: &str) -> &str {
         "Max processes" => "nproc",
         "Max core file size" => "core",
         "Max locked memory" => "memlock",
+        "Max file size" => "fsize",
         other => other,
     }
 }

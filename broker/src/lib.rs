@@ -5,6 +5,7 @@
 //! worker process per device.
 
 pub mod audit;
+pub mod cgroup;
 pub mod control;
 pub mod devices;
 pub mod driver;

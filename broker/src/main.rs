@@ -10,8 +10,8 @@ use clap::{Parser, Subcommand};
 use hvisor_broker::irq::Inject;
 use hvisor_broker::rundir::RunDir;
 use hvisor_broker::serve::{self, Broker, Options};
-use hvisor_broker::supervisor::Jail;
-use hvisor_broker::{driver, logging, supervisor};
+use hvisor_broker::supervisor::{IdRange, Jail};
+use hvisor_broker::{cgroup, driver, logging, supervisor};
 use protocol::msg::SeccompAction;
 
 #[derive(Parser)]
@@ -26,6 +26,8 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+// parsed once: the size of the options does not matter
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Serve the devices of CONFIG (the JSON `hvisor virtio start` takes) until SIGTERM/SIGINT.
     Start {
@@ -53,9 +55,24 @@ enum Command {
         /// An argument for every worker, e.g. `--worker-arg=--log-level=debug` (repeatable).
         #[arg(long = "worker-arg", allow_hyphen_values = true)]
         worker_args: Vec<String>,
-        /// The unprivileged UID[:GID] workers run as (seen from outside their namespaces).
-        #[arg(long, default_value = "65534:65534", value_parser = parse_ids)]
-        worker_user: (u32, u32),
+        /// The ids workers run as, FIRST:COUNT: each live worker has a uid (and the gid of
+        /// the same number) of its own from this range, which no other process should use.
+        #[arg(long, default_value = "0x48560000:1024")]
+        worker_ids: IdRange,
+        /// The cgroup file system the workers' cgroups are made in.
+        #[arg(long, default_value = cgroup::DEFAULT_ROOT)]
+        cgroup_root: PathBuf,
+        /// The memory limit of a kind's workers, KIND=SIZE (blk, net, console or all; SIZE in
+        /// bytes with K, M or G, or max), e.g. blk=64M (repeatable; default all=256M).
+        #[arg(long, value_parser = cgroup::parse_memory)]
+        cgroup_memory: Vec<cgroup::Setting>,
+        /// The task limit of a kind's workers, KIND=N or KIND=max (default all=8).
+        #[arg(long, value_parser = cgroup::parse_pids)]
+        cgroup_pids: Vec<cgroup::Setting>,
+        /// The CPU limit of a kind's workers, KIND=PERCENT of one CPU or KIND=max (default
+        /// all=100%).
+        #[arg(long, value_parser = cgroup::parse_cpu)]
+        cgroup_cpu: Vec<cgroup::Setting>,
         /// When a device injects its interrupt: `every` used-buffer report and again while the
         /// guest has not acknowledged; `retry` only when the line was clear, and again while
         /// unacknowledged; `once` only when the line was clear (stalls on hvisor, which drops
@@ -105,10 +122,14 @@ fn main() -> ExitCode {
             log_level,
             syslog_socket,
             seccomp,
-            worker_user,
+            worker_ids,
             worker_args,
             irq_inject,
             run_dir,
+            cgroup_root,
+            cgroup_memory,
+            cgroup_pids,
+            cgroup_cpu,
         } => {
             // Before any thread exists: SIGUSR1 (old drivers' wakeup) must never take its
             // default action, and the rest are read through a signalfd.
@@ -121,11 +142,20 @@ fn main() -> ExitCode {
             // never be dropped again: the broker, root anyway, keeps none.
             let _ = nix::unistd::setgroups(&[]);
             logging::init(log_level, syslog_socket.as_deref());
-            let jail = Jail {
-                uid: worker_user.0,
-                gid: worker_user.1,
-                seccomp,
+            let mut cgroups = cgroup::Options {
+                root: cgroup_root,
+                ..Default::default()
             };
+            for s in cgroup_memory {
+                cgroups.apply(s, |l, v| l.memory = v);
+            }
+            for s in cgroup_pids {
+                cgroups.apply(s, |l, v| l.pids = v);
+            }
+            for s in cgroup_cpu {
+                cgroups.apply(s, |l, v| l.cpu = v);
+            }
+            let jail = Jail::new(worker_ids, seccomp, cgroups);
             let opts = Options {
                 poll: Duration::from_micros(poll_us),
                 jail,
@@ -202,19 +232,6 @@ fn parse_seccomp(s: &str) -> Result<SeccompAction, String> {
         "log" => Ok(SeccompAction::Log),
         _ => Err(format!("{s:?}: kill, trap or log")),
     }
-}
-
-fn parse_ids(s: &str) -> Result<(u32, u32), String> {
-    let (u, g) = s.split_once(':').unwrap_or((s, s));
-    let n = |x: &str| {
-        x.parse::<u32>()
-            .map_err(|_| format!("{x:?} is not a numeric id"))
-    };
-    let (u, g) = (n(u)?, n(g)?);
-    if u == 0 || g == 0 {
-        return Err("workers never run as root".into());
-    }
-    Ok((u, g))
 }
 
 fn check(path: &Path) -> ExitCode {

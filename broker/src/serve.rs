@@ -79,6 +79,8 @@ struct Worker {
     violation: Option<i64>,
     /// How it confined itself, as it reported.
     confinement: Option<(String, Vec<String>)>,
+    /// Its ids and cgroup, freed when it is dropped after being reaped.
+    lease: supervisor::Lease,
 }
 
 struct Slot {
@@ -175,6 +177,9 @@ fn known(slots: &[Slot]) -> Vec<audit::Known> {
                 .worker
                 .as_ref()
                 .and_then(|w| w.confinement.as_ref().map(|c| c.1.clone()))
+                .unwrap_or_default(),
+            cgroups: (s.worker.as_ref())
+                .map(|w| w.lease.cgroup_dirs())
                 .unwrap_or_default(),
         })
         .collect()
@@ -327,7 +332,9 @@ impl Broker {
         let kicks = (0..nq).map(|_| efd()).collect::<nix::Result<Vec<_>>>()?;
         let calls = (0..nq).map(|_| efd()).collect::<nix::Result<Vec<_>>>()?;
         let binary = supervisor::worker_binary(&self.opts.worker_dir, prep.kind);
-        let spawned = supervisor::spawn(&binary, &self.opts.worker_args, self.opts.jail)
+        let placement = supervisor::Placement::of(dev.zone, dev.addr, &prep.setup);
+        let spawned = (self.opts.jail)
+            .spawn(&binary, &self.opts.worker_args, placement)
             .with_context(|| format!("{label}: starting its worker"))?;
         for note in &spawned.notes {
             log::warn!("{label}: weaker sandbox: {note}");
@@ -383,6 +390,7 @@ impl Broker {
                 gone_since: None,
                 violation: None,
                 confinement: None,
+                lease: spawned.lease,
             }),
             irq_pending: false,
             irq_retry_at: None,

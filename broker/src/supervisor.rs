@@ -1,12 +1,16 @@
 //! Starting worker processes: a clone into new user, pid, mount, net, ipc and uts namespaces,
-//! then exec of the device's own binary with an empty environment, its socket to the broker at
-//! fd 3, and nothing else inherited. The worker finishes its sandbox itself (policy::enter)
-//! once it has mapped guest memory.
+//! with ids of its own and in a cgroup of its own, then exec of the device's own binary with
+//! an empty environment, its socket to the broker at fd 3, /dev/null as stdio, and nothing
+//! else inherited. The worker finishes its sandbox itself (policy::enter) once it has mapped
+//! guest memory.
 
+use std::cell::{OnceCell, RefCell};
+use std::collections::BTreeSet;
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use anyhow::{bail, Context, Result};
 use nix::errno::Errno;
@@ -16,7 +20,9 @@ use nix::sys::stat::Mode;
 use nix::sys::wait::WaitStatus;
 use nix::unistd::{pipe2, Pid};
 use protocol::msg::{SandboxSpec, SeccompAction, WORKER_SOCKET_FD};
-use protocol::{Channel, DeviceKind};
+use protocol::{Channel, DeviceKind, DeviceSetup};
+
+use crate::cgroup;
 
 /// The worker binary for `kind`: `hvisor-worker-<kind>` in `dir`.
 pub fn worker_binary(dir: &Path, kind: DeviceKind) -> PathBuf {
@@ -29,22 +35,184 @@ pub fn default_worker_dir() -> Result<PathBuf> {
     Ok(exe.parent().map(Path::to_path_buf).unwrap_or_default())
 }
 
-/// Who workers run as, and what a seccomp violation does.
-#[derive(Debug, Clone, Copy)]
+/// The ids workers run as (`--worker-ids FIRST:COUNT`): one uid, and the gid of the same
+/// number, per live worker, so no worker shares its ids with another worker or with any other
+/// service (`nobody` is shared by many, and any process running as it could signal or trace
+/// a worker running as it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdRange {
+    pub first: u32,
+    pub count: u32,
+}
+
+impl IdRange {
+    /// "HV" in the top half: far above the ranges of system and human users and of the
+    /// usual subordinate ids (/etc/subuid), below 2^31, and 1024 ids: room for any zone set.
+    pub const DEFAULT: IdRange = IdRange {
+        first: 0x4856_0000,
+        count: 1024,
+    };
+
+    fn contains(&self, id: u32) -> bool {
+        id.checked_sub(self.first)
+            .is_some_and(|off| off < self.count)
+    }
+}
+
+impl std::str::FromStr for IdRange {
+    type Err = String;
+
+    /// `FIRST:COUNT`, each decimal or 0x-hex.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let number = |x: &str| {
+            match x.strip_prefix("0x") {
+                Some(hex) => u32::from_str_radix(hex, 16),
+                None => x.parse(),
+            }
+            .map_err(|_| format!("{x:?} is not a number"))
+        };
+        let (first, count) = s
+            .split_once(':')
+            .ok_or_else(|| format!("{s:?}: expected FIRST:COUNT"))?;
+        let range = IdRange {
+            first: number(first)?,
+            count: number(count)?,
+        };
+        let last = range
+            .count
+            .checked_sub(1)
+            .and_then(|n| range.first.checked_add(n));
+        // (uid_t)-1 means "unchanged" to the set*id calls
+        if last.is_none_or(|l| l == u32::MAX) {
+            return Err(format!("{s}: not a range of valid ids"));
+        }
+        if range.first == 0 {
+            return Err("workers never run as root".into());
+        }
+        if range.contains(65534) || range.contains(65535) {
+            return Err(format!(
+                "{s}: includes 65534/65535 (nobody), ids other processes run as"
+            ));
+        }
+        Ok(range)
+    }
+}
+
+/// The ids of live workers, handed out in turn (an id comes back as late as possible).
+#[derive(Debug)]
+struct IdPool {
+    range: IdRange,
+    next: u32,
+    live: BTreeSet<u32>,
+}
+
+impl IdPool {
+    fn take(&mut self) -> Option<u32> {
+        let range = self.range;
+        let id = (0..range.count)
+            .map(|i| range.first + (self.next + i) % range.count)
+            .find(|id| !self.live.contains(id))?;
+        self.live.insert(id);
+        self.next = (id - range.first + 1) % range.count;
+        Some(id)
+    }
+}
+
+/// Who workers run as, where they are placed, and what a seccomp violation does.
 pub struct Jail {
-    pub uid: u32,
-    pub gid: u32,
     pub seccomp: SeccompAction,
+    ids: Rc<RefCell<IdPool>>,
+    cgroup_options: cgroup::Options,
+    /// Set up at the first spawn: the hierarchies, or why there are none.
+    cgroups: OnceCell<Result<cgroup::Hierarchies, String>>,
+}
+
+impl Jail {
+    pub fn new(ids: IdRange, seccomp: SeccompAction, cgroups: cgroup::Options) -> Jail {
+        Jail {
+            seccomp,
+            ids: Rc::new(RefCell::new(IdPool {
+                range: ids,
+                next: 0,
+                live: BTreeSet::new(),
+            })),
+            cgroup_options: cgroups,
+            cgroups: OnceCell::new(),
+        }
+    }
 }
 
 impl Default for Jail {
     fn default() -> Self {
-        // nobody / nogroup: owns no file the worker could reach anyway
-        Jail {
-            uid: 65534,
-            gid: 65534,
-            seccomp: SeccompAction::Kill,
+        Jail::new(
+            IdRange::DEFAULT,
+            SeccompAction::Kill,
+            cgroup::Options::default(),
+        )
+    }
+}
+
+/// What a worker holds while it lives: its ids and its cgroup. Dropped once the worker was
+/// reaped, which frees both.
+#[derive(Debug)]
+pub struct Lease {
+    pub uid: u32,
+    pool: Rc<RefCell<IdPool>>,
+    cgroup: Option<cgroup::Cgroup>,
+}
+
+impl Lease {
+    /// The worker's cgroup directories (none where it has no cgroup).
+    pub fn cgroup_dirs(&self) -> Vec<PathBuf> {
+        self.cgroup
+            .as_ref()
+            .map(|c| c.dirs().to_vec())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.pool.borrow_mut().live.remove(&self.uid);
+    }
+}
+
+/// The device a worker serves, which decides its cgroup and its file size limit.
+pub struct Placement {
+    pub kind: DeviceKind,
+    pub zone: u32,
+    pub addr: u64,
+    /// RLIMIT_FSIZE: a writable disk's size, else 0.
+    pub file_size_limit: u64,
+}
+
+impl Placement {
+    pub fn of(zone: u32, addr: u64, setup: &DeviceSetup) -> Placement {
+        let file_size_limit = match setup {
+            DeviceSetup::Blk {
+                readonly: false,
+                size,
+                ..
+            } => *size,
+            _ => 0,
+        };
+        Placement {
+            kind: setup.kind(),
+            zone,
+            addr,
+            file_size_limit,
         }
+    }
+
+    /// Unique among the workers of every broker on the host.
+    fn cgroup_name(&self) -> String {
+        format!(
+            "broker{}-zone{}-{}-{:#x}",
+            std::process::id(),
+            self.zone,
+            self.kind.name(),
+            self.addr
+        )
     }
 }
 
@@ -56,6 +224,7 @@ pub struct Spawned {
     pub sandbox: SandboxSpec,
     /// Weaker confinement than asked for, said plainly.
     pub notes: Vec<String>,
+    pub lease: Lease,
 }
 
 const ALL_NS: libc::c_int = libc::CLONE_NEWCGROUP
@@ -65,9 +234,54 @@ const ALL_NS: libc::c_int = libc::CLONE_NEWCGROUP
     | libc::CLONE_NEWIPC
     | libc::CLONE_NEWUTS;
 
-/// Starts `binary`. Tries every namespace; where the kernel refuses the user namespace (or
-/// all of them), falls back to the strongest confinement it allows and says so.
-pub fn spawn(binary: &Path, args: &[String], jail: Jail) -> Result<Spawned> {
+impl Jail {
+    /// Starts `binary` for the device of `placement`, with ids of its own. Tries every
+    /// namespace; where the kernel refuses the user namespace (or all of them), or gives no
+    /// cgroup, falls back to the strongest confinement it allows and says so.
+    pub fn spawn(&self, binary: &Path, args: &[String], placement: Placement) -> Result<Spawned> {
+        let uid = self.ids.borrow_mut().take().with_context(|| {
+            format!(
+                "no free worker id: all {} of --worker-ids are in use",
+                self.ids.borrow().range.count
+            )
+        })?;
+        let lease = Lease {
+            uid,
+            pool: self.ids.clone(),
+            cgroup: None,
+        };
+        let mut spawned = start(binary, args, uid, lease, |pid| self.place(&placement, pid))?;
+        spawned.sandbox.seccomp = self.seccomp;
+        spawned.sandbox.file_size_limit = placement.file_size_limit;
+        Ok(spawned)
+    }
+
+    /// Puts worker `pid` in a cgroup of its own; or says why it has none.
+    fn place(&self, placement: &Placement, pid: Pid) -> (Option<cgroup::Cgroup>, Vec<String>) {
+        let hierarchies = self
+            .cgroups
+            .get_or_init(|| cgroup::Hierarchies::open(&self.cgroup_options.root));
+        let h = match hierarchies {
+            Ok(h) => h,
+            Err(e) => return (None, vec![format!("no cgroup of its own: {e}")]),
+        };
+        let limits = self.cgroup_options.limits(placement.kind);
+        match h.place(&placement.cgroup_name(), &limits, pid) {
+            Ok(c) => (Some(c), h.missing.clone()),
+            Err(e) => (None, vec![format!("no cgroup of its own: {e}")]),
+        }
+    }
+}
+
+/// Clones and starts `binary` as `uid` (and the gid of that number); `place` puts the child
+/// in its cgroup before it may run.
+fn start(
+    binary: &Path,
+    args: &[String],
+    uid: u32,
+    mut lease: Lease,
+    place: impl FnOnce(Pid) -> (Option<cgroup::Cgroup>, Vec<String>),
+) -> Result<Spawned> {
     // Everything the child needs is prepared here: after clone it may only make system calls.
     let exe = open(binary, OFlag::O_PATH | OFlag::O_CLOEXEC, Mode::empty())
         .with_context(|| format!("opening {}", binary.display()))?;
@@ -119,11 +333,14 @@ pub fn spawn(binary: &Path, args: &[String], jail: Jail) -> Result<Spawned> {
     };
     drop(sync_r);
     if user_namespace {
-        if let Err(e) = map_ids(pid, jail.uid, jail.gid) {
+        if let Err(e) = map_ids(pid, uid, uid) {
             let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
             return Err(e.context("writing the worker's uid/gid maps"));
         }
     }
+    let (cgroup, cgroup_notes) = place(pid);
+    lease.cgroup = cgroup;
+    notes.extend(cgroup_notes);
     // Go: the child is waiting for this byte (or EOF, if we died).
     nix::unistd::write(&sync_w, &[1]).context("releasing the worker")?;
     drop(sync_w);
@@ -133,11 +350,13 @@ pub fn spawn(binary: &Path, args: &[String], jail: Jail) -> Result<Spawned> {
         sandbox: SandboxSpec {
             namespaces,
             user_namespace,
-            uid: jail.uid,
-            gid: jail.gid,
-            seccomp: jail.seccomp,
+            uid,
+            gid: uid,
+            seccomp: SeccompAction::Kill,
+            file_size_limit: 0,
         },
         notes,
+        lease,
     })
 }
 
@@ -204,8 +423,11 @@ unsafe fn child_main(a: &ChildArgs) -> ! {
         {
             libc::_exit(125);
         }
-        libc::dup2(a.devnull, 0);
-        libc::dup2(a.devnull, 1);
+        // Nothing of the broker's: its stderr may be the operator's terminal, and its log
+        // has a budget a worker must not get around. The worker logs through its socket.
+        for fd in 0..=2 {
+            libc::dup2(a.devnull, fd);
+        }
         let rc = if a.sock == WORKER_SOCKET_FD {
             libc::fcntl(a.sock, libc::F_SETFD, 0)
         } else {

@@ -2,7 +2,7 @@
 //!
 //! Each list is as small as that worker's event loop needs, plus what Rust std and the C library
 //! (glibc or musl) call on their own: allocation, locks, signal masks, and the error path (a
-//! message to stderr, then `exit_group`). Everything not listed kills the worker.
+//! message through the logger, then `exit_group`). Everything not listed kills the worker.
 //!
 //! Opening files, sockets, `ioctl`, `execve` and `clone` (no threads, no children) are absent on
 //! purpose: the broker opens every resource and passes the fds before the filter is installed.
@@ -167,7 +167,7 @@ pub fn allowlist(kind: DeviceKind) -> Option<Vec<Allowed>> {
 /// What every worker needs: its socket and eventfds, memory, and the runtime's own calls.
 fn common() -> Vec<Allowed> {
     vec![
-        // eventfds (kick read, call write) and stderr
+        // eventfds (kick read, call write); stdio is /dev/null
         sys!(SYS_read),
         sys!(SYS_write),
         sys!(SYS_close),
@@ -226,8 +226,17 @@ fn blk() -> Vec<Allowed> {
         sys!(SYS_preadv),
         sys!(SYS_pwritev),
         sys!(SYS_fdatasync),
-        // DISCARD and WRITE_ZEROES (punch hole / zero range, also on block devices)
-        sys!(SYS_fallocate),
+        // DISCARD and WRITE_ZEROES with UNMAP: a hole punched inside the image (also on block
+        // devices). No other mode: mode 0 and ZERO_RANGE allocate disk space (ZERO_RANGE past
+        // the end even with KEEP_SIZE), INSERT/COLLAPSE_RANGE change the size. Writes stay
+        // within the image by RLIMIT_FSIZE.
+        sys!(
+            SYS_fallocate,
+            [ArgCheck::eq(
+                1,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+            )]
+        ),
     ]
 }
 

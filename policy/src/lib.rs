@@ -231,7 +231,7 @@ pub fn enter(
     }
     let highest_fd = sandbox::highest_fd();
     let root = sandbox::empty_root(spec.namespaces)?;
-    sandbox::limit_resources(highest_fd)?;
+    sandbox::limit_resources(highest_fd, spec.file_size_limit)?;
     sandbox::lock_securebits()?;
     if !spec.user_namespace {
         sandbox::become_user(spec.uid, spec.gid)?;

@@ -6,6 +6,7 @@ use std::path::Path;
 use nix::errno::Errno;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::resource::{setrlimit, Resource};
+use nix::sys::signal::{signal, SigHandler, Signal};
 use nix::unistd::{chdir, chroot, pivot_root, setgroups, setresgid, setresuid, Gid, Uid};
 
 use crate::PolicyError;
@@ -98,10 +99,15 @@ pub fn highest_fd() -> i32 {
         .unwrap_or(64)
 }
 
-/// No new fds beyond those held, no core dumps, no new processes or threads, nothing locked.
-pub fn limit_resources(highest_fd: i32) -> Result<(), PolicyError> {
+/// No new fds beyond those held, no file grown past `file_size`, no core dumps, no new
+/// processes or threads, nothing locked.
+pub fn limit_resources(highest_fd: i32, file_size: u64) -> Result<(), PolicyError> {
     let fds = (highest_fd.max(2) + 1) as u64;
     setrlimit(Resource::RLIMIT_NOFILE, fds, fds).map_err(step("RLIMIT_NOFILE"))?;
+    // A write past the limit then fails with EFBIG instead of killing the worker.
+    // SAFETY: SIG_IGN installs no handler code.
+    unsafe { signal(Signal::SIGXFSZ, SigHandler::SigIgn) }.map_err(step("ignoring SIGXFSZ"))?;
+    setrlimit(Resource::RLIMIT_FSIZE, file_size, file_size).map_err(step("RLIMIT_FSIZE"))?;
     setrlimit(Resource::RLIMIT_CORE, 0, 0).map_err(step("RLIMIT_CORE"))?;
     setrlimit(Resource::RLIMIT_NPROC, 0, 0).map_err(step("RLIMIT_NPROC"))?;
     setrlimit(Resource::RLIMIT_MEMLOCK, 0, 0).map_err(step("RLIMIT_MEMLOCK"))?;

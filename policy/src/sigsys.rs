@@ -1,9 +1,10 @@
 //! The SIGSYS reporter: names a refused system call before the worker dies.
 //!
 //! The allowlist answers a refused call with SECCOMP_RET_TRAP; this handler then sends the
-//! call's number to the broker (a fixed-size message built without allocating), writes it to
-//! stderr, and, in kill mode, makes the one call a third filter kills the process for. Only
-//! async-signal-safe system calls are made: sendmsg, write, and that last one.
+//! call's number to the broker (a fixed-size message built without allocating) and, in kill
+//! mode, makes the one call a third filter kills the process for. Only async-signal-safe
+//! system calls are made: sendmsg and that last one. Nothing goes to stderr, which is
+//! /dev/null in a worker.
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
@@ -55,11 +56,6 @@ extern "C" fn handler(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut l
 
 fn report(nr: i32, arch: u32) {
     let msg = encode_violation(i64::from(nr), arch);
-    const PREFIX: &[u8] = b"hvisor-worker: seccomp refused system call ";
-    let mut line = [0u8; 64];
-    line[..PREFIX.len()].copy_from_slice(PREFIX);
-    let end = PREFIX.len() + format_number(nr, &mut line[PREFIX.len()..PREFIX.len() + 12]);
-    line[end] = b'\n';
     // SAFETY: plain system calls on buffers that live on this stack frame.
     unsafe {
         let mut iov = libc::iovec {
@@ -74,32 +70,7 @@ fn report(nr: i32, arch: u32) {
             &hdr,
             libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
         );
-        libc::write(2, line.as_ptr().cast(), end + 1);
     }
-}
-
-/// Decimal digits of `n` into `out`; returns how many were written.
-fn format_number(n: i32, out: &mut [u8]) -> usize {
-    let mut v = i64::from(n).unsigned_abs();
-    let mut tmp = [0u8; 20];
-    let mut i = tmp.len();
-    loop {
-        i -= 1;
-        tmp[i] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    let mut len = 0;
-    if n < 0 {
-        out[0] = b'-';
-        len = 1;
-    }
-    let digits = &tmp[i..];
-    let take = digits.len().min(out.len() - len);
-    out[len..len + take].copy_from_slice(&digits[..take]);
-    len + take
 }
 
 /// Makes the trapped call return `value`, by writing the return register of the saved context.
@@ -120,21 +91,5 @@ fn set_return(ctx: *mut libc::c_void, value: i64) {
         {
             (*uc).uc_mcontext.__gregs[10] = value as u64;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::format_number;
-
-    #[test]
-    fn numbers_are_formatted_without_allocating() {
-        let mut b = [0u8; 11];
-        let n = format_number(257, &mut b);
-        assert_eq!(&b[..n], b"257");
-        let n = format_number(-1, &mut b);
-        assert_eq!(&b[..n], b"-1");
-        let n = format_number(0, &mut b);
-        assert_eq!(&b[..n], b"0");
     }
 }

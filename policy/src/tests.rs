@@ -131,6 +131,13 @@ fn allowed_calls_pass_in_the_blk_sandbox() {
     }
 }
 
+/// RLIMIT_FSIZE (0 here) refuses a write past it with EFBIG, and SIGXFSZ does not kill.
+#[test]
+fn a_write_past_the_file_size_limit_fails_and_the_worker_goes_on() {
+    let (status, survived) = run_probe("write_past_limit");
+    assert!(survived && status.success(), "{status:?}");
+}
+
 #[test]
 fn a_panic_in_the_sandbox_is_an_exit_not_a_seccomp_kill() {
     let (status, survived) = run_probe("panic");
@@ -155,6 +162,10 @@ fn forbidden_calls_kill_the_blk_worker() {
         "kill",
         "proc_write",
         "unshare",
+        "ftruncate",
+        "fallocate_grow",
+        "fallocate_zero_range",
+        "fallocate_collapse_range",
     ] {
         let (status, survived) = run_probe(probe);
         assert_eq!(
@@ -402,12 +413,34 @@ fn sandbox_probe() {
         "unshare" => {
             let _ = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUSER);
         }
+        "write_past_limit" => {
+            let data = [std::io::IoSlice::new(b"grow")];
+            let r = nix::sys::uio::pwritev(&stdin, &data, 1 << 20);
+            assert_eq!(r, Err(nix::errno::Errno::EFBIG));
+        }
+        "ftruncate" => {
+            let _ = nix::unistd::ftruncate(&stdin, 8 << 30);
+        }
+        "fallocate_grow" => fallocate(&stdin, nix::fcntl::FallocateFlags::empty()),
+        "fallocate_zero_range" => fallocate(
+            &stdin,
+            nix::fcntl::FallocateFlags::FALLOC_FL_ZERO_RANGE
+                | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+        ),
+        "fallocate_collapse_range" => {
+            fallocate(&stdin, nix::fcntl::FallocateFlags::FALLOC_FL_COLLAPSE_RANGE)
+        }
         "panic" => panic!("a worker bug"),
         other => panic!("unknown probe {other}"),
     }
     let _ = nix::unistd::write(&stdout, ALIVE);
     // the ordinary exit path of a worker
     std::process::exit(0);
+}
+
+/// 8 GiB from the end of a 16-byte file: each mode would grow it or allocate blocks.
+fn fallocate(file: &std::io::Stdin, mode: nix::fcntl::FallocateFlags) {
+    let _ = nix::fcntl::fallocate(file, mode, 16, 8 << 30);
 }
 
 /// The whole recipe but for namespaces (the test runs without the broker).
@@ -418,6 +451,7 @@ fn enter_unprivileged(kind: DeviceKind) {
         uid: 65534,
         gid: 65534,
         seccomp: protocol::msg::SeccompAction::Kill,
+        file_size_limit: 0,
     };
     enter(kind, &spec, -1).expect("entering the sandbox");
 }

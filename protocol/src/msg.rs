@@ -209,6 +209,9 @@ pub struct SandboxSpec {
     pub gid: u32,
     /// What a seccomp violation does.
     pub seccomp: SeccompAction,
+    /// RLIMIT_FSIZE: the largest file offset the worker may write to (its image's size for a
+    /// writable disk, else 0), so it cannot grow any file it holds.
+    pub file_size_limit: u64,
 }
 
 /// `--seccomp=kill|trap|log`.
@@ -256,6 +259,7 @@ mod tests {
                 uid: 65534,
                 gid: 65534,
                 seccomp: SeccompAction::Kill,
+                file_size_limit: 0,
             },
         };
         assert_eq!(hello.fd_count(), 4);

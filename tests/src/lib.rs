@@ -165,11 +165,41 @@ impl Proc {
             .stderr(Stdio::piped())
             .stdin(Stdio::null());
         let mut child = cmd.spawn().with_context(|| format!("spawning {name}"))?;
-        let (tx, rx) = mpsc::channel();
-        for r in [
+        let readers = vec![
             Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
             Box::new(child.stderr.take().unwrap()),
-        ] {
+        ];
+        Ok(Self::watch(name, child, readers))
+    }
+
+    /// Runs `cmd` with its stderr on a new pseudo-terminal, as from an operator's terminal,
+    /// where `typed` was typed (without echo) and waits to be read. Collects what it prints
+    /// there and on stdout.
+    pub fn spawn_on_tty(name: &'static str, mut cmd: Command, typed: &[u8]) -> Result<Proc> {
+        use nix::sys::termios::{tcgetattr, tcsetattr, LocalFlags, SetArg};
+        let pty = nix::pty::openpty(None, None)?;
+        let mut mode = tcgetattr(&pty.slave)?;
+        mode.local_flags.remove(LocalFlags::ECHO);
+        tcsetattr(&pty.slave, SetArg::TCSANOW, &mode)?;
+        let mut master = File::from(pty.master);
+        master.write_all(typed)?;
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::from(pty.slave))
+            .stdin(Stdio::null());
+        let mut child = cmd.spawn().with_context(|| format!("spawning {name}"))?;
+        // Only the child holds the terminal now: reading it ends when the child's side closes.
+        drop(cmd);
+        let readers = vec![
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(master),
+        ];
+        Ok(Self::watch(name, child, readers))
+    }
+
+    /// Collects the lines `readers` yield, in the background.
+    fn watch(name: &'static str, child: Child, readers: Vec<Box<dyn Read + Send>>) -> Proc {
+        let (tx, rx) = mpsc::channel();
+        for r in readers {
             let tx = tx.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(r).lines().map_while(Result::ok) {
@@ -182,12 +212,12 @@ impl Proc {
                 }
             });
         }
-        Ok(Proc {
+        Proc {
             name,
             child,
             lines: rx,
             log: Vec::new(),
-        })
+        }
     }
 
     pub fn pid(&self) -> Pid {
@@ -316,6 +346,18 @@ pub struct Stack {
 impl Stack {
     /// Starts the simulator, waits until it listens, then starts the broker against it.
     pub fn start(scratch: &Scratch, run: SimRun, broker_args: &[&str]) -> Result<Stack> {
+        let config = run.config;
+        Self::start_with(scratch, run, |socket| {
+            start_broker(config, socket, broker_args)
+        })
+    }
+
+    /// [`Stack::start`] with the broker started by `broker` (given the simulator's socket).
+    pub fn start_with(
+        scratch: &Scratch,
+        run: SimRun,
+        broker: impl FnOnce(&Path) -> Result<Proc>,
+    ) -> Result<Stack> {
         let socket = scratch.path("hvisor.sock");
         let report = scratch.path("report.json");
         let shadow_dir = scratch.path("shadow");
@@ -342,7 +384,7 @@ impl Stack {
         cmd.args(&run.extra);
         let mut sim = Proc::spawn("hvisor-sim", cmd)?;
         sim.wait_for("listening on", Duration::from_secs(20))?;
-        let broker = start_broker(run.config, &socket, broker_args)?;
+        let broker = broker(&socket)?;
         Ok(Stack {
             sim,
             broker,
@@ -424,6 +466,11 @@ pub fn run_dir(socket: &Path) -> PathBuf {
 }
 
 pub fn start_broker(config: &Path, socket: &Path, args: &[&str]) -> Result<Proc> {
+    Proc::spawn("hvisor-broker", broker_command(config, socket, args))
+}
+
+/// `hvisor-broker start CONFIG --driver SOCKET ARGS`.
+pub fn broker_command(config: &Path, socket: &Path, args: &[&str]) -> Command {
     let mut cmd = Command::new(bin("hvisor-broker"));
     cmd.arg("start")
         .arg(config)
@@ -432,7 +479,7 @@ pub fn start_broker(config: &Path, socket: &Path, args: &[&str]) -> Result<Proc>
         .arg("--run-dir")
         .arg(run_dir(socket))
         .args(args);
-    Proc::spawn("hvisor-broker", cmd)
+    cmd
 }
 
 /// Runs `hvisor-broker ARGS` to completion and returns (success, stdout + stderr).

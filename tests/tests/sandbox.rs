@@ -10,6 +10,8 @@ const RAM: u64 = 0x5000_0000;
 const RAM_SIZE: u64 = 0x0400_0000;
 const ADDR: u64 = 0xa00_3c00;
 const NAMESPACES: [&str; 7] = ["user", "pid", "mnt", "net", "ipc", "uts", "cgroup"];
+/// The default `--worker-ids`.
+const WORKER_IDS: std::ops::Range<u32> = 0x4856_0000..0x4856_0000 + 1024;
 
 /// Two zones with a disk each; zone 1 also has a console (net needs a namespace of its own:
 /// tests/tests/net.rs checks its worker the same way).
@@ -94,16 +96,13 @@ fn every_thread_of_every_worker_is_confined_and_audit_says_so() {
             for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
                 assert_eq!(field(set), "0000000000000000", "thread {tid} {set}");
             }
-            assert!(
-                field("Uid").split_whitespace().all(|u| u == "65534"),
-                "{}",
-                field("Uid")
-            );
-            assert!(
-                field("Gid").split_whitespace().all(|g| g == "65534"),
-                "{}",
-                field("Gid")
-            );
+            for ids in [field("Uid"), field("Gid")] {
+                let ids: Vec<u32> = ids.split_whitespace().map(|i| i.parse().unwrap()).collect();
+                assert!(
+                    ids.iter().all(|&i| i == ids[0] && WORKER_IDS.contains(&i)),
+                    "{ids:?}"
+                );
+            }
         }
         for n in NAMESPACES {
             assert_ne!(
@@ -179,7 +178,14 @@ fn every_thread_of_every_worker_is_confined_and_audit_says_so() {
             .unwrap()
             .count();
         assert_eq!(w["fds"].as_array().unwrap().len(), fds);
-        assert_eq!(w["uid"], json!([65534, 65534, 65534, 65534]));
+        let uid = proc_status(Pid::from_raw(pid), "Uid").unwrap();
+        assert_eq!(
+            w["uid"],
+            json!(uid
+                .split_whitespace()
+                .map(|u| u.parse::<u32>().unwrap())
+                .collect::<Vec<_>>())
+        );
         assert_eq!(w["rlimits"]["Max processes"][0], "0");
     }
     let socket = stack.socket.to_str().unwrap();
@@ -195,6 +201,207 @@ fn every_thread_of_every_worker_is_confined_and_audit_says_so() {
         ok && table.contains("seccomp 2 (filter)") && table.contains("user:own"),
         "{table}"
     );
+    let _ = stack.stop_broker();
+}
+
+/// Whether a process running as `uid` (the shared `nobody` of every other service, say) may
+/// signal `pid`.
+fn may_signal_as(uid: u32, pid: Pid) -> bool {
+    // SAFETY: the child makes only raw system calls, then _exit.
+    match unsafe { libc::fork() } {
+        0 => unsafe {
+            let ok = libc::setgroups(0, std::ptr::null()) == 0
+                && libc::setresgid(uid, uid, uid) == 0
+                && libc::setresuid(uid, uid, uid) == 0;
+            let code = match (ok, libc::kill(pid.as_raw(), 0)) {
+                (false, _) => 2,
+                (true, 0) => 0,
+                _ => 1,
+            };
+            libc::_exit(code)
+        },
+        child => {
+            let status = nix::sys::wait::waitpid(Pid::from_raw(child), None).unwrap();
+            match status {
+                nix::sys::wait::WaitStatus::Exited(_, 0) => true,
+                nix::sys::wait::WaitStatus::Exited(_, 1) => false,
+                other => panic!("the probe as uid {uid}: {other:?}"),
+            }
+        }
+    }
+}
+
+/// Each worker runs as ids of its own, from the broker's range: none shares them with another
+/// worker, and a process of the old shared `nobody` cannot signal any of them.
+#[test]
+fn workers_have_ids_of_their_own_that_nobody_cannot_signal() {
+    let s = Scratch::new();
+    let cfg = two_zone_config(&s);
+    let mut run = SimRun::new(&cfg, "blk-demo");
+    run.stay = true;
+    let mut stack = Stack::start(&s, run, &[]).unwrap();
+    stack.wait_report(Duration::from_secs(60)).unwrap();
+    let workers = children(stack.broker.pid());
+    assert_eq!(workers.len(), 3, "{}", stack.diagnostics());
+    let mut uids = std::collections::BTreeSet::new();
+    for &w in &workers {
+        let uid: u32 = proc_status(w, "Uid")
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(WORKER_IDS.contains(&uid), "worker {w} runs as {uid}");
+        uids.insert(uid);
+        assert!(!may_signal_as(65534, w), "nobody may signal worker {w}");
+        // the test itself, root, still may
+        assert!(may_signal_as(0, w));
+    }
+    assert_eq!(uids.len(), 3, "workers share ids: {uids:?}");
+    let socket = stack.socket.to_str().unwrap().to_string();
+    let (ok, table) = broker_cmd(&["audit", "--driver", &socket]);
+    assert!(ok, "{table}");
+    for uid in &uids {
+        assert!(
+            table.contains(&format!("uid/gid     {uid}/{uid}/{uid}/{uid} / {uid}/")),
+            "{table}"
+        );
+    }
+    let _ = stack.stop_broker();
+}
+
+/// The directory of `pid`'s cgroup that holds `controller`'s files, from /proc/PID/cgroup.
+fn cgroup_dir(pid: Pid, controller: &str) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let lines: Vec<Vec<&str>> = text.lines().map(|l| l.splitn(3, ':').collect()).collect();
+    if let Some(l) = lines
+        .iter()
+        .find(|l| l[1].split(',').any(|c| c == controller))
+    {
+        return format!("/sys/fs/cgroup/{controller}{}", l[2]).into();
+    }
+    let v2 = lines
+        .iter()
+        .find(|l| l[0] == "0")
+        .expect("a cgroup v2 line");
+    ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+        .iter()
+        .map(|root| std::path::PathBuf::from(format!("{root}{}", v2[2])))
+        .find(|d| d.join(format!("{controller}.max")).exists())
+        .unwrap_or_else(|| panic!("no {controller} cgroup for {pid}:\n{text}"))
+}
+
+/// The first of `files` in `dir`.
+fn cgroup_file(dir: &std::path::Path, files: &[&str]) -> String {
+    files
+        .iter()
+        .find_map(|f| std::fs::read_to_string(dir.join(f)).ok())
+        .unwrap_or_else(|| panic!("none of {files:?} in {}", dir.display()))
+        .trim()
+        .to_string()
+}
+
+/// Each worker is in a cgroup of its own with the limits of its kind, which the audit reads
+/// back; the cgroups go when the workers do.
+#[test]
+fn each_worker_has_a_cgroup_of_its_own_with_its_kinds_limits() {
+    let s = Scratch::new();
+    let cfg = two_zone_config(&s);
+    let mut run = SimRun::new(&cfg, "blk-demo");
+    run.stay = true;
+    let args = [
+        "--cgroup-memory",
+        "blk=48M",
+        "--cgroup-pids",
+        "all=5",
+        "--cgroup-cpu",
+        "console=30%",
+    ];
+    let mut stack = Stack::start(&s, run, &args).unwrap();
+    stack.wait_report(Duration::from_secs(60)).unwrap();
+    let broker = stack.broker.pid();
+    let workers = children(broker);
+    assert_eq!(workers.len(), 3, "{}", stack.diagnostics());
+    let mut dirs = std::collections::BTreeSet::new();
+    for &w in &workers {
+        let console = std::fs::read_to_string(format!("/proc/{w}/cmdline"))
+            .unwrap()
+            .contains("console");
+        for controller in ["memory", "pids", "cpu"] {
+            let dir = cgroup_dir(w, controller);
+            assert_ne!(
+                dir,
+                cgroup_dir(broker, controller),
+                "worker {w} in the broker's {controller} cgroup"
+            );
+            assert!(
+                dir.display().to_string().contains("/hvisor-broker/"),
+                "{}",
+                dir.display()
+            );
+            dirs.insert(dir);
+        }
+        let memory = cgroup_file(
+            &cgroup_dir(w, "memory"),
+            &["memory.max", "memory.limit_in_bytes"],
+        );
+        let want = if console { 256u64 << 20 } else { 48 << 20 };
+        assert_eq!(memory, want.to_string(), "worker {w}");
+        assert_eq!(cgroup_file(&cgroup_dir(w, "pids"), &["pids.max"]), "5");
+        let cpu = cgroup_file(&cgroup_dir(w, "cpu"), &["cpu.max", "cpu.cfs_quota_us"]);
+        let quota = if console { "30000" } else { "100000" };
+        assert!(cpu.starts_with(quota), "worker {w}: cpu {cpu}");
+    }
+    assert_eq!(dirs.len(), 9, "workers share cgroups: {dirs:?}");
+    let socket = stack.socket.to_str().unwrap().to_string();
+    let (ok, out) = broker_cmd(&["audit", "--driver", &socket, "--json"]);
+    assert!(ok, "{out}");
+    let audit: Value = serde_json::from_str(&out).unwrap();
+    for w in audit["workers"].as_array().unwrap() {
+        let cgroups = w["cgroups"].as_array().unwrap();
+        assert!(!cgroups.is_empty(), "{w}");
+        for c in cgroups {
+            assert_eq!(c["member"], true, "{c}");
+            let path = std::path::PathBuf::from(c["path"].as_str().unwrap());
+            assert!(dirs.contains(&path), "{c}");
+            assert!(!c["limits"].as_object().unwrap().is_empty(), "{c}");
+        }
+    }
+    let (ok, table) = broker_cmd(&["audit", "--driver", &socket]);
+    assert!(ok && table.contains("pids.max 5"), "{table}");
+    assert!(stack.stop_broker().unwrap().success());
+    for d in &dirs {
+        assert!(!d.exists(), "{} left behind", d.display());
+    }
+}
+
+/// Where there are no cgroups to be had, the worker still runs, and the log says what is
+/// missing.
+#[test]
+fn without_cgroups_the_worker_runs_in_a_weaker_sandbox_that_is_logged() {
+    let s = Scratch::new();
+    let img = s.image("disk.img", 1 << 20);
+    let cfg = s.write_json(
+        "zone.json",
+        &json!({ "zones": [zone_json(1, RAM, RAM_SIZE, &[BlkSpec { img: &img, addr: ADDR, irq: 78, readonly: false }])] }),
+    );
+    let not_cgroups = s.path("not-cgroups");
+    std::fs::create_dir(&not_cgroups).unwrap();
+    let root = not_cgroups.to_str().unwrap();
+    let mut stack =
+        Stack::start(&s, SimRun::new(&cfg, "blk-demo"), &["--cgroup-root", root]).unwrap();
+    let line = stack
+        .broker
+        .wait_for(
+            "weaker sandbox: no cgroup of its own",
+            Duration::from_secs(20),
+        )
+        .unwrap();
+    assert!(line.contains("is not a cgroup file system"), "{line}");
+    let report = stack.wait_report(Duration::from_secs(60)).unwrap();
+    assert_checks(&report, &[], &stack.diagnostics());
+    assert_eq!(std::fs::read_dir(&not_cgroups).unwrap().count(), 0);
     let _ = stack.stop_broker();
 }
 
@@ -276,6 +483,96 @@ fn a_worker_making_a_forbidden_call_is_killed_and_the_call_named() {
     assert!(stack.broker.alive(), "{}", stack.diagnostics());
     assert!(!stack.broker.text().contains("openat came back"));
     let _ = stack.stop_broker();
+}
+
+/// The probe's result lines (`probe NAME: ...`), once it is done.
+fn probe_results(stack: &mut Stack) -> Vec<String> {
+    stack
+        .broker
+        .wait_for("probe done", Duration::from_secs(20))
+        .unwrap();
+    let log = stack.broker.text();
+    log.lines()
+        .filter(|l| l.contains(": probe ") && !l.contains("probe done"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The broker's stderr is the operator's terminal, where a line was typed: a worker reading
+/// its stdio gets nothing of it, and what it writes there (forged broker log lines, a flood)
+/// reaches neither the terminal nor the log.
+#[test]
+fn a_worker_reads_and_writes_nothing_of_the_brokers_stdio() {
+    let s = Scratch::new();
+    let (cfg, dir) = probe_setup(&s);
+    let mut run = SimRun::new(&cfg, "blk-demo");
+    run.extra = vec!["--timeout".into(), "20".into()];
+    let args = ["--worker-dir", &dir, "--worker-arg=--stdio"];
+    let mut stack = Stack::start_with(&s, run, |socket| {
+        let cmd = broker_command(&cfg, socket, &args);
+        Proc::spawn_on_tty("hvisor-broker", cmd, b"operator-secret\n")
+    })
+    .unwrap();
+    let results = probe_results(&mut stack);
+    let log = stack.broker.text();
+    // (a flood that got through would make the log unreadable)
+    let short: Vec<&str> = log.lines().filter(|l| l.len() < 300).collect();
+    for fd in 0..=2 {
+        assert!(
+            log.contains(&format!("probe read fd {fd}: 0 \"\"")),
+            "fd {fd}:\n{short:#?}"
+        );
+    }
+    assert!(!log.contains("operator-secret"), "{short:#?}");
+    assert!(!log.contains("forged by a worker"), "{short:#?}");
+    assert!(!log.contains("xxxxxxxx"), "the flood reached the terminal");
+    // it did write
+    assert!(
+        results
+            .iter()
+            .any(|r| r.contains("probe forge on fd 2: SUCCEEDED")),
+        "{short:#?}"
+    );
+    let _ = stack.stop_broker();
+}
+
+/// A blk worker gone bad tries every way to make its image (and the host's disk) larger:
+/// writes past the end fail with EFBIG, size-changing calls are refused, and the image keeps
+/// its size and its blocks.
+#[test]
+fn a_worker_cannot_grow_its_image() {
+    use std::os::unix::fs::MetadataExt;
+    let s = Scratch::new();
+    let (cfg, dir) = probe_setup(&s);
+    let img = s.path("disk.img");
+    let before = std::fs::metadata(&img).unwrap();
+    let mut run = SimRun::new(&cfg, "blk-demo");
+    run.extra = vec!["--timeout".into(), "20".into()];
+    let args = [
+        "--worker-dir",
+        &dir,
+        "--worker-arg=--grow",
+        "--seccomp",
+        "trap",
+    ];
+    let mut stack = Stack::start(&s, run, &args).unwrap();
+    let results = probe_results(&mut stack);
+    assert_eq!(results.len(), 9, "{}", stack.diagnostics());
+    for r in &results {
+        assert!(r.contains("refused"), "the image could grow: {r}");
+        if r.contains("pwrite") {
+            assert!(r.contains("File too large"), "{r}");
+        }
+    }
+    let _ = stack.stop_broker();
+    let after = std::fs::metadata(&img).unwrap();
+    assert_eq!(after.len(), before.len());
+    assert!(
+        after.blocks() <= before.blocks(),
+        "{} blocks, were {}",
+        after.blocks(),
+        before.blocks()
+    );
 }
 
 #[test]

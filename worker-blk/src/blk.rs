@@ -190,9 +190,8 @@ impl Blk {
             return Ok(0);
         }
         let (off, n) = (offset as libc::off_t, len as libc::off_t);
-        let keep = FallocateFlags::FALLOC_FL_KEEP_SIZE;
-        let punch = keep | FallocateFlags::FALLOC_FL_PUNCH_HOLE;
-        let zero = keep | FallocateFlags::FALLOC_FL_ZERO_RANGE;
+        // The only fallocate mode the sandbox allows: it frees blocks and never grows the file.
+        let punch = FallocateFlags::FALLOC_FL_KEEP_SIZE | FallocateFlags::FALLOC_FL_PUNCH_HOLE;
         if discard {
             // A discard is a hint: a file system that cannot punch holes may ignore it.
             return match fallocate(&self.image, punch, off, n) {
@@ -200,15 +199,12 @@ impl Blk {
                 Err(e) => Err(io_error("discard", req, e.into())),
             };
         }
-        let modes: &[FallocateFlags] = if flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0 {
-            &[punch, zero]
-        } else {
-            &[zero]
-        };
-        for &mode in modes {
-            match fallocate(&self.image, mode, off, n) {
+        // A hole reads back as zeros; without UNMAP the blocks must stay allocated, so the
+        // zeros are written.
+        if flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0 {
+            match fallocate(&self.image, punch, off, n) {
                 Ok(()) => return Ok(0),
-                Err(Errno::EOPNOTSUPP) => continue,
+                Err(Errno::EOPNOTSUPP) => {}
                 Err(e) => return Err(io_error("write zeroes", req, e.into())),
             }
         }
@@ -222,7 +218,7 @@ fn io_error(what: &str, req: &Request, e: std::io::Error) -> Status {
     IOERR
 }
 
-/// The fallback of WRITE_ZEROES where the file system cannot zero a range itself.
+/// WRITE_ZEROES without UNMAP, or where the file system cannot punch holes.
 fn write_zeros(file: &File, mut offset: u64, mut len: u64) -> std::io::Result<()> {
     const CHUNK: usize = 64 * 1024;
     static ZEROS: [u8; CHUNK] = [0; CHUNK];

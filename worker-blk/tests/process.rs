@@ -147,6 +147,7 @@ fn hello(version: u32) -> BrokerMsg {
             uid: 65534,
             gid: 65534,
             seccomp: protocol::msg::SeccompAction::Kill,
+            file_size_limit: IMAGE_SIZE,
         },
     }
 }

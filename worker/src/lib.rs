@@ -142,11 +142,7 @@ where
         }
     };
     let pid = std::process::id();
-    logger::install(
-        chan.clone(),
-        format!("hvisor-worker-{kind}[{pid}]"),
-        options.log_level,
-    );
+    logger::install(chan.clone(), options.log_level);
     match start(kind, &chan, pid, build) {
         Ok(event_loop) => event_loop.run(),
         Err(reason) => {

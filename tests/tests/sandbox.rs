@@ -260,7 +260,8 @@ fn workers_have_ids_of_their_own_that_nobody_cannot_signal() {
     }
     assert_eq!(uids.len(), 3, "workers share ids: {uids:?}");
     let socket = stack.socket.to_str().unwrap().to_string();
-    let (ok, table) = broker_cmd(&["audit", "--driver", &socket]);
+    let run = run_dir(&stack.socket).to_str().unwrap().to_string();
+    let (ok, table) = broker_cmd(&["audit", "--driver", &socket, "--run-dir", &run]);
     assert!(ok, "{table}");
     for uid in &uids {
         assert!(
@@ -355,7 +356,8 @@ fn each_worker_has_a_cgroup_of_its_own_with_its_kinds_limits() {
     }
     assert_eq!(dirs.len(), 9, "workers share cgroups: {dirs:?}");
     let socket = stack.socket.to_str().unwrap().to_string();
-    let (ok, out) = broker_cmd(&["audit", "--driver", &socket, "--json"]);
+    let run = run_dir(&stack.socket).to_str().unwrap().to_string();
+    let (ok, out) = broker_cmd(&["audit", "--driver", &socket, "--json", "--run-dir", &run]);
     assert!(ok, "{out}");
     let audit: Value = serde_json::from_str(&out).unwrap();
     for w in audit["workers"].as_array().unwrap() {
@@ -368,7 +370,7 @@ fn each_worker_has_a_cgroup_of_its_own_with_its_kinds_limits() {
             assert!(!c["limits"].as_object().unwrap().is_empty(), "{c}");
         }
     }
-    let (ok, table) = broker_cmd(&["audit", "--driver", &socket]);
+    let (ok, table) = broker_cmd(&["audit", "--driver", &socket, "--run-dir", &run]);
     assert!(ok && table.contains("pids.max 5"), "{table}");
     assert!(stack.stop_broker().unwrap().success());
     for d in &dirs {

@@ -5,11 +5,14 @@
 //! worker process per device.
 
 pub mod audit;
+pub mod budget;
 pub mod control;
 pub mod devices;
 pub mod driver;
 pub mod host;
 pub mod logging;
+pub mod outbox;
 pub mod serve;
+pub mod startup;
 pub mod supervisor;
 pub mod transport;

@@ -54,6 +54,10 @@ enum Command {
         /// The unprivileged UID[:GID] workers run as (seen from outside their namespaces).
         #[arg(long, default_value = "65534:65534", value_parser = parse_ids)]
         worker_user: (u32, u32),
+        /// Seconds of CPU time a worker may use before it reports Ready; one that uses none
+        /// for ten times as long is stopped too.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+        ready_timeout: u64,
     },
     /// Validate CONFIG and print what would be served; starts nothing.
     Check { config: PathBuf },
@@ -89,6 +93,7 @@ fn main() -> ExitCode {
             seccomp,
             worker_user,
             worker_args,
+            ready_timeout,
         } => {
             // Before any thread exists: SIGUSR1 (old drivers' wakeup) must never take its
             // default action, and the rest are read through a signalfd.
@@ -110,6 +115,7 @@ fn main() -> ExitCode {
                 poll: Duration::from_micros(poll_us),
                 jail,
                 worker_args,
+                ready_timeout: Duration::from_secs(ready_timeout),
                 ..Options::default()
             };
             match start(&config, &driver, worker_dir, opts) {

@@ -8,6 +8,7 @@ pub mod hostile;
 pub mod net;
 pub mod rawblk;
 pub mod stock;
+pub mod storm;
 pub mod verify;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -31,6 +32,10 @@ pub enum Workload {
     BlkDemo,
     BlkVerify,
     Hostile,
+    /// Thousands of reset / initialise / DRIVER_OK cycles with config writes, then blk-verify.
+    ResetStorm,
+    /// The device after its worker died at DRIVER_OK (see `storm`).
+    DeadDevice,
     Bench,
     NetVerify,
     NetBench,
@@ -55,6 +60,8 @@ impl Workload {
             Workload::BlkDemo => "blk-demo",
             Workload::BlkVerify => "blk-verify",
             Workload::Hostile => "hostile",
+            Workload::ResetStorm => "reset-storm",
+            Workload::DeadDevice => "dead-device",
             Workload::Bench => "bench",
             Workload::NetVerify => "net-verify",
             Workload::NetBench => "net-bench",
@@ -72,7 +79,12 @@ impl Workload {
     pub fn serves(self, kind: &DevKind) -> bool {
         match self {
             Workload::Demo => true,
-            Workload::BlkDemo | Workload::BlkVerify | Workload::Hostile | Workload::Bench => {
+            Workload::BlkDemo
+            | Workload::BlkVerify
+            | Workload::Hostile
+            | Workload::ResetStorm
+            | Workload::DeadDevice
+            | Workload::Bench => {
                 matches!(kind, DevKind::Blk { .. })
             }
             Workload::NetVerify | Workload::NetBench => matches!(kind, DevKind::Net { .. }),
@@ -284,6 +296,8 @@ fn run_devices<H: Hal>(
             Workload::BlkDemo => demo::run::<H>(&mut g, &mut dev_rep),
             Workload::BlkVerify => verify::run::<H>(&mut g, &mut dev_rep, true),
             Workload::Hostile => hostile::run::<H>(&mut g, &mut dev_rep),
+            Workload::ResetStorm => storm::reset_storm::<H>(&mut g, &mut dev_rep),
+            Workload::DeadDevice => storm::dead_device::<H>(&mut g, &mut dev_rep),
             Workload::Bench => bench::run::<H>(&mut g, &mut dev_rep).map(|b| {
                 *bench = Some(b);
             }),

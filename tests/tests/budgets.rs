@@ -15,23 +15,6 @@ const ADDR: u64 = 0xa00_3c00;
 const LOG_RATE: f64 = 16.0 * 1024.0;
 const LOG_BURST: f64 = 64.0 * 1024.0;
 
-/// A worker directory where the hostile worker (in `mode`, see its source) stands in for
-/// `kind` and the real workers serve the other kinds.
-fn hostile_workers(s: &Scratch, mode: &str, kind: &str) -> String {
-    let dir = s.path(mode);
-    std::fs::create_dir(&dir).unwrap();
-    for k in ["blk", "net", "console"] {
-        let name = format!("hvisor-worker-{k}");
-        let target = if k == kind {
-            bin("hvisor-hostile-worker")
-        } else {
-            bin(&name)
-        };
-        std::os::unix::fs::symlink(target, dir.join(name)).unwrap();
-    }
-    dir.to_str().unwrap().to_string()
-}
-
 fn one_disk(s: &Scratch) -> PathBuf {
     let img = s.image("disk.img", 1 << 20);
     s.write_json(

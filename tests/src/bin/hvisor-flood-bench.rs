@@ -24,27 +24,13 @@ fn measure(mode: Option<&str>) -> anyhow::Result<[f64; 3]> {
             zone_json(2, 0x5400_0000, 0x1000_0000, &[BlkSpec { img: &img, addr: 0xa00_3c00, irq: 78, readonly: false }]),
         ]}),
     );
-    let mut args = Vec::new();
-    if let Some(mode) = mode {
-        let dir = s.path(mode);
-        std::fs::create_dir(&dir)?;
-        for k in ["blk", "net", "console"] {
-            let name = format!("hvisor-worker-{k}");
-            let target = if k == "console" {
-                bin("hvisor-hostile-worker")
-            } else {
-                bin(&name)
-            };
-            std::os::unix::fs::symlink(target, dir.join(name))?;
-        }
-        args = vec![
-            "--worker-dir".to_string(),
-            dir.to_str().unwrap().to_string(),
-        ];
-    }
+    let dir = mode.map(|m| hostile_workers(&s, m, "console"));
+    let args: Vec<&str> = match &dir {
+        Some(d) => vec!["--worker-dir", d],
+        None => vec![],
+    };
     let mut run = SimRun::new(&cfg, "bench");
     run.extra = vec!["--timeout".into(), "300".into()];
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut stack = Stack::start(&s, run, &args)?;
     let report = stack.wait_report(Duration::from_secs(300))?;
     let log = stack.broker.text();

@@ -4,3 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --workspace --bins
 target/release/hvisor-bench "$@"
+target/release/hvisor-flood-bench

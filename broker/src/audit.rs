@@ -1,10 +1,14 @@
 //! What the kernel says about each worker, read from /proc: the audit `hvisor-broker audit`
-//! prints. Nothing here is what the broker intended; every field is read back.
+//! prints. Nothing here is what the broker intended; every field is read back, except the
+//! `claimed_*` fields: what the worker said about itself, which a compromised worker can
+//! forge, and which are printed as its claims.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use serde::{Deserialize, Serialize};
+
+use crate::budget::escape;
 
 /// One worker as the broker knows it, before /proc is read.
 pub struct Known {
@@ -14,8 +18,9 @@ pub struct Known {
     pub pid: Option<i32>,
     pub restarts: u32,
     pub last_exit: Option<String>,
-    pub root_kind: Option<String>,
-    pub notes: Vec<String>,
+    /// The worker's own account of its root, and notes on a weaker sandbox.
+    pub claimed_root: Option<String>,
+    pub claimed_notes: Vec<String>,
     /// The worker's cgroup directories.
     pub cgroups: Vec<std::path::PathBuf>,
 }
@@ -42,8 +47,9 @@ pub struct Worker {
     pub threads: Vec<Thread>,
     pub root: String,
     pub root_entries: Option<usize>,
-    pub root_kind: Option<String>,
-    pub notes: Vec<String>,
+    /// What the worker says, not what was read: see the module documentation.
+    pub claimed_root: Option<String>,
+    pub claimed_notes: Vec<String>,
     /// limit name -> (soft, hard)
     pub rlimits: BTreeMap<String, (String, String)>,
     pub fds: Vec<(i32, String)>,
@@ -114,8 +120,8 @@ fn worker(me: i32, k: Known) -> Worker {
         threads: Vec::new(),
         root: String::new(),
         root_entries: None,
-        root_kind: k.root_kind,
-        notes: k.notes,
+        claimed_root: k.claimed_root,
+        claimed_notes: k.claimed_notes,
         rlimits: BTreeMap::new(),
         fds: Vec::new(),
         restarts: k.restarts,
@@ -259,17 +265,12 @@ pub fn render(r: &Report) -> String {
             .root_entries
             .map(|n| format!("{n} entries"))
             .unwrap_or_else(|| "unreadable".into());
-        let _ = writeln!(
-            out,
-            "  root        {} ({entries}){}",
-            w.root,
-            w.root_kind
-                .as_ref()
-                .map(|k| format!(": {k}"))
-                .unwrap_or_default()
-        );
-        for n in &w.notes {
-            let _ = writeln!(out, "  note        {n}");
+        let _ = writeln!(out, "  root        {} ({entries})", w.root);
+        if let Some(root) = &w.claimed_root {
+            let _ = writeln!(out, "  worker says: confined: {}", escape(root));
+        }
+        for n in &w.claimed_notes {
+            let _ = writeln!(out, "  worker says: weaker sandbox: {}", escape(n));
         }
         let limits: Vec<String> = [
             "Max open files",

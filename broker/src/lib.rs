@@ -5,6 +5,7 @@
 //! worker process per device.
 
 pub mod audit;
+pub mod budget;
 pub mod cgroup;
 pub mod control;
 pub mod devices;
@@ -12,7 +13,9 @@ pub mod driver;
 pub mod host;
 pub mod irq;
 pub mod logging;
+pub mod outbox;
 pub mod rundir;
 pub mod serve;
+pub mod startup;
 pub mod supervisor;
 pub mod transport;

@@ -82,6 +82,10 @@ enum Command {
         /// Where the locks and the control socket live (made root-only if missing).
         #[arg(long, default_value = hvisor_broker::rundir::DEFAULT)]
         run_dir: PathBuf,
+        /// Seconds of CPU time a worker may use before it reports Ready; one that uses none
+        /// for ten times as long is stopped too.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+        ready_timeout: u64,
     },
     /// Validate CONFIG and print what would be served; starts nothing.
     Check { config: PathBuf },
@@ -130,6 +134,7 @@ fn main() -> ExitCode {
             cgroup_memory,
             cgroup_pids,
             cgroup_cpu,
+            ready_timeout,
         } => {
             // Before any thread exists: SIGUSR1 (old drivers' wakeup) must never take its
             // default action, and the rest are read through a signalfd.
@@ -161,6 +166,7 @@ fn main() -> ExitCode {
                 jail,
                 worker_args,
                 inject: irq_inject,
+                ready_timeout: Duration::from_secs(ready_timeout),
                 ..Options::default()
             };
             match start(&config, &driver, &run_dir, worker_dir, opts) {

@@ -20,11 +20,14 @@ use protocol::bridge::{DeviceReq, DeviceRes, MAX_DEVS};
 use protocol::msg::PROTOCOL_VERSION;
 use protocol::{BrokerMsg, Channel, ChannelError, DeviceKind, MemoryRegion, WorkerMsg};
 
+use crate::budget::{escape, LogBudget, MessageBudget};
 use crate::devices::{self, Host, Prepared};
 use crate::driver::Driver;
 use crate::host::Tap;
 use crate::irq::{retry_delay, Inject};
+use crate::outbox::Outbox;
 use crate::rundir::RunDir;
+use crate::startup::ReadyWatch;
 use crate::supervisor;
 use crate::transport::{Effect, MmioTransport};
 use crate::{audit, control};
@@ -38,7 +41,8 @@ pub struct Options {
     pub poll: Duration,
     /// The longest sleep: a safety net for a lost wakeup (hvisor-abi 2.5).
     pub max_sleep: Duration,
-    /// How long a worker may take to report Ready.
+    /// The CPU time a worker may use before it reports Ready; one that uses none for ten
+    /// times as long is stopped too (see `startup`).
     pub ready_timeout: Duration,
     /// Who workers run as and what a seccomp violation does.
     pub jail: supervisor::Jail,
@@ -53,7 +57,7 @@ impl Default for Options {
             worker_args: Vec::new(),
             poll: Duration::from_micros(100),
             max_sleep: Duration::from_millis(10),
-            ready_timeout: Duration::from_secs(5),
+            ready_timeout: Duration::from_secs(10),
             jail: supervisor::Jail::default(),
             inject: Inject::default(),
         }
@@ -67,20 +71,32 @@ const TOKEN_CONTROL: u64 = 3;
 /// Device `i` owns tokens `DEV_BASE + i * DEV_STRIDE + k`: k = 0 its socket, 1 + q its call fds.
 const DEV_BASE: u64 = 0x100;
 const DEV_STRIDE: u64 = 0x100;
+/// The most messages taken from one worker per wakeup, so the bridge ring (every other
+/// zone's register accesses) is served between batches.
+const MAX_BATCH: usize = 16;
+/// Distinct refused system calls logged per worker; more are only counted.
+const MAX_VIOLATIONS: usize = 32;
+/// Sandbox notes kept from a worker's Confined message.
+const MAX_NOTES: usize = 8;
 
 struct Worker {
     pid: Pid,
     channel: Channel,
     ready: bool,
-    started: Instant,
+    startup: ReadyWatch,
     /// Socket closed; waiting for SIGCHLD until this deadline, then SIGKILL.
     gone_since: Option<Instant>,
     /// The last system call its filter refused, as its SIGSYS reporter said.
     violation: Option<i64>,
-    /// How it confined itself, as it reported.
+    /// The refused calls already logged.
+    violations: std::collections::BTreeSet<i64>,
+    /// Its Failed message was logged: one per life.
+    failed: bool,
+    /// How it confined itself, as it reported (escaped, once per life).
     confinement: Option<(String, Vec<String>)>,
     /// Its ids and cgroup, freed when it is dropped after being reaped.
     lease: supervisor::Lease,
+    messages: MessageBudget,
 }
 
 struct Slot {
@@ -104,9 +120,14 @@ struct Slot {
     host: Host,
     /// How its last worker ended, for audits.
     last_exit: Option<String>,
-    /// A guest can make its worker log on every request: records beyond a budget per second
-    /// are counted, not logged.
-    log_budget: LogBudget,
+    /// Everything its worker makes the broker log.
+    worker_log: LogBudget,
+    /// What its guest makes the broker log.
+    guest_log: LogBudget,
+    /// Control messages waiting for room in the worker's socket.
+    outbox: Outbox,
+    /// The socket is watched for room (EPOLLOUT) while the outbox is not empty.
+    watching_out: bool,
 }
 
 impl Slot {
@@ -114,47 +135,6 @@ impl Slot {
     fn interrupt(&mut self) {
         self.irq_pending = true;
         self.irq_retries = 0;
-    }
-}
-
-/// At most [`LogBudget::PER_SECOND`] worker records a second reach the log.
-#[derive(Default)]
-struct LogBudget {
-    window: Option<Instant>,
-    used: u32,
-    dropped: u32,
-}
-
-impl LogBudget {
-    const PER_SECOND: u32 = 50;
-
-    /// Whether a record may be logged now; reports what was dropped in the last window.
-    fn allow(&mut self, label: &str) -> bool {
-        let now = Instant::now();
-        if self
-            .window
-            .is_none_or(|w| now.duration_since(w) >= Duration::from_secs(1))
-        {
-            if self.dropped > 0 {
-                log::warn!(
-                    "{label}: {} worker log records suppressed (more than {} a second)",
-                    self.dropped,
-                    Self::PER_SECOND
-                );
-            }
-            *self = LogBudget {
-                window: Some(now),
-                used: 0,
-                dropped: 0,
-            };
-        }
-        if self.used < Self::PER_SECOND {
-            self.used += 1;
-            true
-        } else {
-            self.dropped += 1;
-            false
-        }
     }
 }
 
@@ -169,11 +149,11 @@ fn known(slots: &[Slot]) -> Vec<audit::Known> {
             pid: s.worker.as_ref().map(|w| w.pid.as_raw()),
             restarts: 0,
             last_exit: s.last_exit.clone(),
-            root_kind: s
+            claimed_root: s
                 .worker
                 .as_ref()
                 .and_then(|w| w.confinement.as_ref().map(|c| c.0.clone())),
-            notes: s
+            claimed_notes: s
                 .worker
                 .as_ref()
                 .and_then(|w| w.confinement.as_ref().map(|c| c.1.clone()))
@@ -220,6 +200,86 @@ fn configure_tap(tap: &Tap, features: u64) -> Result<()> {
         "tap {}: {hdr}-byte header, offloads {offloads:#x}",
         tap.name
     );
+    Ok(())
+}
+
+/// Stops a worker that broke the rules: SIGKILL, and nothing more is read from it (its exit
+/// is reported, and its device failed, where it is reaped).
+fn stop_worker(epoll: &Epoll, w: &mut Worker, label: &str, why: &str) {
+    log::error!("{label}: worker (pid {}) {why}; stopping it", w.pid);
+    let _ = kill(w.pid, Signal::SIGKILL);
+    epoll.delete(w.channel.as_fd()).ok();
+    w.gone_since = Some(Instant::now());
+}
+
+/// Logs (within the worker's budget, its text escaped) and records one message of a worker;
+/// `Err` says why the worker must be stopped. What a worker may say once is taken once.
+fn take_message(
+    w: &mut Worker,
+    budget: &mut LogBudget,
+    label: &str,
+    msg: WorkerMsg,
+) -> Result<(), String> {
+    let pid = w.pid;
+    match msg {
+        WorkerMsg::Ready { version, pid: _ } => {
+            if version != PROTOCOL_VERSION {
+                return Err(format!("speaks protocol {version}, not {PROTOCOL_VERSION}"));
+            }
+            if !std::mem::replace(&mut w.ready, true) {
+                log::info!("{label}: worker (pid {pid}) sandboxed and ready");
+            }
+        }
+        WorkerMsg::Log { level, message } => {
+            let level = match level {
+                1 => log::Level::Error,
+                2 => log::Level::Warn,
+                3 => log::Level::Info,
+                4 => log::Level::Debug,
+                _ => log::Level::Trace,
+            };
+            budget.log(level, label, format_args!("{}", escape(&message)));
+        }
+        WorkerMsg::Failed { reason } => {
+            if !std::mem::replace(&mut w.failed, true) {
+                let reason = escape(&reason);
+                budget.log(
+                    log::Level::Error,
+                    label,
+                    format_args!("worker (pid {pid}) failed: {reason}"),
+                );
+            }
+        }
+        WorkerMsg::Violation { nr, arch: _ } => {
+            w.violation = Some(nr);
+            if w.violations.len() < MAX_VIOLATIONS && w.violations.insert(nr) {
+                budget.log(
+                    log::Level::Error,
+                    label,
+                    format_args!(
+                        "worker (pid {pid}) made a refused system call: {}",
+                        syscall_label(nr)
+                    ),
+                );
+            }
+        }
+        WorkerMsg::Confined { root, notes } => {
+            if w.confinement.is_some() {
+                return Ok(());
+            }
+            let root = escape(&root);
+            budget.log(
+                log::Level::Info,
+                label,
+                format_args!("worker (pid {pid}) confined: {root}"),
+            );
+            let notes: Vec<String> = notes.iter().take(MAX_NOTES).map(|n| escape(n)).collect();
+            for n in &notes {
+                budget.log(log::Level::Warn, label, format_args!("weaker sandbox: {n}"));
+            }
+            w.confinement = Some((root, notes));
+        }
+    }
     Ok(())
 }
 
@@ -386,18 +446,24 @@ impl Broker {
                 pid,
                 channel,
                 ready: false,
-                started: Instant::now(),
+                startup: ReadyWatch::new(self.opts.ready_timeout),
                 gone_since: None,
                 violation: None,
+                violations: Default::default(),
+                failed: false,
                 confinement: None,
                 lease: spawned.lease,
+                messages: MessageBudget::new(),
             }),
             irq_pending: false,
             irq_retry_at: None,
             irq_retries: 0,
             host: prep.host,
             last_exit: None,
-            log_budget: LogBudget::default(),
+            worker_log: LogBudget::worker(),
+            guest_log: LogBudget::guest(),
+            outbox: Outbox::default(),
+            watching_out: false,
         });
         Ok(())
     }
@@ -520,14 +586,18 @@ impl Broker {
                 return;
             }
             Effect::Activate { features, queues } => {
-                log::info!(
-                    "{}: driver ready, features {features:#x}, {} queue(s)",
-                    slot.label,
-                    queues.len()
+                slot.guest_log.log(
+                    log::Level::Info,
+                    &slot.label,
+                    format_args!(
+                        "driver ready, features {features:#x}, {} queue(s)",
+                        queues.len()
+                    ),
                 );
                 if let Host::Tap(tap) = &slot.host {
                     if let Err(e) = configure_tap(tap, features) {
-                        log::error!("{}: {e:#}", slot.label);
+                        slot.guest_log
+                            .log(log::Level::Error, &slot.label, format_args!("{e:#}"));
                     }
                 }
                 BrokerMsg::Activate { features, queues }
@@ -540,16 +610,42 @@ impl Broker {
             Effect::ConfigWrite { offset, data } => BrokerMsg::ConfigWrite { offset, data },
             Effect::StopQueue(index) => BrokerMsg::StopQueue { index },
         };
+        slot.outbox.push(msg);
+        self.flush_outbox(i);
+    }
+
+    /// Sends what waits for the worker while its socket has room, and watches the socket for
+    /// room while something still waits. A full socket is a slow worker, not a reason to
+    /// stop it.
+    fn flush_outbox(&mut self, i: usize) {
+        let slot = &mut self.slots[i];
         let Some(w) = slot.worker.as_ref().filter(|w| w.gone_since.is_none()) else {
+            slot.outbox = Outbox::default();
             return;
         };
-        if let Err(e) = w.channel.send(&msg, &[], true) {
-            log::error!(
-                "{}: worker (pid {}) does not take messages ({e}); stopping it",
-                slot.label,
-                w.pid
-            );
-            let _ = kill(w.pid, Signal::SIGKILL);
+        while let Some(msg) = slot.outbox.front() {
+            match w.channel.send(&msg, &[], true) {
+                Ok(()) => slot.outbox.pop(),
+                Err(ChannelError::Io(Errno::EAGAIN)) => break,
+                Err(e) => {
+                    // Gone: its end of the socket or its exit is handled where it is read.
+                    log::debug!("{}: sending to the worker: {e}", slot.label);
+                    slot.outbox = Outbox::default();
+                    break;
+                }
+            }
+        }
+        let want_out = !slot.outbox.is_empty();
+        if want_out != slot.watching_out {
+            let mut flags = EpollFlags::EPOLLIN;
+            if want_out {
+                flags |= EpollFlags::EPOLLOUT;
+            }
+            let token = DEV_BASE + i as u64 * DEV_STRIDE;
+            let mut ev = EpollEvent::new(flags, token);
+            if self.epoll.modify(w.channel.as_fd(), &mut ev).is_ok() {
+                slot.watching_out = want_out;
+            }
         }
     }
 
@@ -576,6 +672,7 @@ impl Broker {
                     return Ok(());
                 }
                 if k == 0 {
+                    self.flush_outbox(i);
                     self.on_worker_message(i)?;
                 } else {
                     self.on_call(i, (k - 1) as usize);
@@ -596,54 +693,17 @@ impl Broker {
         }
     }
 
+    /// Takes at most [`MAX_BATCH`] messages from worker `i`; the rest wait for the next round
+    /// (its socket stays readable), after the bridge ring.
     fn on_worker_message(&mut self, i: usize) -> Result<()> {
         let slot = &mut self.slots[i];
-        let Some(w) = slot.worker.as_mut() else {
+        let Some(w) = slot.worker.as_mut().filter(|w| w.gone_since.is_none()) else {
             return Ok(());
         };
-        loop {
-            match w.channel.try_recv::<WorkerMsg>() {
+        for _ in 0..MAX_BATCH {
+            let msg = match w.channel.try_recv::<WorkerMsg>() {
                 Ok(None) => return Ok(()),
-                Ok(Some((WorkerMsg::Ready { version, pid: _ }, _))) => {
-                    if version != PROTOCOL_VERSION {
-                        log::error!("{}: worker speaks protocol {version}, not {PROTOCOL_VERSION}; stopping it", slot.label);
-                        let _ = kill(w.pid, Signal::SIGKILL);
-                        return Ok(());
-                    }
-                    w.ready = true;
-                    log::info!("{}: worker (pid {}) sandboxed and ready", slot.label, w.pid);
-                }
-                Ok(Some((WorkerMsg::Log { level, message }, _))) => {
-                    let level = match level {
-                        1 => log::Level::Error,
-                        2 => log::Level::Warn,
-                        3 => log::Level::Info,
-                        4 => log::Level::Debug,
-                        _ => log::Level::Trace,
-                    };
-                    if slot.log_budget.allow(&slot.label) {
-                        log::log!(level, "{}: {}", slot.label, message);
-                    }
-                }
-                Ok(Some((WorkerMsg::Failed { reason }, _))) => {
-                    log::error!("{}: worker (pid {}) failed: {reason}", slot.label, w.pid);
-                }
-                Ok(Some((WorkerMsg::Violation { nr, arch: _ }, _))) => {
-                    w.violation = Some(nr);
-                    log::error!(
-                        "{}: worker (pid {}) made a refused system call: {}",
-                        slot.label,
-                        w.pid,
-                        syscall_label(nr)
-                    );
-                }
-                Ok(Some((WorkerMsg::Confined { root, notes }, _))) => {
-                    log::info!("{}: worker (pid {}) confined: {root}", slot.label, w.pid);
-                    for n in &notes {
-                        log::warn!("{}: weaker sandbox: {n}", slot.label);
-                    }
-                    w.confinement = Some((root, notes));
-                }
+                Ok(Some((msg, _))) => msg,
                 Err(ChannelError::Eof) | Err(ChannelError::Io(_)) => {
                     self.epoll.delete(w.channel.as_fd()).ok();
                     for c in &slot.calls {
@@ -656,16 +716,25 @@ impl Broker {
                     return Ok(());
                 }
                 Err(e) => {
-                    log::error!(
-                        "{}: malformed message from worker (pid {}): {e}; stopping it",
-                        slot.label,
-                        w.pid
-                    );
-                    let _ = kill(w.pid, Signal::SIGKILL);
+                    let why = format!("malformed message ({e})");
+                    stop_worker(&self.epoll, w, &slot.label, &why);
                     return Ok(());
                 }
+            };
+            if !w.messages.take() {
+                let why = format!(
+                    "over its message budget ({} a second)",
+                    MessageBudget::PER_SECOND
+                );
+                stop_worker(&self.epoll, w, &slot.label, &why);
+                return Ok(());
+            }
+            if let Err(why) = take_message(w, &mut slot.worker_log, &slot.label, msg) {
+                stop_worker(&self.epoll, w, &slot.label, &why);
+                return Ok(());
             }
         }
+        Ok(())
     }
 
     fn on_signals(&mut self) {
@@ -730,18 +799,21 @@ impl Broker {
 
     fn check_deadlines(&mut self) {
         for slot in &mut self.slots {
+            slot.worker_log.report(&slot.label);
+            slot.guest_log.report(&slot.label);
             let Some(w) = slot.worker.as_mut() else {
                 continue;
             };
-            if !w.ready && w.gone_since.is_none() && w.started.elapsed() > self.opts.ready_timeout {
-                log::error!(
-                    "{}: worker (pid {}) not ready within {:?}; stopping it",
-                    slot.label,
-                    w.pid,
-                    self.opts.ready_timeout
-                );
-                let _ = kill(w.pid, Signal::SIGKILL);
-                w.ready = true;
+            if !w.ready && w.gone_since.is_none() {
+                if let Some(why) = w.startup.overdue(w.pid) {
+                    log::error!(
+                        "{}: worker (pid {}) not ready: it {why}; stopping it",
+                        slot.label,
+                        w.pid
+                    );
+                    let _ = kill(w.pid, Signal::SIGKILL);
+                    w.ready = true;
+                }
             }
             if let Some(t) = w.gone_since {
                 if t.elapsed() > Duration::from_secs(1) {

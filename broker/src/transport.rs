@@ -249,8 +249,8 @@ impl MmioTransport {
         self.raise(VIRTIO_MMIO_INT_CONFIG)
     }
 
-    /// The device can no longer work (its worker died): the driver sees DEVICE_NEEDS_RESET and
-    /// gets a config interrupt. Returns whether to inject it now.
+    /// The device can no longer work (its worker died): the driver sees DEVICE_NEEDS_RESET, for
+    /// good, and gets a config interrupt. Returns whether to inject it now.
     pub fn fail(&mut self) -> bool {
         self.failed = true;
         self.raise_config()
@@ -468,7 +468,8 @@ impl MmioTransport {
         self.queues.fill(Queue::default());
         self.status = 0;
         self.activated = false;
-        self.failed = false;
+        // `failed` stays: nothing serves the device any more (its worker is gone), so a reset
+        // cannot make it work, and DRIVER_OK stays refused.
         self.irq.clear();
     }
 
@@ -966,7 +967,7 @@ mod tests {
         w(&mut t, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
         w(&mut t, VIRTIO_MMIO_QUEUE_SEL, 1);
         assert!(t.raise_used());
-        assert!(!t.fail());
+        assert!(!t.raise_config());
         let generation = rd(&mut t, VIRTIO_MMIO_CONFIG_GENERATION);
         assert_eq!(w(&mut t, VIRTIO_MMIO_STATUS, 0), Some(Effect::Reset));
         assert_eq!(rd(&mut t, VIRTIO_MMIO_STATUS), 0);
@@ -1132,9 +1133,23 @@ mod tests {
             ACK_DRIVER | FEATURES_OK | DRIVER_OK | 0x40,
         );
         assert_eq!(t.status & 0x40, 0);
-        // Only a reset clears the failure.
+        // Not even a reset clears the failure: nothing serves the device.
         assert_eq!(w(&mut t, VIRTIO_MMIO_STATUS, 0), Some(Effect::Reset));
-        assert_eq!(rd(&mut t, VIRTIO_MMIO_STATUS), 0);
+        assert_eq!(rd(&mut t, VIRTIO_MMIO_STATUS), 0x40);
+        negotiate(&mut t, V1);
+        setup_queue(&mut t, 0, 16, 0x5000_0000);
+        assert_eq!(
+            w(
+                &mut t,
+                VIRTIO_MMIO_STATUS,
+                ACK_DRIVER | FEATURES_OK | DRIVER_OK
+            ),
+            None
+        );
+        assert_eq!(
+            rd(&mut t, VIRTIO_MMIO_STATUS),
+            ACK_DRIVER | FEATURES_OK | 0x40
+        );
     }
 
     #[test]

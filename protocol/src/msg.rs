@@ -10,7 +10,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use crate::channel::ChannelError;
 
 /// Bumped on any incompatible change; the worker refuses a broker of another version.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// The fd number at which a worker finds its socket to the broker.
 pub const WORKER_SOCKET_FD: i32 = 3;
 /// The largest encoded message either side accepts.

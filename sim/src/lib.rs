@@ -19,7 +19,8 @@
 //! - `--legacy-driver`: play the driver before February 2026: an eventfd INIT is answered with
 //!   ERROR (errno 22); a SIGNAL_WAKEUP INIT is accepted and the broker is woken with
 //!   `tgkill(peer pid, tid, SIGUSR1)`. Without it, both kinds of INIT are accepted.
-//! - `--guest`: `demo`, `blk-demo`, `blk-verify`, `hostile`, `bench`, `net-verify`,
+//! - `--guest`: `demo`, `blk-demo`, `blk-verify`, `hostile`, `reset-storm`, `dead-device`,
+//!   `bench`, `net-verify`,
 //!   `net-bench`, `console-verify`, `console-bench`, `linux-boot`, `linux-blk`, `linux-net`,
 //!   `linux-console` or `linux-bench`
 //!   (below).
@@ -98,6 +99,12 @@
 //!   QueueNum, writes to read-only registers, 1/2/8-byte register accesses, unknown offsets,
 //!   config reads of every width, QueueNotify for a missing queue and before DRIVER_OK, a read
 //!   of QueueNotify; every access must be answered. Then a shorter `blk-verify` (40 writes).
+//! - `reset-storm`: per blk device, 3000 initialisations from reset to DRIVER_OK, each with
+//!   8 config-space writes; `hvisor-sim: zone Z blk@0xADDR: 3000 reset cycles done`; then a
+//!   shorter `blk-verify`.
+//! - `dead-device`: per blk device, one initialisation (for a test whose worker dies at
+//!   DRIVER_OK), a wait of up to 30 s for DEVICE_NEEDS_RESET, a reset and a second
+//!   initialisation: NEEDS_RESET must stay set and DRIVER_OK be refused.
 //! - `bench`: on the first blk device only: 200000 MagicValue reads (mean, p50, p99 in us),
 //!   4 KiB random reads at queue depth 1 for about 2 s, 128 KiB sequential reads for about
 //!   2 s, each beside `pread`s of the same offsets on the image file (page cache warmed by an

@@ -115,6 +115,23 @@ impl Default for Scratch {
     }
 }
 
+/// A worker directory where `hvisor-hostile-worker` (in `mode`, see its source) stands in for
+/// `kind` and the real workers serve the other kinds.
+pub fn hostile_workers(scratch: &Scratch, mode: &str, kind: &str) -> String {
+    let dir = scratch.path(mode);
+    std::fs::create_dir(&dir).expect("worker dir");
+    for k in ["blk", "net", "console"] {
+        let name = format!("hvisor-worker-{k}");
+        let target = if k == kind {
+            bin("hvisor-hostile-worker")
+        } else {
+            bin(&name)
+        };
+        std::os::unix::fs::symlink(target, dir.join(name)).expect("worker link");
+    }
+    dir.to_str().expect("utf-8 path").to_string()
+}
+
 /// One blk device for [`zone_json`].
 pub struct BlkSpec<'a> {
     pub img: &'a Path,

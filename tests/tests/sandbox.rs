@@ -171,7 +171,7 @@ fn every_thread_of_every_worker_is_confined_and_audit_says_so() {
         }
         assert_eq!(w["root_entries"], 0);
         assert!(
-            w["root_kind"].as_str().unwrap().contains("pivot_root"),
+            w["claimed_root"].as_str().unwrap().contains("pivot_root"),
             "{w}"
         );
         let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))

@@ -9,6 +9,7 @@ pub mod irq_window;
 pub mod net;
 pub mod rawblk;
 pub mod stock;
+pub mod storm;
 pub mod verify;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -34,6 +35,10 @@ pub enum Workload {
     Hostile,
     /// blk completions that land while the guest handles the interrupt (dropped injections).
     IrqWindow,
+    /// Thousands of reset / initialise / DRIVER_OK cycles with config writes, then blk-verify.
+    ResetStorm,
+    /// The device after its worker died at DRIVER_OK (see `storm`).
+    DeadDevice,
     Bench,
     NetVerify,
     NetBench,
@@ -59,6 +64,8 @@ impl Workload {
             Workload::BlkVerify => "blk-verify",
             Workload::Hostile => "hostile",
             Workload::IrqWindow => "irq-window",
+            Workload::ResetStorm => "reset-storm",
+            Workload::DeadDevice => "dead-device",
             Workload::Bench => "bench",
             Workload::NetVerify => "net-verify",
             Workload::NetBench => "net-bench",
@@ -80,6 +87,8 @@ impl Workload {
             | Workload::BlkVerify
             | Workload::Hostile
             | Workload::IrqWindow
+            | Workload::ResetStorm
+            | Workload::DeadDevice
             | Workload::Bench => {
                 matches!(kind, DevKind::Blk { .. })
             }
@@ -319,6 +328,8 @@ fn run_devices<H: Hal>(
             Workload::BlkVerify => verify::run::<H>(&mut g, &mut dev_rep, true),
             Workload::Hostile => hostile::run::<H>(&mut g, &mut dev_rep),
             Workload::IrqWindow => irq_window::run::<H>(&mut g, &mut dev_rep),
+            Workload::ResetStorm => storm::reset_storm::<H>(&mut g, &mut dev_rep),
+            Workload::DeadDevice => storm::dead_device::<H>(&mut g, &mut dev_rep),
             Workload::Bench => bench::run::<H>(&mut g, &mut dev_rep).map(|b| {
                 *bench = Some(b);
             }),

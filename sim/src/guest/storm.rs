@@ -1,0 +1,91 @@
+//! Drivers that abuse the device lifecycle.
+//!
+//! - `reset-storm`: [`CYCLES`] full initialisations (reset, negotiation, config reads, queue
+//!   setup, DRIVER_OK), each with [`CONFIG_WRITES`] config-space writes, then a short
+//!   `blk-verify`: the device must still work.
+//! - `dead-device`: one initialisation (a test makes its worker die at DRIVER_OK), then waits
+//!   for DEVICE_NEEDS_RESET, resets the device and initialises it again: NEEDS_RESET must stay
+//!   and DRIVER_OK must be refused, since nothing serves the device any more.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use virtio_drivers::queue::VirtQueue;
+use virtio_drivers::transport::{DeviceStatus, Transport};
+use virtio_drivers::Hal;
+
+use super::rawblk::{self, RawBlk};
+use super::GuestDev;
+use crate::report::DeviceReport;
+use crate::transport::{reg, SimTransport};
+
+pub const CYCLES: usize = 3000;
+const CONFIG_WRITES: u64 = 8;
+/// How long `dead-device` waits for the device to report the loss of its worker.
+const DEATH_WAIT: Duration = Duration::from_secs(30);
+
+pub fn reset_storm<H: Hal>(g: &mut GuestDev<'_>, rep: &mut DeviceReport) -> Result<()> {
+    let t = SimTransport::new(g.vcpu, g.spec.addr, g.spec.len)?;
+    for i in 0..CYCLES {
+        let blk = RawBlk::<H>::init(
+            SimTransport::new(g.vcpu, g.spec.addr, g.spec.len)?,
+            rawblk::WANTED,
+        )
+        .with_context(|| format!("initialisation {i}"))?;
+        for off in 0..CONFIG_WRITES {
+            // The writeback byte of virtio_blk_config and its neighbours.
+            t.write(reg::CONFIG + 0x20 + off, 1, i as u64 & 1);
+        }
+        drop(blk);
+    }
+    t.write(reg::STATUS, 4, 0);
+    println!(
+        "hvisor-sim: zone {} blk@0x{:x}: {CYCLES} reset cycles done",
+        g.zone(),
+        g.spec.addr
+    );
+    rep.check("reset_storm", true, format!("{CYCLES} initialisations"));
+    super::verify::run::<H>(g, rep, false)
+}
+
+pub fn dead_device<H: Hal>(g: &mut GuestDev<'_>, rep: &mut DeviceReport) -> Result<()> {
+    let needs_reset = DeviceStatus::DEVICE_NEEDS_RESET;
+    let mut t = SimTransport::new(g.vcpu, g.spec.addr, g.spec.len)?;
+    t.negotiate(rawblk::WANTED)?;
+    let q = VirtQueue::<H, 16>::new(&mut t, 0, false, false).context("setting up queue 0")?;
+    t.driver_ok();
+    let start = Instant::now();
+    while !t.get_status().contains(needs_reset) && start.elapsed() < DEATH_WAIT {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let st = t.get_status();
+    rep.check(
+        "needs_reset_once_dead",
+        st.contains(needs_reset),
+        format!("{st:?}"),
+    );
+    drop(q);
+    t.set_status(DeviceStatus::empty());
+    let st = t.get_status();
+    rep.check(
+        "needs_reset_after_reset",
+        st.contains(needs_reset),
+        format!("{st:?}"),
+    );
+    let negotiated = DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER | DeviceStatus::FEATURES_OK;
+    t.set_status(DeviceStatus::ACKNOWLEDGE);
+    t.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER);
+    let features = t.read_device_features() & rawblk::WANTED;
+    t.write_driver_features(features);
+    t.set_status(negotiated);
+    let q = VirtQueue::<H, 16>::new(&mut t, 0, false, false).context("setting up queue 0")?;
+    t.driver_ok();
+    let st = t.get_status();
+    rep.check(
+        "driver_ok_refused_while_dead",
+        st.contains(needs_reset) && !st.contains(DeviceStatus::DRIVER_OK),
+        format!("{st:?}"),
+    );
+    drop(q);
+    Ok(())
+}

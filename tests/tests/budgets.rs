@@ -95,8 +95,7 @@ fn a_worker_can_neither_flood_nor_forge_the_log_and_audit_labels_its_claims() {
         .broker
         .wait_for("confined:", Duration::from_secs(30))
         .unwrap();
-    let socket = stack.socket.to_str().unwrap().to_string();
-    let (ok, out) = broker_cmd(&["audit", "--driver", &socket, "--json"]);
+    let (ok, out) = stack.audit();
     assert!(ok, "{out}");
     let audit: Value = serde_json::from_str(&out).unwrap();
     let w = &audit["workers"][0];
@@ -107,7 +106,9 @@ fn a_worker_can_neither_flood_nor_forge_the_log_and_audit_labels_its_claims() {
         "{w}"
     );
     assert!(w.get("root_kind").is_none(), "{w}");
-    let (ok, table) = broker_cmd(&["audit", "--driver", &socket]);
+    let socket = stack.socket.to_str().unwrap().to_string();
+    let run = run_dir(&stack.socket).to_str().unwrap().to_string();
+    let (ok, table) = broker_cmd(&["audit", "--driver", &socket, "--run-dir", &run]);
     assert!(ok, "{table}");
     assert!(
         table.contains("worker says: confined: pivot_root into an empty tmpfs"),

@@ -7,7 +7,8 @@
 //!
 //! ```text
 //! hvisor-sim --config zone.json --socket PATH --guest WORKLOAD
-//!            [--legacy-driver] [--seed N] [--report FILE] [--shadow-dir DIR]
+//!            [--legacy-driver] [--gic hvisor|ideal] [--lose-wakeups N]
+//!            [--seed N] [--report FILE] [--shadow-dir DIR]
 //!            [--timeout SECS] [--stay] [--wait-for FILE]
 //!            [--net-guest IP] [--net-host IP] [--net-port PORT] [--net-bench-secs SECS]
 //!            [--linux-kernel PATH] [--linux-modules DIR] [--busybox PATH] [--linux-trace]
@@ -19,8 +20,13 @@
 //! - `--legacy-driver`: play the driver before February 2026: an eventfd INIT is answered with
 //!   ERROR (errno 22); a SIGNAL_WAKEUP INIT is accepted and the broker is woken with
 //!   `tgkill(peer pid, tid, SIGUSR1)`. Without it, both kinds of INIT are accepted.
-//! - `--guest`: `demo`, `blk-demo`, `blk-verify`, `hostile`, `reset-storm`, `dead-device`,
-//!   `bench`, `net-verify`,
+//! - `--gic` (default `hvisor`): `hvisor` drops an injection that meets the interrupt active in
+//!   the guest (taken, not yet EOIed) as hvisor's GICv3 does, and merges one that meets it
+//!   pending; `ideal` keeps an injection made while active until the EOI.
+//! - `--lose-wakeups N` (default 0, none): every N-th wakeup of the broker is not sent, as
+//!   hvisor's unfenced read of `need_wakeup` can lose one (hvisor-abi 2.5).
+//! - `--guest`: `demo`, `blk-demo`, `blk-verify`, `hostile`, `irq-window`, `reset-storm`,
+//!   `dead-device`, `bench`, `net-verify`,
 //!   `net-bench`, `console-verify`, `console-bench`, `linux-boot`, `linux-blk`, `linux-net`,
 //!   `linux-console` or `linux-bench`
 //!   (below).
@@ -132,8 +138,9 @@
 //! {
 //!   "workload": "blk-verify", "seed": 1, "wakeup": "eventfd" | "SIGUSR1",
 //!   "ok": true, "elapsed_s": 4.2, "broker_gone": false,
-//!   "hypervisor": { "requests": 0, "wakeups": 0, "finish_signals": 0,
-//!                   "interrupts": 0, "stray_interrupts": 0 },
+//!   "hypervisor": { "requests": 0, "wakeups": 0, "lost_wakeups": 0, "finish_signals": 0,
+//!                   "interrupts": 0, "merged_interrupts": 0, "dropped_interrupts": 0,
+//!                   "stray_interrupts": 0, "gic": "hvisor" | "ideal" },
 //!   "checks_passed": 40, "checks_failed": 0,
 //!   "zones": [ { "zone": 1, "cpu": 1, "ok": true, "error": null, "devices": [ {
 //!       "zone": 1, "addr": 167787520, "addr_hex": "0xa003c00", "irq": 78, "kind": "blk",
@@ -154,8 +161,9 @@
 //!                    "max_us": 0.0 },
 //!     "randread_4k_qd1": { "block_bytes": 4096, "ops": 0, "seconds": 2.0, "iops": 0.0,
 //!                          "mb_per_s": 0.0, "baseline_ops": 0, "baseline_seconds": 2.0,
-//!                          "baseline_iops": 0.0, "baseline_mb_per_s": 0.0, "ratio": 0.0 },
-//!     "seqread_128k": { ...same fields... } },
+//!                          "baseline_iops": 0.0, "baseline_mb_per_s": 0.0, "ratio": 0.0,
+//!                          "depth": 1, "interrupts_per_op": 1.0, "injections_per_op": 1.0 },
+//!     "randread_4k_qd16": { ...same fields... }, "seqread_128k": { ...same fields... } },
 //!   "linux": null | {
 //!     "kernel": "/usr/bin/linux", "release": "6.1.176", "mem_bytes": 268435456,
 //!     "boot_s": 1.3, "run_s": 3.5, "exit": "exit status: 0", "done": true,

@@ -31,6 +31,9 @@ pub struct Args {
     /// Emulate the driver before February 2026: refuse eventfd INIT, wake with SIGUSR1.
     #[arg(long)]
     pub legacy_driver: bool,
+    /// Lose every N-th wakeup of the broker, as hvisor can (hvisor-abi 2.5); 0: none.
+    #[arg(long, default_value_t = 0)]
+    pub lose_wakeups: u64,
     /// What the interrupt controller does with an injection while the guest handles the
     /// same interrupt: `hvisor` drops it, as the real hypervisor does; `ideal` keeps it.
     #[arg(long, value_enum, default_value_t = Gic::Hvisor)]
@@ -125,6 +128,7 @@ fn run(args: Args) -> Result<i32> {
         wakeup.describe()
     );
     let hv = Hypervisor::new(bridge, machine.clone(), wakeup, VCPU_WATCHDOG, args.gic);
+    hv.lose_wakeups(args.lose_wakeups);
     let _hv_thread = hv.spawn(conn, shared.finish)?;
 
     if let Some(go) = &args.wait_for {
@@ -282,10 +286,11 @@ pub(crate) fn print_summary(r: &Report) {
     }
     let h = &r.hypervisor;
     println!(
-        "  hypervisor: {} requests, {} wakeups, {} finish signals, {} interrupts ({} merged, \
+        "  hypervisor: {} requests, {} wakeups ({} lost), {} finish signals, {} interrupts ({} merged, \
          {} dropped while active, {} stray; {:?} GIC){}",
         h.requests,
         h.wakeups,
+        h.lost_wakeups,
         h.finish_signals,
         h.interrupts,
         h.merged_interrupts,

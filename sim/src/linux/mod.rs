@@ -327,6 +327,7 @@ pub fn run(args: &Args, machine: Machine, job: GuestJob) -> Result<i32> {
         crate::run::VCPU_WATCHDOG,
         args.gic,
     );
+    hv.lose_wakeups(args.lose_wakeups);
     let _hv_thread = hv.spawn(conn, shared.finish)?;
     let cpu = Arc::new(ZoneCpu::new(hv.vcpu(1, zone.id)?));
 

@@ -73,20 +73,21 @@ impl IrqLine {
     }
 }
 
-/// The first retry comes this long after an injection: about when a guest that took the
-/// interrupt has acknowledged it and ended its handler, so that a dropped injection costs
-/// little. A retry finds nothing to do once the guest acknowledged, and one that meets the
-/// interrupt still pending merges with it: short is cheap.
+/// The first retry comes this long after an injection by default (`--irq-retry-us`): about
+/// when a guest that took the interrupt has acknowledged it and ended its handler, so that a
+/// dropped injection costs little. A retry finds nothing to do once the guest acknowledged,
+/// and one that meets the interrupt still pending merges with it: short is cheap.
 pub const FIRST_RETRY: Duration = Duration::from_micros(50);
 /// Retries back off to this: a guest that never acknowledges (it polls, or it stopped) costs
 /// at most 50 hypercalls a second per device.
 pub const MAX_RETRY: Duration = Duration::from_millis(20);
 
-/// How long after an injection to retry, when `retries` retries came before it.
-pub fn retry_delay(retries: u32) -> Duration {
-    FIRST_RETRY
+/// How long after an injection to retry, when `retries` retries came before it and the first
+/// comes `first` after the injection.
+pub fn retry_delay(first: Duration, retries: u32) -> Duration {
+    first
         .saturating_mul(1u32 << retries.min(16))
-        .min(MAX_RETRY)
+        .min(MAX_RETRY.max(first))
 }
 
 #[cfg(test)]
@@ -137,9 +138,16 @@ mod tests {
 
     #[test]
     fn retry_delays_double_up_to_the_cap() {
-        assert_eq!(retry_delay(0), FIRST_RETRY);
-        assert_eq!(retry_delay(1), FIRST_RETRY * 2);
-        assert_eq!(retry_delay(40), MAX_RETRY);
-        assert!((0..40).all(|n| retry_delay(n) <= retry_delay(n + 1)));
+        let delay = |n| retry_delay(FIRST_RETRY, n);
+        assert_eq!(delay(0), FIRST_RETRY);
+        assert_eq!(delay(1), FIRST_RETRY * 2);
+        assert_eq!(delay(40), MAX_RETRY);
+        assert!((0..40).all(|n| delay(n) <= delay(n + 1)));
+        let slow = Duration::from_millis(50);
+        assert_eq!(
+            retry_delay(slow, 3),
+            slow,
+            "a first delay above the cap is kept"
+        );
     }
 }

@@ -79,6 +79,10 @@ enum Command {
         /// injections; for comparison only).
         #[arg(long, value_enum, default_value_t = Inject::Every)]
         irq_inject: Inject,
+        /// Microseconds after an injection before the first retry while the guest has not
+        /// acknowledged; later retries back off to 20 ms.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+        irq_retry_us: u64,
         /// Where the locks and the control socket live (made root-only if missing).
         #[arg(long, default_value = hvisor_broker::rundir::DEFAULT)]
         run_dir: PathBuf,
@@ -129,6 +133,7 @@ fn main() -> ExitCode {
             worker_ids,
             worker_args,
             irq_inject,
+            irq_retry_us,
             run_dir,
             cgroup_root,
             cgroup_memory,
@@ -166,6 +171,7 @@ fn main() -> ExitCode {
                 jail,
                 worker_args,
                 inject: irq_inject,
+                irq_first_retry: Duration::from_micros(irq_retry_us),
                 ready_timeout: Duration::from_secs(ready_timeout),
                 ..Options::default()
             };

@@ -48,6 +48,8 @@ pub struct Options {
     pub jail: supervisor::Jail,
     /// When devices inject their interrupt.
     pub inject: Inject,
+    /// The first retry of an unacknowledged interrupt comes this long after the injection.
+    pub irq_first_retry: Duration,
 }
 
 impl Default for Options {
@@ -60,6 +62,7 @@ impl Default for Options {
             ready_timeout: Duration::from_secs(10),
             jail: supervisor::Jail::default(),
             inject: Inject::default(),
+            irq_first_retry: crate::irq::FIRST_RETRY,
         }
     }
 }
@@ -871,7 +874,8 @@ impl Broker {
             if ok {
                 let slot = &mut self.slots[i];
                 slot.irq_pending = false;
-                slot.irq_retry_at = Some(Instant::now() + retry_delay(slot.irq_retries));
+                let delay = retry_delay(self.opts.irq_first_retry, slot.irq_retries);
+                slot.irq_retry_at = Some(Instant::now() + delay);
                 pushed = true;
             }
         }

@@ -6,19 +6,28 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use hvisor_broker::irq::Inject;
 use hvisor_broker::rundir::RunDir;
 use hvisor_broker::serve::{self, Broker, Options};
 use hvisor_broker::supervisor::{IdRange, Jail};
-use hvisor_broker::{cgroup, driver, logging, supervisor};
+use hvisor_broker::{cgroup, driver, generate, logging, notify, supervisor};
 use protocol::msg::SeccompAction;
+
+const AFTER_HELP: &str = "\
+Under systemd (Type=notify) `start` sends READY=1 once every device's worker is sandboxed and \
+ready, and STOPPING=1 when it stops; --ready-file does the same for init scripts. Logs go to \
+syslog (/dev/log, where journald listens under systemd) or else to stderr.
+
+Files: /etc/hvisor-broker/virtio_cfg.json (the packaged service's config), /run/hvisor-broker \
+(locks and the control socket). Environment: NOTIFY_SOCKET (set by systemd).";
 
 #[derive(Parser)]
 #[command(
     name = "hvisor-broker",
     version,
-    about = "Privilege-separated virtio backend for hvisor"
+    about = "Privilege-separated virtio backend for hvisor",
+    after_long_help = AFTER_HELP
 )]
 struct Cli {
     #[command(subcommand)]
@@ -82,6 +91,11 @@ enum Command {
         /// Where the locks and the control socket live (made root-only if missing).
         #[arg(long, default_value = hvisor_broker::rundir::DEFAULT)]
         run_dir: PathBuf,
+        /// Write this file (holding the broker's pid) once every worker is sandboxed and
+        /// ready, and remove it on stop: what an init script waits for before `hvisor zone
+        /// start`. A file left there by an earlier broker is removed at start.
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
     },
     /// Validate CONFIG and print what would be served; starts nothing.
     Check { config: PathBuf },
@@ -102,6 +116,13 @@ enum Command {
         #[arg(value_parser = ["blk", "net", "console"])]
         kind: String,
     },
+    /// Write the man pages or the shell completions into DIR (for packaging).
+    #[command(hide = true)]
+    Generate {
+        #[arg(value_enum)]
+        what: generate::What,
+        dir: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -114,6 +135,15 @@ fn main() -> ExitCode {
             run_dir,
         } => audit(&run_dir, &driver, json),
         Command::Policy { kind } => policy(&kind),
+        Command::Generate { what, dir } => {
+            match generate::write(what, Cli::command(), &dir) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("hvisor-broker generate: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Start {
             config,
             driver,
@@ -130,6 +160,7 @@ fn main() -> ExitCode {
             cgroup_memory,
             cgroup_pids,
             cgroup_cpu,
+            ready_file,
         } => {
             // Before any thread exists: SIGUSR1 (old drivers' wakeup) must never take its
             // default action, and the rest are read through a signalfd.
@@ -142,6 +173,10 @@ fn main() -> ExitCode {
             // never be dropped again: the broker, root anyway, keeps none.
             let _ = nix::unistd::setgroups(&[]);
             logging::init(log_level, syslog_socket.as_deref());
+            let readiness = match notify::Readiness::new(ready_file) {
+                Ok(r) => r,
+                Err(e) => return failed(e),
+            };
             let mut cgroups = cgroup::Options {
                 root: cgroup_root,
                 ..Default::default()
@@ -161,19 +196,23 @@ fn main() -> ExitCode {
                 jail,
                 worker_args,
                 inject: irq_inject,
+                readiness,
                 ..Options::default()
             };
             match start(&config, &driver, &run_dir, worker_dir, opts) {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    let msg = format!("{e:#}");
-                    log::error!("{msg}");
-                    eprintln!("hvisor-broker: {msg}");
-                    ExitCode::FAILURE
-                }
+                Err(e) => failed(e),
             }
         }
     }
+}
+
+/// `start` failed: said in the log and on stderr.
+fn failed(e: anyhow::Error) -> ExitCode {
+    let msg = format!("{e:#}");
+    log::error!("{msg}");
+    eprintln!("hvisor-broker: {msg}");
+    ExitCode::FAILURE
 }
 
 fn audit(run_dir: &Path, driver: &Path, json: bool) -> ExitCode {

@@ -24,6 +24,7 @@ use crate::devices::{self, Host, Prepared};
 use crate::driver::Driver;
 use crate::host::Tap;
 use crate::irq::{retry_delay, Inject};
+use crate::notify::Readiness;
 use crate::rundir::RunDir;
 use crate::supervisor;
 use crate::transport::{Effect, MmioTransport};
@@ -44,6 +45,8 @@ pub struct Options {
     pub jail: supervisor::Jail,
     /// When devices inject their interrupt.
     pub inject: Inject,
+    /// Whom to tell once every worker is ready.
+    pub readiness: Readiness,
 }
 
 impl Default for Options {
@@ -56,6 +59,7 @@ impl Default for Options {
             ready_timeout: Duration::from_secs(5),
             jail: supervisor::Jail::default(),
             inject: Inject::default(),
+            readiness: Readiness::default(),
         }
     }
 }
@@ -416,6 +420,7 @@ impl Broker {
                 "eventfd"
             }
         );
+        self.opts.readiness.starting(self.slots.len());
         while !self.stop {
             // Requests already waiting (even from before we started) are served first.
             if self.drain_bridge() {
@@ -454,6 +459,7 @@ impl Broker {
                 self.check_deadlines();
             }
         }
+        self.opts.readiness.stopping();
         self.shutdown();
         Ok(())
     }
@@ -532,9 +538,14 @@ impl Broker {
                 }
                 BrokerMsg::Activate { features, queues }
             }
+            Effect::Deassert => {
+                self.driver.deassert_irq(slot.zone, slot.irq);
+                return;
+            }
             Effect::Reset => {
                 slot.irq_pending = false;
                 slot.irq_retry_at = None;
+                self.driver.deassert_irq(slot.zone, slot.irq);
                 BrokerMsg::Reset
             }
             Effect::ConfigWrite { offset, data } => BrokerMsg::ConfigWrite { offset, data },
@@ -612,6 +623,7 @@ impl Broker {
                     }
                     w.ready = true;
                     log::info!("{}: worker (pid {}) sandboxed and ready", slot.label, w.pid);
+                    self.opts.readiness.worker_ready(i);
                 }
                 Ok(Some((WorkerMsg::Log { level, message }, _))) => {
                     let level = match level {
@@ -681,6 +693,9 @@ impl Broker {
                     self.stop = true;
                 }
                 Ok(Signal::SIGCHLD) => self.reap(),
+                Ok(Signal::SIGHUP) => {
+                    log::warn!("SIGHUP: reloading the configuration is not supported yet; ignored")
+                }
                 _ => {}
             }
         }

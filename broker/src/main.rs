@@ -135,15 +135,13 @@ fn main() -> ExitCode {
             run_dir,
         } => audit(&run_dir, &driver, json),
         Command::Policy { kind } => policy(&kind),
-        Command::Generate { what, dir } => {
-            match generate::write(what, Cli::command(), &dir) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("hvisor-broker generate: {e:#}");
-                    ExitCode::FAILURE
-                }
+        Command::Generate { what, dir } => match generate::write(what, Cli::command(), &dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("hvisor-broker generate: {e:#}");
+                ExitCode::FAILURE
             }
-        }
+        },
         Command::Start {
             config,
             driver,

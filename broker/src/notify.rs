@@ -43,7 +43,8 @@ fn parse_addr(name: &[u8]) -> Result<SocketAddr> {
             .context("NOTIFY_SOCKET: bad abstract socket name"),
         Some((b'/', _)) => {
             use std::os::unix::ffi::OsStrExt;
-            SocketAddr::from_pathname(std::ffi::OsStr::from_bytes(name)).context("NOTIFY_SOCKET: bad socket path")
+            SocketAddr::from_pathname(std::ffi::OsStr::from_bytes(name))
+                .context("NOTIFY_SOCKET: bad socket path")
         }
         _ => bail!(
             "NOTIFY_SOCKET={:?}: neither a socket path nor an @abstract name",

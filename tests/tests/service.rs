@@ -20,7 +20,10 @@ const UNIT: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../packaging/hvisor-broker.service"
 );
-const INIT_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/init.d/hvisor-broker");
+const INIT_SCRIPT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../packaging/init.d/hvisor-broker"
+);
 const BUSYBOX: &str = "/bin/busybox";
 
 /// Zone 1 with two blk devices and a console: three workers.
@@ -32,8 +35,18 @@ fn config(s: &Scratch) -> PathBuf {
         RAM,
         RAM_SIZE,
         &[
-            BlkSpec { img: &a, addr: 0xa00_3c00, irq: 78, readonly: false },
-            BlkSpec { img: &b, addr: 0xa00_3e00, irq: 79, readonly: false },
+            BlkSpec {
+                img: &a,
+                addr: 0xa00_3c00,
+                irq: 78,
+                readonly: false,
+            },
+            BlkSpec {
+                img: &b,
+                addr: 0xa00_3e00,
+                irq: 79,
+                readonly: false,
+            },
         ],
     );
     zone["devices"].as_array_mut().unwrap().push(json!({
@@ -83,7 +96,9 @@ fn ready_is_sent_once_every_worker_is_sandboxed_and_stopping_on_sigterm() {
     let notify_path = s.path("notify.sock");
     let notify = UnixDatagram::bind(&notify_path).unwrap();
     // a hang guard only
-    notify.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
     let mut stack = Stack::start_with(&s, idle(&s, &cfg), |socket| {
         let mut cmd = broker_command(&cfg, socket, &[]);
         cmd.env("NOTIFY_SOCKET", &notify_path);
@@ -106,7 +121,10 @@ fn ready_is_sent_once_every_worker_is_sandboxed_and_stopping_on_sigterm() {
         "{seen:?}"
     );
     assert!(seen[0].contains("STATUS=starting 3 worker(s)"), "{seen:?}");
-    assert!(seen.last().unwrap().contains("STATUS=serving 3 device(s)"), "{seen:?}");
+    assert!(
+        seen.last().unwrap().contains("STATUS=serving 3 device(s)"),
+        "{seen:?}"
+    );
     // The log says the same, in order: three workers ready, then serving.
     stack
         .broker
@@ -211,7 +229,11 @@ fn the_units_capabilities_and_no_new_privs_are_enough() {
 
 #[test]
 fn the_unit_file_passes_systemd_analyze_verify() {
-    if Command::new("systemd-analyze").arg("--version").output().is_err() {
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
         eprintln!("skipped: no systemd-analyze (systemd is not installed)");
         return;
     }

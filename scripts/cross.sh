@@ -42,7 +42,8 @@ for target in "${targets[@]}"; do
   scratch=$(mktemp -d)
   cp examples/zone1.json "$scratch/" && truncate -s 16M "$scratch/rootfs2.ext4"
   (cd "$scratch" && "$qemu" "$OLDPWD/target/$target/release/hvisor-broker" check zone1.json)
-  "$qemu" "target/$target/release/hvisor-broker" policy blk | head -1
+  listing=$("$qemu" "target/$target/release/hvisor-broker" policy blk)
+  echo "${listing%%$'\n'*}"
   rm -rf "$scratch"
   echo "$target: unit tests, \`check\` and \`policy\` pass under $qemu"
 done

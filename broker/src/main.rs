@@ -93,7 +93,7 @@ enum Command {
         run_dir: PathBuf,
         /// Write this file (holding the broker's pid) once every worker is sandboxed and
         /// ready, and remove it on stop: what an init script waits for before `hvisor zone
-        /// start`. A file left there by an earlier broker is removed at start.
+        /// start`. A file left there by an earlier broker is removed once serving starts.
         #[arg(long)]
         ready_file: Option<PathBuf>,
     },

@@ -64,12 +64,8 @@ pub struct Readiness {
 }
 
 impl Readiness {
-    /// Readiness goes to `$NOTIFY_SOCKET` if set and to `ready_file` if given; a ready file
-    /// left by an earlier broker is removed first.
+    /// Readiness goes to `$NOTIFY_SOCKET` if set and to `ready_file` if given.
     pub fn new(ready_file: Option<PathBuf>) -> Result<Readiness> {
-        if let Some(f) = &ready_file {
-            remove(f)?;
-        }
         Ok(Readiness {
             notifier: Notifier::from_env()?,
             ready_file,
@@ -77,8 +73,15 @@ impl Readiness {
         })
     }
 
-    /// Serving starts with `devices` workers to wait for.
+    /// Serving starts with `devices` workers to wait for. A ready file left by an earlier
+    /// broker is removed now that this one holds the driver's lock (not before: a second
+    /// broker, refused, must not remove the running one's).
     pub fn starting(&mut self, devices: usize) {
+        if let Some(f) = &self.ready_file {
+            if let Err(e) = remove(f) {
+                log::error!("{e:#}");
+            }
+        }
         self.devices = devices;
         self.status(&format!("STATUS=starting {devices} worker(s)"));
         self.check();
@@ -183,8 +186,8 @@ mod tests {
         let file = dir.path().join("ready");
         std::fs::write(&file, "stale").unwrap();
         let mut r = Readiness::new(Some(file.clone())).unwrap();
-        assert!(!file.exists(), "a stale ready file is removed");
         r.starting(2);
+        assert!(!file.exists(), "a stale ready file is removed");
         r.worker_ready(1);
         r.worker_ready(1);
         assert!(!file.exists(), "one of two is not all");

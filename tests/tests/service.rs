@@ -99,8 +99,13 @@ fn ready_is_sent_once_every_worker_is_sandboxed_and_stopping_on_sigterm() {
     notify
         .set_read_timeout(Some(Duration::from_secs(60)))
         .unwrap();
+    let ready_file = s.path("ready");
     let mut stack = Stack::start_with(&s, idle(&s, &cfg), |socket| {
-        let mut cmd = broker_command(&cfg, socket, &[]);
+        let mut cmd = broker_command(
+            &cfg,
+            socket,
+            &["--ready-file", ready_file.to_str().unwrap()],
+        );
         cmd.env("NOTIFY_SOCKET", &notify_path);
         Proc::spawn_cmd("hvisor-broker", cmd)
     })
@@ -138,6 +143,24 @@ fn ready_is_sent_once_every_worker_is_sandboxed_and_stopping_on_sigterm() {
         "{log}"
     );
 
+    assert!(ready_file.exists());
+    // A second broker on the same driver is refused and leaves the first one's file alone.
+    let (ok, out) = broker_cmd(&[
+        "start",
+        cfg.to_str().unwrap(),
+        "--driver",
+        stack.socket.to_str().unwrap(),
+        "--run-dir",
+        run_dir(&stack.socket).to_str().unwrap(),
+        "--ready-file",
+        ready_file.to_str().unwrap(),
+    ]);
+    assert!(!ok && out.contains("already serving"), "{out}");
+    assert!(
+        ready_file.exists(),
+        "the refused broker removed the ready file"
+    );
+
     stack.broker.signal(Signal::SIGTERM);
     loop {
         let state = next_state(&notify, &seen);
@@ -148,6 +171,7 @@ fn ready_is_sent_once_every_worker_is_sandboxed_and_stopping_on_sigterm() {
     }
     let st = stack.broker.wait_exit(Duration::from_secs(20)).unwrap();
     assert!(st.success(), "{st}: {}", stack.diagnostics());
+    assert!(!ready_file.exists(), "the ready file outlived the broker");
 }
 
 #[test]

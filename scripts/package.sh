@@ -16,7 +16,7 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 # Man pages and completions come from the command-line definitions, by a native build.
-cargo build --release -p hvisor-broker --bin hvisor-broker
+cargo build --release --workspace --bins
 target/release/hvisor-broker generate man "$work/man"
 target/release/hvisor-broker generate completions "$work/completions"
 

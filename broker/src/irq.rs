@@ -50,12 +50,15 @@ impl IrqLine {
         inject
     }
 
-    /// The guest's InterruptACK write.
-    pub fn ack(&mut self, bits: u32) {
+    /// The guest's InterruptACK write. Returns true when it cleared the last status bit of an
+    /// injected interrupt: the line drops (LoongArch's hvisor must be told, hvisor-abi 1.6).
+    pub fn ack(&mut self, bits: u32) -> bool {
         self.status &= !bits;
+        let dropped = self.status == 0 && self.asserted;
         if self.status == 0 {
             self.asserted = false;
         }
+        dropped
     }
 
     /// The retry timer of the last injection expired: whether to inject again. True while
@@ -116,9 +119,10 @@ mod tests {
         assert!(l.raise(VRING));
         assert!(l.raise(VRING));
         assert!(l.retry());
-        l.ack(VRING);
+        assert!(l.ack(VRING), "the line drops");
         assert_eq!(l.status(), 0);
         assert!(!l.retry(), "nothing left to tell");
+        assert!(!l.ack(VRING), "it was down already");
     }
 
     #[test]
@@ -126,7 +130,7 @@ mod tests {
         let mut l = IrqLine::new(Inject::Retry);
         assert!(l.raise(VRING));
         assert!(!l.raise(CONFIG));
-        l.ack(VRING);
+        assert!(!l.ack(VRING), "a partial ACK keeps the line up");
         assert_eq!(l.status(), CONFIG);
         assert!(l.retry(), "a partial ACK leaves the config bit untold");
         l.ack(CONFIG);

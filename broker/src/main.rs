@@ -6,19 +6,28 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use hvisor_broker::irq::Inject;
 use hvisor_broker::rundir::RunDir;
 use hvisor_broker::serve::{self, Broker, Options};
 use hvisor_broker::supervisor::{IdRange, Jail};
-use hvisor_broker::{cgroup, driver, logging, supervisor};
+use hvisor_broker::{cgroup, driver, generate, logging, notify, supervisor};
 use protocol::msg::SeccompAction;
+
+const AFTER_HELP: &str = "\
+Under systemd (Type=notify) `start` sends READY=1 once every device's worker is sandboxed and \
+ready, and STOPPING=1 when it stops; --ready-file does the same for init scripts. Logs go to \
+syslog (/dev/log, where journald listens under systemd) or else to stderr.
+
+Files: /etc/hvisor-broker/virtio_cfg.json (the packaged service's config), /run/hvisor-broker \
+(locks and the control socket). Environment: NOTIFY_SOCKET (set by systemd).";
 
 #[derive(Parser)]
 #[command(
     name = "hvisor-broker",
     version,
-    about = "Privilege-separated virtio backend for hvisor"
+    about = "Privilege-separated virtio backend for hvisor",
+    after_long_help = AFTER_HELP
 )]
 struct Cli {
     #[command(subcommand)]
@@ -90,6 +99,11 @@ enum Command {
         /// for ten times as long is stopped too.
         #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
         ready_timeout: u64,
+        /// Write this file (holding the broker's pid) once every worker is sandboxed and
+        /// ready, and remove it on stop: what an init script waits for before `hvisor zone
+        /// start`. A file left there by an earlier broker is removed once serving starts.
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
     },
     /// Validate CONFIG and print what would be served; starts nothing.
     Check { config: PathBuf },
@@ -110,6 +124,13 @@ enum Command {
         #[arg(value_parser = ["blk", "net", "console"])]
         kind: String,
     },
+    /// Write the man pages or the shell completions into DIR (for packaging).
+    #[command(hide = true)]
+    Generate {
+        #[arg(value_enum)]
+        what: generate::What,
+        dir: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -122,6 +143,13 @@ fn main() -> ExitCode {
             run_dir,
         } => audit(&run_dir, &driver, json),
         Command::Policy { kind } => policy(&kind),
+        Command::Generate { what, dir } => match generate::write(what, Cli::command(), &dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("hvisor-broker generate: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Start {
             config,
             driver,
@@ -140,6 +168,7 @@ fn main() -> ExitCode {
             cgroup_pids,
             cgroup_cpu,
             ready_timeout,
+            ready_file,
         } => {
             // Before any thread exists: SIGUSR1 (old drivers' wakeup) must never take its
             // default action, and the rest are read through a signalfd.
@@ -152,6 +181,10 @@ fn main() -> ExitCode {
             // never be dropped again: the broker, root anyway, keeps none.
             let _ = nix::unistd::setgroups(&[]);
             logging::init(log_level, syslog_socket.as_deref());
+            let readiness = match notify::Readiness::new(ready_file) {
+                Ok(r) => r,
+                Err(e) => return failed(e),
+            };
             let mut cgroups = cgroup::Options {
                 root: cgroup_root,
                 ..Default::default()
@@ -173,19 +206,23 @@ fn main() -> ExitCode {
                 inject: irq_inject,
                 irq_first_retry: Duration::from_micros(irq_retry_us),
                 ready_timeout: Duration::from_secs(ready_timeout),
+                readiness,
                 ..Options::default()
             };
             match start(&config, &driver, &run_dir, worker_dir, opts) {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    let msg = format!("{e:#}");
-                    log::error!("{msg}");
-                    eprintln!("hvisor-broker: {msg}");
-                    ExitCode::FAILURE
-                }
+                Err(e) => failed(e),
             }
         }
     }
+}
+
+/// `start` failed: said in the log and on stderr.
+fn failed(e: anyhow::Error) -> ExitCode {
+    let msg = format!("{e:#}");
+    log::error!("{msg}");
+    eprintln!("hvisor-broker: {msg}");
+    ExitCode::FAILURE
 }
 
 fn audit(run_dir: &Path, driver: &Path, json: bool) -> ExitCode {

@@ -25,6 +25,7 @@ use crate::devices::{self, Host, Prepared};
 use crate::driver::Driver;
 use crate::host::Tap;
 use crate::irq::{retry_delay, Inject};
+use crate::notify::Readiness;
 use crate::outbox::Outbox;
 use crate::rundir::RunDir;
 use crate::startup::ReadyWatch;
@@ -50,6 +51,8 @@ pub struct Options {
     pub inject: Inject,
     /// The first retry of an unacknowledged interrupt comes this long after the injection.
     pub irq_first_retry: Duration,
+    /// Whom to tell once every worker is ready.
+    pub readiness: Readiness,
 }
 
 impl Default for Options {
@@ -63,6 +66,7 @@ impl Default for Options {
             jail: supervisor::Jail::default(),
             inject: Inject::default(),
             irq_first_retry: crate::irq::FIRST_RETRY,
+            readiness: Readiness::default(),
         }
     }
 }
@@ -485,6 +489,7 @@ impl Broker {
                 "eventfd"
             }
         );
+        self.opts.readiness.starting(self.slots.len());
         while !self.stop {
             // Requests already waiting (even from before we started) are served first.
             if self.drain_bridge() {
@@ -523,6 +528,7 @@ impl Broker {
                 self.check_deadlines();
             }
         }
+        self.opts.readiness.stopping();
         self.shutdown();
         Ok(())
     }
@@ -605,9 +611,14 @@ impl Broker {
                 }
                 BrokerMsg::Activate { features, queues }
             }
+            Effect::Deassert => {
+                self.driver.deassert_irq(slot.zone, slot.irq);
+                return;
+            }
             Effect::Reset => {
                 slot.irq_pending = false;
                 slot.irq_retry_at = None;
+                self.driver.deassert_irq(slot.zone, slot.irq);
                 BrokerMsg::Reset
             }
             Effect::ConfigWrite { offset, data } => BrokerMsg::ConfigWrite { offset, data },
@@ -736,6 +747,9 @@ impl Broker {
                 stop_worker(&self.epoll, w, &slot.label, &why);
                 return Ok(());
             }
+            if w.ready {
+                self.opts.readiness.worker_ready(i);
+            }
         }
         Ok(())
     }
@@ -753,6 +767,9 @@ impl Broker {
                     self.stop = true;
                 }
                 Ok(Signal::SIGCHLD) => self.reap(),
+                Ok(Signal::SIGHUP) => {
+                    log::warn!("SIGHUP: reloading the configuration is not supported yet; ignored")
+                }
                 _ => {}
             }
         }

@@ -67,6 +67,8 @@ pub enum Effect {
     /// The driver took a queue of the active device out of use (QueueReady 0): its memory may
     /// be reused for anything, so the worker must stop reading it.
     StopQueue(u16),
+    /// The driver's ACK cleared the last InterruptStatus bit of an injected interrupt.
+    Deassert,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -219,7 +221,7 @@ impl MmioTransport {
             VIRTIO_MMIO_QUEUE_USED_LOW => self.write_queue_addr(v, false, |q| &mut q.used),
             VIRTIO_MMIO_QUEUE_USED_HIGH => self.write_queue_addr(v, true, |q| &mut q.used),
             VIRTIO_MMIO_QUEUE_NOTIFY => return self.notify(v),
-            VIRTIO_MMIO_INTERRUPT_ACK => self.ack(v),
+            VIRTIO_MMIO_INTERRUPT_ACK => return self.ack(v),
             VIRTIO_MMIO_STATUS => return self.write_status(v),
             VIRTIO_MMIO_SHM_SEL => {}
             _ => {
@@ -266,8 +268,8 @@ impl MmioTransport {
         self.irq.raise(bit)
     }
 
-    fn ack(&mut self, v: u32) {
-        self.irq.ack(v & INT_BITS);
+    fn ack(&mut self, v: u32) -> Option<Effect> {
+        self.irq.ack(v & INT_BITS).then_some(Effect::Deassert)
     }
 
     /// The retry timer of the last injection expired: whether to inject again (the guest has
@@ -1057,11 +1059,14 @@ mod tests {
         assert!(!t.raise_config(), "merged too");
         assert_eq!(rd(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS), 3);
         // A partial ACK keeps the line asserted.
-        w(&mut t, VIRTIO_MMIO_INTERRUPT_ACK, 1);
+        assert_eq!(w(&mut t, VIRTIO_MMIO_INTERRUPT_ACK, 1), None);
         assert_eq!(rd(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS), 2);
         assert!(!t.raise_used());
         // ACK of unknown bits is masked; the full ACK deasserts.
-        w(&mut t, VIRTIO_MMIO_INTERRUPT_ACK, 0xffff_ffff);
+        assert_eq!(
+            w(&mut t, VIRTIO_MMIO_INTERRUPT_ACK, 0xffff_ffff),
+            Some(Effect::Deassert)
+        );
         assert_eq!(rd(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS), 0);
         assert!(t.raise_used(), "injects again after the ACK");
         w(&mut t, VIRTIO_MMIO_INTERRUPT_ACK, 1);

@@ -1,0 +1,209 @@
+//! Telling the service manager how start-up went. Under systemd (`Type=notify`) the broker
+//! sends `KEY=VALUE` lines in one datagram to the socket `$NOTIFY_SOCKET` names (the documented
+//! sd_notify protocol: a path, or `@` for the abstract namespace); without systemd it can write
+//! a ready file that an init script waits for. Ready means every device's worker reported
+//! itself sandboxed and ready, so a zone started after it finds all its devices served.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+/// The service manager's socket.
+struct Notifier {
+    socket: UnixDatagram,
+    addr: SocketAddr,
+}
+
+impl Notifier {
+    /// The socket `$NOTIFY_SOCKET` names, if any.
+    fn from_env() -> Result<Option<Notifier>> {
+        let Some(name) = std::env::var_os("NOTIFY_SOCKET") else {
+            return Ok(None);
+        };
+        let addr = parse_addr(name.as_encoded_bytes())?;
+        let socket = UnixDatagram::unbound().context("NOTIFY_SOCKET: socket")?;
+        Ok(Some(Notifier { socket, addr }))
+    }
+
+    fn send(&self, state: &str) {
+        if let Err(e) = self.socket.send_to_addr(state.as_bytes(), &self.addr) {
+            log::warn!("telling the service manager {state:?}: {e}");
+        }
+    }
+}
+
+/// A `$NOTIFY_SOCKET` value: `/path` or `@abstract-name`.
+fn parse_addr(name: &[u8]) -> Result<SocketAddr> {
+    match name.split_first() {
+        Some((b'@', abstract_name)) => SocketAddr::from_abstract_name(abstract_name)
+            .context("NOTIFY_SOCKET: bad abstract socket name"),
+        Some((b'/', _)) => {
+            use std::os::unix::ffi::OsStrExt;
+            SocketAddr::from_pathname(std::ffi::OsStr::from_bytes(name))
+                .context("NOTIFY_SOCKET: bad socket path")
+        }
+        _ => bail!(
+            "NOTIFY_SOCKET={:?}: neither a socket path nor an @abstract name",
+            String::from_utf8_lossy(name)
+        ),
+    }
+}
+
+/// Which devices' workers are ready, and whom to tell when all are.
+#[derive(Default)]
+pub struct Readiness {
+    notifier: Option<Notifier>,
+    ready_file: Option<PathBuf>,
+    devices: usize,
+    ready: BTreeSet<usize>,
+    told: bool,
+}
+
+impl Readiness {
+    /// Readiness goes to `$NOTIFY_SOCKET` if set and to `ready_file` if given.
+    pub fn new(ready_file: Option<PathBuf>) -> Result<Readiness> {
+        Ok(Readiness {
+            notifier: Notifier::from_env()?,
+            ready_file,
+            ..Readiness::default()
+        })
+    }
+
+    /// Serving starts with `devices` workers to wait for. A ready file left by an earlier
+    /// broker is removed now that this one holds the driver's lock (not before: a second
+    /// broker, refused, must not remove the running one's).
+    pub fn starting(&mut self, devices: usize) {
+        if let Some(f) = &self.ready_file {
+            if let Err(e) = remove(f) {
+                log::error!("{e:#}");
+            }
+        }
+        self.devices = devices;
+        self.status(&format!("STATUS=starting {devices} worker(s)"));
+        self.check();
+    }
+
+    /// Device `index`'s worker reported itself sandboxed and ready (again, after a restart,
+    /// changes nothing).
+    pub fn worker_ready(&mut self, index: usize) {
+        if self.told || !self.ready.insert(index) {
+            return;
+        }
+        self.status(&format!(
+            "STATUS={} of {} worker(s) sandboxed and ready",
+            self.ready.len(),
+            self.devices
+        ));
+        self.check();
+    }
+
+    /// The broker is stopping.
+    pub fn stopping(&mut self) {
+        self.status("STOPPING=1\nSTATUS=stopping");
+        if let Some(f) = &self.ready_file {
+            if let Err(e) = remove(f) {
+                log::warn!("{e:#}");
+            }
+        }
+    }
+
+    fn check(&mut self) {
+        if self.told || self.ready.len() < self.devices {
+            return;
+        }
+        self.told = true;
+        log::info!(
+            "all {} worker(s) sandboxed and ready: serving",
+            self.devices
+        );
+        self.status(&format!(
+            "READY=1\nSTATUS=serving {} device(s)",
+            self.devices
+        ));
+        if let Some(f) = &self.ready_file {
+            if let Err(e) = write_ready_file(f) {
+                log::error!("{e:#}");
+            }
+        }
+    }
+
+    fn status(&self, state: &str) {
+        if let Some(n) = &self.notifier {
+            n.send(state);
+        }
+    }
+}
+
+/// Writes the broker's pid to `path` whole: a waiter sees no file or a complete one.
+fn write_ready_file(path: &Path) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    remove(&tmp)?;
+    // create_new: never through a symlink someone left there
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .with_context(|| format!("ready file {}", tmp.display()))?;
+    writeln!(f, "{}", std::process::id())?;
+    std::fs::rename(&tmp, path).with_context(|| format!("ready file {}", path.display()))
+}
+
+fn remove(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing the ready file {}", path.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notify_socket_names() {
+        let a = parse_addr(b"@/org/freedesktop/systemd1/notify/1").unwrap();
+        assert_eq!(
+            a.as_abstract_name(),
+            Some(&b"/org/freedesktop/systemd1/notify/1"[..])
+        );
+        let p = parse_addr(b"/run/systemd/notify").unwrap();
+        assert_eq!(p.as_pathname(), Some(Path::new("/run/systemd/notify")));
+        assert!(parse_addr(b"vsock:2:1234").is_err());
+        assert!(parse_addr(b"").is_err());
+    }
+
+    #[test]
+    fn ready_file_appears_when_every_worker_is_ready() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ready");
+        std::fs::write(&file, "stale").unwrap();
+        let mut r = Readiness::new(Some(file.clone())).unwrap();
+        r.starting(2);
+        assert!(!file.exists(), "a stale ready file is removed");
+        r.worker_ready(1);
+        r.worker_ready(1);
+        assert!(!file.exists(), "one of two is not all");
+        r.worker_ready(0);
+        let pid = std::fs::read_to_string(&file).unwrap();
+        assert_eq!(pid.trim(), std::process::id().to_string());
+        r.stopping();
+        assert!(!file.exists());
+    }
+
+    #[test]
+    fn no_devices_is_ready_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ready");
+        let mut r = Readiness::new(Some(file.clone())).unwrap();
+        r.starting(0);
+        assert!(file.exists());
+    }
+}

@@ -58,6 +58,12 @@ impl LogBudget {
         Self::new(4 * 1024, 16 * 1024)
     }
 
+    /// Refusals on the control socket, which any local user can cause: about five lines a
+    /// second.
+    pub fn control() -> Self {
+        Self::new(320, 320)
+    }
+
     fn new(rate: u32, burst: u32) -> Self {
         let now = Instant::now();
         LogBudget {
@@ -95,7 +101,14 @@ impl LogBudget {
 
     /// Logs how much was suppressed since the last report, at most once a second.
     pub fn report(&mut self, label: &str) {
-        if self.suppressed == 0 || self.reported.elapsed() < REPORT_EVERY {
+        if self.reported.elapsed() >= REPORT_EVERY {
+            self.flush(label);
+        }
+    }
+
+    /// Logs how much was suppressed since the last report, now (the source goes away).
+    pub fn flush(&mut self, label: &str) {
+        if self.suppressed == 0 {
             return;
         }
         log::warn!(

@@ -22,6 +22,7 @@ use nix::sys::socket::{
 };
 use protocol::channel::{recv_raw, send_raw, seqpacket_socket, wait_readable};
 
+use crate::budget::LogBudget;
 use crate::rundir::RunDir;
 
 /// Starts every message: the protocol and its version.
@@ -86,7 +87,7 @@ pub struct Control {
     wakeup: Epoll,
     listener: OwnedFd,
     pending: VecDeque<(OwnedFd, Instant)>,
-    refusals: Refusals,
+    refusals: LogBudget,
     /// The socket's file name in `run`.
     name: String,
     run: RunDir,
@@ -123,7 +124,7 @@ pub fn listen_on(run: RunDir, driver: &Path) -> Result<Control> {
         wakeup,
         listener,
         pending: VecDeque::new(),
-        refusals: Refusals::default(),
+        refusals: LogBudget::control(),
         name,
         run,
         _lock: lock,
@@ -179,7 +180,7 @@ impl Control {
                         MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
                     );
                 }
-                Ok(_) => self.refuse(now, format_args!("a request it does not know")),
+                Ok(_) => self.refuse(format_args!("a request it does not know")),
                 Err(protocol::ChannelError::Io(Errno::EAGAIN)) if now - since < REQUEST_TIME => {
                     self.pending.push_back((conn, since));
                     continue;
@@ -196,12 +197,9 @@ impl Control {
             Ok(cred) if cred.uid() == 0 => {}
             Ok(cred) => {
                 let (uid, pid) = (cred.uid(), cred.pid());
-                return self.refuse(
-                    now,
-                    format_args!("uid {uid} (pid {pid}): only root may ask"),
-                );
+                return self.refuse(format_args!("uid {uid} (pid {pid}): only root may ask"));
             }
-            Err(e) => return self.refuse(now, format_args!("a peer it cannot identify ({e})")),
+            Err(e) => return self.refuse(format_args!("a peer it cannot identify ({e})")),
         }
         if self.pending.len() >= MAX_PENDING {
             if let Some((old, _)) = self.pending.pop_front() {
@@ -217,61 +215,20 @@ impl Control {
         }
     }
 
-    fn refuse(&mut self, now: Instant, what: std::fmt::Arguments) {
-        if self.refusals.allow(now) {
-            log::warn!("control socket: refused {what}");
-        }
+    fn refuse(&mut self, what: std::fmt::Arguments) {
+        self.refusals.log(
+            log::Level::Warn,
+            "control socket",
+            format_args!("refused {what}"),
+        );
     }
 }
 
 impl Drop for Control {
     fn drop(&mut self) {
-        self.refusals.report();
+        self.refusals.flush("control socket");
         // Still under the lock: no other broker owns this name yet.
         self.run.remove(&self.name);
-    }
-}
-
-/// Refusals reach the log at most [`Refusals::PER_SECOND`] a second; the rest are counted
-/// and reported once per second and when the broker stops.
-#[derive(Default)]
-struct Refusals {
-    window: Option<Instant>,
-    logged: u32,
-    unlogged: u64,
-}
-
-impl Refusals {
-    const PER_SECOND: u32 = 5;
-
-    /// Whether a refusal at `now` may be logged.
-    fn allow(&mut self, now: Instant) -> bool {
-        if self
-            .window
-            .is_none_or(|w| now.duration_since(w) >= Duration::from_secs(1))
-        {
-            self.report();
-            self.window = Some(now);
-            self.logged = 0;
-        }
-        if self.logged < Self::PER_SECOND {
-            self.logged += 1;
-            true
-        } else {
-            self.unlogged += 1;
-            false
-        }
-    }
-
-    fn report(&mut self) {
-        if self.unlogged > 0 {
-            log::warn!(
-                "control socket: {} more refused connection(s) not logged (at most {} a second)",
-                self.unlogged,
-                Self::PER_SECOND
-            );
-            self.unlogged = 0;
-        }
     }
 }
 
@@ -351,18 +308,6 @@ fn check_peer(sock: &OwnedFd, path: &Path) -> Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn refusals_are_logged_within_a_budget_and_counted() {
-        let t0 = Instant::now();
-        let mut r = Refusals::default();
-        let logged = (0..1000).filter(|_| r.allow(t0)).count();
-        assert_eq!(logged, Refusals::PER_SECOND as usize);
-        assert_eq!(r.unlogged, 1000 - logged as u64);
-        // the next window reports the count and logs again
-        assert!(r.allow(t0 + Duration::from_secs(1)));
-        assert_eq!(r.unlogged, 0);
-    }
 
     #[test]
     fn socket_names_are_stable_and_bounded() {

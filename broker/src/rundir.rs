@@ -111,27 +111,13 @@ fn trusted_parent(path: &Path) -> Result<PathBuf> {
     let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
         bail!("{} cannot be the run directory", path.display());
     };
-    let parent = std::fs::canonicalize(parent).with_context(|| {
-        format!(
-            "the run directory's parent {} (give another place with --run-dir)",
-            parent.display()
+    let parent = config::paths::trusted_dir(parent).map_err(|e| {
+        anyhow::anyhow!(
+            "the run directory {} is in a place users other than root may change: {e} \
+             (give another place with --run-dir)",
+            path.display()
         )
     })?;
-    for dir in parent.ancestors() {
-        let meta = std::fs::metadata(dir).with_context(|| format!("{}", dir.display()))?;
-        let others_write = meta.mode() & 0o022 != 0;
-        let sticky = meta.mode() & 0o1000 != 0;
-        if meta.uid() != 0 || (others_write && !sticky) {
-            bail!(
-                "the run directory {} is inside {}, which users other than root may change \
-                 (owner uid {}, mode {:o}); refusing it",
-                path.display(),
-                dir.display(),
-                meta.uid(),
-                meta.mode() & 0o7777
-            );
-        }
-    }
     Ok(parent.join(name))
 }
 

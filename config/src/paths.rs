@@ -210,6 +210,25 @@ pub fn open_image(img: &Path, readonly: bool) -> Result<File, String> {
         .map_err(cannot)
 }
 
+/// The directory `dir` without symlinks, once it is safe: reached only through directories
+/// root controls, and itself one no other user may write to (not even a sticky one).
+pub fn trusted_dir(dir: &Path) -> Result<PathBuf, String> {
+    let walked = walk(dir, false).map_err(|e| match e {
+        WalkError::Io(p, e) => format!("{p:?}: {e}"),
+        WalkError::Unsafe(why) => format!("{dir:?} is not safe: {why}"),
+    })?;
+    if !walked.meta.is_dir() {
+        return Err(format!("{:?} is not a directory", walked.path));
+    }
+    if walked.shared {
+        return Err(format!(
+            "{:?} is a sticky directory others can write to",
+            walked.path
+        ));
+    }
+    Ok(walked.path)
+}
+
 /// Where a `pty_link` goes: `missing` directories to make below `dir`, then the link `name`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LinkPlace {

@@ -228,6 +228,11 @@ fn the_units_capabilities_and_no_new_privs_are_enough() {
         failed_checks(&report),
         stack.diagnostics()
     );
+    // The guest used only its disk: the other workers may still be starting.
+    stack
+        .broker
+        .wait_for("worker(s) sandboxed and ready", Duration::from_secs(60))
+        .unwrap();
     let broker = stack.broker.pid();
     assert_eq!(proc_status(broker, "NoNewPrivs").as_deref(), Some("1"));
     assert_sandboxed(broker, 3, &stack.diagnostics());

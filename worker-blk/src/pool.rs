@@ -300,3 +300,83 @@ fn serve(shared: &Shared, disk: &Disk, mem: &GuestMemoryMmap) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::request::Data;
+    use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
+    use vm_memory::GuestAddress;
+
+    fn job(state: &mut State, kind: u32) {
+        let job = Job {
+            seq: state.next_seq,
+            queue: 0,
+            head: state.next_seq as u16,
+            req: Request {
+                kind,
+                sector: 0,
+                readable: Data::default(),
+                writable: Data::default(),
+                status: GuestAddress(0),
+            },
+        };
+        state.next_seq += 1;
+        if job.is_write() {
+            state.writes.insert(job.seq);
+        }
+        state.waiting.push_back(job);
+    }
+
+    fn heads(jobs: &[Job]) -> Vec<u16> {
+        jobs.iter().map(|j| j.head).collect()
+    }
+
+    #[test]
+    fn a_flush_waits_for_the_writes_before_it_and_nothing_else() {
+        let mut s = State::default();
+        for kind in [
+            VIRTIO_BLK_T_OUT,          // 0
+            VIRTIO_BLK_T_DISCARD,      // 1
+            VIRTIO_BLK_T_FLUSH,        // 2: after 0 and 1
+            VIRTIO_BLK_T_IN,           // 3
+            VIRTIO_BLK_T_OUT,          // 4
+            VIRTIO_BLK_T_FLUSH,        // 5: after 0, 1 and 4
+            VIRTIO_BLK_T_WRITE_ZEROES, // 6
+        ] {
+            job(&mut s, kind);
+        }
+        // everything but the flushes may start at once
+        let mut started = Vec::new();
+        while let Some(j) = s.next_runnable() {
+            started.push(j);
+        }
+        assert_eq!(heads(&started), [0, 1, 3, 4, 6]);
+        // the write after the first flush does not hold it back
+        s.finish(&started[0], 1);
+        s.finish(&started[4], 1);
+        assert!(s.next_runnable().is_none());
+        s.finish(&started[1], 1);
+        let first = s.next_runnable().unwrap();
+        assert_eq!(first.head, 2);
+        assert!(s.next_runnable().is_none());
+        s.finish(&started[3], 1);
+        s.finish(&first, 1);
+        s.finish(&started[2], 1);
+        assert_eq!(s.next_runnable().unwrap().head, 5);
+        assert!(s.writes.is_empty());
+    }
+
+    #[test]
+    fn the_event_loop_is_woken_once_per_batch() {
+        let mut s = State::default();
+        job(&mut s, VIRTIO_BLK_T_IN);
+        job(&mut s, VIRTIO_BLK_T_IN);
+        let (a, b) = (s.next_runnable().unwrap(), s.next_runnable().unwrap());
+        assert!(s.finish(&b, 1));
+        assert!(!s.finish(&a, 1));
+        // in order of finishing
+        let got: Vec<u16> = s.finished.iter().map(|f| f.head).collect();
+        assert_eq!(got, [1, 0]);
+    }
+}

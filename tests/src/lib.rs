@@ -2,6 +2,8 @@
 //! for the end-to-end tests and the benchmark. Build them first (`cargo build --bins`, or
 //! `--release`); `HVISOR_BIN_DIR` overrides where they are looked for.
 
+pub mod fuse;
+
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::FileExt;

@@ -35,6 +35,8 @@ pub enum Workload {
     /// blk completions that land while the guest handles the interrupt (dropped injections).
     IrqWindow,
     Bench,
+    /// 4 KiB random reads at each of `--depths` queue depths (a slow disk's parallelism).
+    DepthBench,
     NetVerify,
     NetBench,
     ConsoleVerify,
@@ -60,6 +62,7 @@ impl Workload {
             Workload::Hostile => "hostile",
             Workload::IrqWindow => "irq-window",
             Workload::Bench => "bench",
+            Workload::DepthBench => "depth-bench",
             Workload::NetVerify => "net-verify",
             Workload::NetBench => "net-bench",
             Workload::ConsoleVerify => "console-verify",
@@ -80,7 +83,8 @@ impl Workload {
             | Workload::BlkVerify
             | Workload::Hostile
             | Workload::IrqWindow
-            | Workload::Bench => {
+            | Workload::Bench
+            | Workload::DepthBench => {
                 matches!(kind, DevKind::Blk { .. })
             }
             Workload::NetVerify | Workload::NetBench => matches!(kind, DevKind::Net { .. }),
@@ -104,6 +108,9 @@ pub struct GuestOptions {
     pub shadow_dir: Option<PathBuf>,
     /// How long a guest waits for a device interrupt.
     pub irq_timeout: Duration,
+    /// `depth-bench`: queue depths, and seconds per depth.
+    pub depths: Vec<usize>,
+    pub depth_secs: f64,
 }
 
 /// splitmix64: small, seedable, good enough for test patterns.
@@ -322,6 +329,7 @@ fn run_devices<H: Hal>(
             Workload::Bench => bench::run::<H>(&mut g, &mut dev_rep).map(|b| {
                 *bench = Some(b);
             }),
+            Workload::DepthBench => bench::depths::<H>(&mut g, &mut dev_rep),
             Workload::NetVerify => net::verify::<H>(&mut g, &mut dev_rep),
             Workload::NetBench => net::bench::<H>(&mut g, &mut dev_rep),
             Workload::ConsoleVerify => console::verify::<H>(&mut g, &mut dev_rep),

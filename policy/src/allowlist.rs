@@ -227,6 +227,8 @@ fn common() -> Vec<Allowed> {
 fn blk() -> Vec<Allowed> {
     vec![
         sys!(SYS_preadv),
+        // A read served at once from the page cache, only where it needs no waiting.
+        sys!(SYS_preadv2, [ArgCheck::eq(5, libc::RWF_NOWAIT)]),
         sys!(SYS_pwritev),
         sys!(SYS_fdatasync),
         // DISCARD and WRITE_ZEROES with UNMAP: a hole punched inside the image (also on block

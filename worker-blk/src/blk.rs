@@ -5,6 +5,7 @@
 use std::fs::File;
 use std::io::IoSlice;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use log::{debug, warn};
@@ -18,7 +19,7 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use worker::guest_io::{read_exact_at, write_all_at};
+use worker::guest_io::{read_exact_at, read_now_at, write_all_at};
 use worker::{Device, Interest};
 
 use crate::pool::{Pool, THREADS};
@@ -47,6 +48,8 @@ pub struct Disk {
     /// In bytes; from the broker, so the worker needs no ioctl to learn it.
     size: u64,
     serial: [u8; ID_BYTES],
+    /// Whether the image takes RWF_NOWAIT reads (FUSE, for one, refuses them).
+    nowait: AtomicBool,
 }
 
 impl Disk {
@@ -70,7 +73,33 @@ impl Disk {
             readonly,
             size,
             serial: id,
+            nowait: AtomicBool::new(true),
         })
+    }
+
+    /// Serves a read at once, on the caller's thread, if the page cache holds all of it;
+    /// `None` if it must wait for an I/O thread (which also answers any error).
+    pub fn read_cached(&self, req: &Request, mem: &GuestMemoryMmap) -> Option<u32> {
+        if req.kind != VIRTIO_BLK_T_IN
+            || !req.readable.is_empty()
+            || !self.nowait.load(Ordering::Relaxed)
+        {
+            return None;
+        }
+        let offset = self.data_range(req, &req.writable).ok()?;
+        let bufs = req.writable.slices(mem)?;
+        match read_now_at(self.image.as_fd(), &bufs, offset) {
+            Ok(true) => {
+                let len = u32::try_from(req.writable.len).map_err(|_| IOERR);
+                Some(answer(req.status, len, mem))
+            }
+            Ok(false) => None,
+            Err(e) => {
+                debug!("no RWF_NOWAIT reads: {e}");
+                self.nowait.store(false, Ordering::Relaxed);
+                None
+            }
+        }
     }
 
     /// Serves a parsed request; returns the used length (bytes written to the guest, status
@@ -293,12 +322,16 @@ impl Device for Blk {
                 break;
             };
             let head = chain.head_index();
-            // A malformed request is answered here; a well-formed one goes to the pool.
+            // A malformed request, or a read the page cache holds, is answered here; the rest
+            // go to the pool.
             let len = match Request::parse(chain, mem) {
-                Ok(req) => {
-                    reqs.push((head, req));
-                    continue;
-                }
+                Ok(req) => match self.pool.disk().read_cached(&req, mem) {
+                    Some(len) => len,
+                    None => {
+                        reqs.push((head, req));
+                        continue;
+                    }
+                },
                 Err(ParseError::NoStatus) => {
                     debug!("request without a writable status byte");
                     0

@@ -175,6 +175,10 @@ impl Pool {
         for _ in running {}
     }
 
+    pub fn disk(&self) -> &Disk {
+        &self.disk
+    }
+
     /// The fd that becomes readable when requests have finished.
     pub fn done_fd(&self) -> BorrowedFd<'_> {
         self.shared.done.as_fd()

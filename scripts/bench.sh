@@ -5,3 +5,7 @@ cd "$(dirname "$0")/.."
 cargo build --release --workspace --bins
 target/release/hvisor-bench "$@"
 target/release/hvisor-flood-bench
+# A slow disk (200 us per request, through a FUSE file system of the benchmark's own): queue
+# depth 1, 4 and 16 beside the ideal and the worker held to one request at a time; PSS of each
+# process.
+target/release/hvisor-slowdisk-bench 200 2 3

@@ -34,8 +34,8 @@ pub struct Limits {
 }
 
 impl Default for Limits {
-    /// A worker is one thread that needs a few MiB: these bound a worker gone bad, not a
-    /// working one.
+    /// A worker is one thread (blk: see [`BLK_PIDS`]) that needs a few MiB: these bound a
+    /// worker gone bad, not a working one.
     fn default() -> Self {
         Limits {
             memory: Some(256 << 20),
@@ -54,11 +54,17 @@ pub struct Options {
     pub console: Limits,
 }
 
+/// A blk worker's tasks: its event loop and 16 I/O threads, with room to spare.
+const BLK_PIDS: u64 = 24;
+
 impl Default for Options {
     fn default() -> Self {
         Options {
             root: DEFAULT_ROOT.into(),
-            blk: Limits::default(),
+            blk: Limits {
+                pids: Some(BLK_PIDS),
+                ..Limits::default()
+            },
             net: Limits::default(),
             console: Limits::default(),
         }
@@ -456,7 +462,7 @@ mod tests {
         let mut o = Options::default();
         o.apply(parse_pids("net=3").unwrap(), |l, v| l.pids = v);
         assert_eq!(o.limits(DeviceKind::Net).pids, Some(3));
-        assert_eq!(o.limits(DeviceKind::Blk).pids, Limits::default().pids);
+        assert_eq!(o.limits(DeviceKind::Blk).pids, Some(BLK_PIDS));
     }
 
     #[test]

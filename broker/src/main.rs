@@ -75,7 +75,7 @@ enum Command {
         /// bytes with K, M or G, or max), e.g. blk=64M (repeatable; default all=256M).
         #[arg(long, value_parser = cgroup::parse_memory)]
         cgroup_memory: Vec<cgroup::Setting>,
-        /// The task limit of a kind's workers, KIND=N or KIND=max (default all=8).
+        /// The task limit of a kind's workers, KIND=N or KIND=max (default blk=24, others 8).
         #[arg(long, value_parser = cgroup::parse_pids)]
         cgroup_pids: Vec<cgroup::Setting>,
         /// The CPU limit of a kind's workers, KIND=PERCENT of one CPU or KIND=max (default

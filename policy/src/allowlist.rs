@@ -4,9 +4,11 @@
 //! (glibc or musl) call on their own: allocation, locks, signal masks, and the error path (a
 //! message through the logger, then `exit_group`). Everything not listed kills the worker.
 //!
-//! Opening files, sockets, `ioctl`, `execve` and `clone` (no threads, no children) are absent on
-//! purpose: the broker opens every resource and passes the fds before the filter is installed.
-//! `fcntl` is allowed for `F_GETFD` only.
+//! Opening files, sockets, `ioctl`, `execve` and new processes are absent on purpose: the broker
+//! opens every resource and passes the fds before the filter is installed. A worker's threads
+//! (the blk worker's I/O threads) are started just before the filter too, so their startup
+//! calls need not be allowed; `clone` passes for threads only, which RLIMIT_NPROC 0 refuses by
+//! then anyway. `fcntl` is allowed for `F_GETFD` only.
 
 use std::fmt;
 
@@ -213,7 +215,8 @@ fn common() -> Vec<Allowed> {
         sys!(SYS_exit_group),
         // ends only the calling thread
         sys!(SYS_exit),
-        // Threads only (RLIMIT_NPROC 0 refuses even those today); never a new process.
+        // Threads only, never a new process; and RLIMIT_NPROC 0 refuses even threads once the
+        // filter is in (a worker starts its threads just before).
         sys!(SYS_clone, [ArgCheck::set(0, libc::CLONE_THREAD)]),
         // Allowed here only so that the ENOSYS refusal wins over a kill (see `refusals`).
         sys!(SYS_clone3),
@@ -224,6 +227,8 @@ fn common() -> Vec<Allowed> {
 fn blk() -> Vec<Allowed> {
     vec![
         sys!(SYS_preadv),
+        // A read served at once from the page cache, only where it needs no waiting.
+        sys!(SYS_preadv2, [ArgCheck::eq(5, libc::RWF_NOWAIT)]),
         sys!(SYS_pwritev),
         sys!(SYS_fdatasync),
         // DISCARD and WRITE_ZEROES with UNMAP: a hole punched inside the image (also on block

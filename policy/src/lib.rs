@@ -100,6 +100,8 @@ pub enum PolicyError {
     },
     #[error("installing the SIGSYS reporter: {0}")]
     Reporter(std::io::Error),
+    #[error("starting the worker's threads: {0}")]
+    Threads(String),
 }
 
 /// Compiles the allowlist of `kind` into a BPF program for the architecture being built.
@@ -212,6 +214,19 @@ pub fn enter(
     spec: &SandboxSpec,
     socket: std::os::fd::RawFd,
 ) -> Result<Confinement, PolicyError> {
+    enter_with(kind, spec, socket, || Ok(()))
+}
+
+/// [`enter`], with `spawn` run once the process has no privilege left and before it may start
+/// no more threads (RLIMIT_NPROC 0) and the filters go in: the only place a worker starts its
+/// threads, which inherit all of that. `spawn` must return only once every thread it started
+/// runs, since the filters do not allow a thread's startup calls.
+pub fn enter_with(
+    kind: DeviceKind,
+    spec: &SandboxSpec,
+    socket: std::os::fd::RawFd,
+    spawn: impl FnOnce() -> Result<(), String>,
+) -> Result<Confinement, PolicyError> {
     let mode = SeccompMode::from(spec.seccomp);
     // Compiled first: a kind without a policy must fail before anything is dropped.
     let programs = filters(kind, mode)?;
@@ -238,6 +253,8 @@ pub fn enter(
     }
     drop_capabilities()?;
     nix::sys::prctl::set_no_new_privs().map_err(PolicyError::NoNewPrivs)?;
+    spawn().map_err(PolicyError::Threads)?;
+    sandbox::forbid_new_processes()?;
     if mode != SeccompMode::Log {
         sigsys::install(socket, mode == SeccompMode::Kill).map_err(PolicyError::Reporter)?;
     }

@@ -99,8 +99,8 @@ pub fn highest_fd() -> i32 {
         .unwrap_or(64)
 }
 
-/// No new fds beyond those held, no file grown past `file_size`, no core dumps, no new
-/// processes or threads, nothing locked.
+/// No new fds beyond those held, no file grown past `file_size`, no core dumps, nothing
+/// locked. (No new processes or threads comes last: [`forbid_new_processes`].)
 pub fn limit_resources(highest_fd: i32, file_size: u64) -> Result<(), PolicyError> {
     let fds = (highest_fd.max(2) + 1) as u64;
     setrlimit(Resource::RLIMIT_NOFILE, fds, fds).map_err(step("RLIMIT_NOFILE"))?;
@@ -109,9 +109,14 @@ pub fn limit_resources(highest_fd: i32, file_size: u64) -> Result<(), PolicyErro
     unsafe { signal(Signal::SIGXFSZ, SigHandler::SigIgn) }.map_err(step("ignoring SIGXFSZ"))?;
     setrlimit(Resource::RLIMIT_FSIZE, file_size, file_size).map_err(step("RLIMIT_FSIZE"))?;
     setrlimit(Resource::RLIMIT_CORE, 0, 0).map_err(step("RLIMIT_CORE"))?;
-    setrlimit(Resource::RLIMIT_NPROC, 0, 0).map_err(step("RLIMIT_NPROC"))?;
     setrlimit(Resource::RLIMIT_MEMLOCK, 0, 0).map_err(step("RLIMIT_MEMLOCK"))?;
     Ok(())
+}
+
+/// No new processes or threads, once the worker has started its own threads (without
+/// capabilities, nothing exempts it from the limit).
+pub fn forbid_new_processes() -> Result<(), PolicyError> {
+    setrlimit(Resource::RLIMIT_NPROC, 0, 0).map_err(step("RLIMIT_NPROC"))
 }
 
 /// Root gets no capabilities back from any uid change or exec, and none of this can be undone.

@@ -131,6 +131,22 @@ fn allowed_calls_pass_in_the_blk_sandbox() {
     }
 }
 
+/// A worker's threads (the blk worker's I/O threads) start in `enter_with`'s hook, before the
+/// filter, and then work under it: they wait on locks and condition variables, write, and end.
+#[test]
+fn threads_started_before_the_filter_work_under_it() {
+    let (status, survived) = run_probe("threads_before_filter");
+    assert!(survived && status.success(), "{status:?}");
+}
+
+/// Once in the sandbox no thread can start: RLIMIT_NPROC 0 refuses it with an error (clone for
+/// threads passes the filter), and the worker goes on.
+#[test]
+fn no_thread_starts_after_the_filter() {
+    let (status, survived) = run_probe("thread_after_filter");
+    assert!(survived && status.success(), "{status:?}");
+}
+
 /// RLIMIT_FSIZE (0 here) refuses a write past it with EFBIG, and SIGXFSZ does not kill.
 #[test]
 fn a_write_past_the_file_size_limit_fails_and_the_worker_goes_on() {
@@ -289,6 +305,9 @@ fn sandbox_probe() {
         let _ = nix::unistd::write(std::io::stdout(), ALIVE);
         std::process::exit(0);
     }
+    if probe == "threads_before_filter" {
+        threads_before_filter();
+    }
     enter_unprivileged(DeviceKind::Blk);
     let stdout = std::io::stdout();
     let stdin = std::io::stdin();
@@ -430,6 +449,9 @@ fn sandbox_probe() {
         "fallocate_collapse_range" => {
             fallocate(&stdin, nix::fcntl::FallocateFlags::FALLOC_FL_COLLAPSE_RANGE)
         }
+        "thread_after_filter" => {
+            assert!(std::thread::Builder::new().spawn(|| {}).is_err());
+        }
         "panic" => panic!("a worker bug"),
         other => panic!("unknown probe {other}"),
     }
@@ -443,8 +465,52 @@ fn fallocate(file: &std::io::Stdin, mode: nix::fcntl::FallocateFlags) {
     let _ = nix::fcntl::fallocate(file, mode, 16, 8 << 30);
 }
 
+/// Four threads started in the hook; once the filter is in, they take turns on a lock, wait on
+/// a condition variable, report through a channel, write to stdout and end.
+fn threads_before_filter() {
+    use std::sync::{mpsc, Arc, Condvar, Mutex};
+    let go = Arc::new((Mutex::new(false), Condvar::new()));
+    let (done_tx, done_rx) = mpsc::channel();
+    let mut handles = Vec::new();
+    enter_unprivileged_with(DeviceKind::Blk, || {
+        let (started_tx, started_rx) = mpsc::channel();
+        for i in 0..4u32 {
+            let (go, done_tx, started_tx) = (go.clone(), done_tx.clone(), started_tx.clone());
+            handles.push(std::thread::spawn(move || {
+                started_tx.send(()).unwrap();
+                let (lock, cv) = &*go;
+                let mut g = lock.lock().unwrap();
+                while !*g {
+                    g = cv.wait(g).unwrap();
+                }
+                drop(g);
+                let _ = nix::unistd::write(std::io::stdout(), b"");
+                done_tx.send(i).unwrap();
+            }));
+        }
+        for _ in 0..4 {
+            started_rx.recv().unwrap();
+        }
+        Ok(())
+    });
+    *go.0.lock().unwrap() = true;
+    go.1.notify_all();
+    let mut seen: Vec<u32> = (0..4).map(|_| done_rx.recv().unwrap()).collect();
+    seen.sort_unstable();
+    assert_eq!(seen, [0, 1, 2, 3]);
+    for h in handles {
+        h.join().unwrap();
+    }
+    let _ = nix::unistd::write(std::io::stdout(), ALIVE);
+    std::process::exit(0);
+}
+
 /// The whole recipe but for namespaces (the test runs without the broker).
 fn enter_unprivileged(kind: DeviceKind) {
+    enter_unprivileged_with(kind, || Ok(()));
+}
+
+fn enter_unprivileged_with(kind: DeviceKind, spawn: impl FnOnce() -> Result<(), String>) {
     let spec = SandboxSpec {
         namespaces: false,
         user_namespace: false,
@@ -453,5 +519,5 @@ fn enter_unprivileged(kind: DeviceKind) {
         seccomp: protocol::msg::SeccompAction::Kill,
         file_size_limit: 0,
     };
-    enter(kind, &spec, -1).expect("entering the sandbox");
+    enter_with(kind, &spec, -1, spawn).expect("entering the sandbox");
 }

@@ -55,6 +55,8 @@ pub struct DeviceReport {
     pub interrupts: u64,
     pub missed_interrupts: u64,
     pub shadow_file: Option<String>,
+    /// `depth-bench`: one figure per queue depth.
+    pub depths: Vec<DepthFigure>,
     pub checks: Vec<Check>,
     pub ok: bool,
     pub error: Option<String>,
@@ -124,6 +126,16 @@ pub struct Throughput {
     /// Interrupts the guest took, and injections made (taken, merged or dropped), per request.
     pub interrupts_per_op: f64,
     pub injections_per_op: f64,
+}
+
+/// 4 KiB random reads with `depth` requests kept in flight.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct DepthFigure {
+    pub depth: usize,
+    pub ops: u64,
+    pub seconds: f64,
+    pub iops: f64,
+    pub interrupts_per_op: f64,
 }
 
 #[derive(Debug, Default, Clone, Serialize)]

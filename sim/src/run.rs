@@ -59,6 +59,12 @@ pub struct Args {
     /// Start the guests only once this file exists (the broker is connected meanwhile).
     #[arg(long)]
     pub wait_for: Option<PathBuf>,
+    /// `depth-bench`: the queue depths to measure, in order (at most 16 each).
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+    pub depths: Vec<usize>,
+    /// `depth-bench`: how long each depth is measured, in seconds.
+    #[arg(long, default_value_t = 2.0)]
+    pub depth_secs: f64,
     #[command(flatten)]
     pub net: guest::net::NetArgs,
     /// linux guests: the User-Mode Linux kernel.
@@ -143,6 +149,8 @@ fn run(args: Args) -> Result<i32> {
         seed: args.seed,
         shadow_dir: args.shadow_dir.clone(),
         irq_timeout: hv.watchdog,
+        depths: args.depths.clone(),
+        depth_secs: args.depth_secs,
     };
     let bench_zone = machine
         .zones

@@ -2,6 +2,8 @@
 //! for the end-to-end tests and the benchmark. Build them first (`cargo build --bins`, or
 //! `--release`); `HVISOR_BIN_DIR` overrides where they are looked for.
 
+pub mod fuse;
+
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::FileExt;
@@ -627,7 +629,15 @@ pub fn read_at(path: &Path, off: u64, len: usize) -> Vec<u8> {
 
 /// Prints the resident memory (now and peak) of the broker and each of its workers.
 pub fn print_memory(broker: Pid) {
-    println!("resident memory (VmRSS now / VmHWM peak), target < 16 MiB each:");
+    println!(
+        "memory of each process, in MiB: PSS (proportional: shared pages divided among their \
+         users), of it anonymous and file-backed (code); RSS now and at its peak, target < 16 \
+         MiB each"
+    );
+    println!(
+        "  {:<22} {:>6} {:>6} {:>6} {:>6} {:>6}",
+        "process", "PSS", "anon", "file", "RSS", "peak"
+    );
     let kib = |pid, field| {
         proc_status(pid, field)
             .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
@@ -636,12 +646,42 @@ pub fn print_memory(broker: Pid) {
     };
     for pid in std::iter::once(broker).chain(children(broker)) {
         let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        let pss = Pss::of(pid).unwrap_or_default();
+        let mib = |k: u64| k as f64 / 1024.0;
         println!(
-            "  {:<22} {:>6.1} MiB / {:>6.1} MiB",
+            "  {:<22} {:>6.2} {:>6.2} {:>6.2} {:>6.2} {:>6.2}",
             name.trim(),
+            mib(pss.total),
+            mib(pss.anon),
+            mib(pss.file),
             kib(pid, "VmRSS"),
             kib(pid, "VmHWM")
         );
+    }
+}
+
+/// A process's proportional set size, from /proc/PID/smaps_rollup, in KiB.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Pss {
+    pub total: u64,
+    pub anon: u64,
+    pub file: u64,
+}
+
+impl Pss {
+    pub fn of(pid: Pid) -> Option<Pss> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0)
+        };
+        Some(Pss {
+            total: field("Pss:"),
+            anon: field("Pss_Anon:"),
+            file: field("Pss_File:"),
+        })
     }
 }
 

@@ -346,3 +346,41 @@ fn records_go_to_syslog_as_hvisor_broker_facility_daemon() {
         stack.broker.text()
     );
 }
+
+/// Many requests in flight on the host: the image lies on a FUSE file system of the test's own
+/// that answers no read until 8 wait at once, and the guest keeps 8 in flight; the run completes
+/// only if the worker has all 8 on the disk together. (Served one at a time, the barrier is
+/// never met: the guest gives up waiting, and the file system's hang guard lets go later.)
+#[test]
+fn requests_the_guest_keeps_in_flight_are_in_flight_on_the_host_together() {
+    let s = Scratch::new();
+    let backing = s.image("backing.img", 4 * MIB);
+    let mnt = s.path("slowfs");
+    std::fs::create_dir(&mnt).unwrap();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&backing)
+        .unwrap();
+    let timing = fuse::Timing::Barrier {
+        reads: 8,
+        hang_guard: Duration::from_secs(30),
+    };
+    let fs = fuse::SlowFs::mount(&mnt, file, timing).unwrap();
+    let img = fs.image();
+    let cfg = s.write_json("zone1.json", &json!({ "zones": [zone_json(1, RAM, RAM_SIZE, &[BlkSpec { img: &img, addr: ADDR, irq: 78, readonly: false }])] }));
+    let mut run = SimRun::new(&cfg, "depth-bench");
+    run.extra = ["--depths", "8", "--depth-secs", "0"]
+        .map(String::from)
+        .to_vec();
+    let mut stack = Stack::start(&s, run, &[]).unwrap();
+    let report = stack.wait_report(Duration::from_secs(120)).unwrap();
+    assert!(
+        fs.barrier_met(),
+        "at most {} of the guest's 8 reads were in flight on the host at once\n{}",
+        fs.most_reads_at_once(),
+        stack.diagnostics()
+    );
+    assert_report_ok(&mut stack, &report);
+    assert!(stack.stop_broker().unwrap().success());
+}

@@ -1,8 +1,12 @@
-//! The virtio-blk device: requests served on the image fd, zero-copy on guest buffers.
+//! The virtio-blk device: requests served on the image fd, zero-copy on guest buffers, by a
+//! few I/O threads (see [`crate::pool`]) so that as many requests are in flight on the host
+//! as the guest submits; the event loop's thread alone touches the rings.
 
 use std::fs::File;
 use std::io::IoSlice;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use log::{debug, warn};
 use nix::errno::Errno;
@@ -13,11 +17,12 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
-use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{Bytes, GuestMemoryMmap};
-use worker::guest_io::{read_exact_at, write_all_at};
-use worker::Device;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use worker::guest_io::{read_exact_at, read_now_at, write_all_at};
+use worker::{Device, Interest};
 
+use crate::pool::{Pool, THREADS};
 use crate::request::{ParseError, Request};
 
 pub const SECTOR_SIZE: u64 = 512;
@@ -36,15 +41,18 @@ type Status = u8;
 const IOERR: Status = VIRTIO_BLK_S_IOERR as Status;
 const UNSUPP: Status = VIRTIO_BLK_S_UNSUPP as Status;
 
-pub struct Blk {
+/// The image and what is known of it: shared, read-only, by the I/O threads.
+pub struct Disk {
     image: File,
     readonly: bool,
     /// In bytes; from the broker, so the worker needs no ioctl to learn it.
     size: u64,
     serial: [u8; ID_BYTES],
+    /// Whether the image takes RWF_NOWAIT reads (FUSE, for one, refuses them).
+    nowait: AtomicBool,
 }
 
-impl Blk {
+impl Disk {
     pub fn new(setup: &DeviceSetup, fds: Vec<OwnedFd>) -> Result<Self, String> {
         #[allow(unreachable_patterns)] // other device kinds will join DeviceSetup
         let (readonly, size, serial) = match setup {
@@ -60,50 +68,57 @@ impl Blk {
         let mut id = [0u8; ID_BYTES];
         let n = serial.len().min(ID_BYTES);
         id[..n].copy_from_slice(&serial.as_bytes()[..n]);
-        Ok(Blk {
+        Ok(Disk {
             image: File::from(image),
             readonly,
             size,
             serial: id,
+            nowait: AtomicBool::new(true),
         })
     }
 
-    /// Serves one chain; returns the used length (bytes written to the guest, status included).
-    fn handle(&mut self, chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) -> u32 {
-        let (status, result) = match Request::parse(chain, mem) {
-            Ok(req) => {
-                let result = self.execute(&req);
-                (req.status, result)
-            }
-            Err(ParseError::NoStatus) => {
-                debug!("request without a writable status byte");
-                return 0;
-            }
-            Err(ParseError::Malformed { status, why }) => {
-                debug!("malformed request: {why}");
-                (status, Err(IOERR))
-            }
-        };
-        let (code, written) = match result {
-            Ok(written) => (VIRTIO_BLK_S_OK as Status, written),
-            Err(code) => (code, 0),
-        };
-        // Checked in parse; should the guest remove that memory meanwhile, nothing is written.
-        if mem.write_obj(code, status).is_err() {
-            return 0;
+    /// Serves a read at once, on the caller's thread, if the page cache holds all of it;
+    /// `None` if it must wait for an I/O thread (which also answers any error).
+    pub fn read_cached(&self, req: &Request, mem: &GuestMemoryMmap) -> Option<u32> {
+        if req.kind != VIRTIO_BLK_T_IN
+            || !req.readable.is_empty()
+            || !self.nowait.load(Ordering::Relaxed)
+        {
+            return None;
         }
-        written + 1
+        let offset = self.data_range(req, &req.writable).ok()?;
+        let bufs = req.writable.slices(mem)?;
+        match read_now_at(self.image.as_fd(), &bufs, offset) {
+            Ok(true) => {
+                let len = u32::try_from(req.writable.len).map_err(|_| IOERR);
+                Some(answer(req.status, len, mem))
+            }
+            Ok(false) => None,
+            Err(e) => {
+                debug!("no RWF_NOWAIT reads: {e}");
+                self.nowait.store(false, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
+    /// Serves a parsed request; returns the used length (bytes written to the guest, status
+    /// included).
+    pub fn serve(&self, req: &Request, mem: &GuestMemoryMmap) -> u32 {
+        let result = self.execute(req, mem);
+        answer(req.status, result, mem)
     }
 
     /// Carries out a well-formed request; returns the data bytes written into guest buffers.
-    fn execute(&mut self, req: &Request) -> Result<u32, Status> {
+    fn execute(&self, req: &Request, mem: &GuestMemoryMmap) -> Result<u32, Status> {
         match req.kind {
             VIRTIO_BLK_T_IN => {
                 let offset = self.data_range(req, &req.writable)?;
                 if !req.readable.is_empty() {
                     return Err(IOERR);
                 }
-                read_exact_at(self.image.as_fd(), &req.writable.slices, offset)
+                let bufs = req.writable.slices(mem).ok_or(IOERR)?;
+                read_exact_at(self.image.as_fd(), &bufs, offset)
                     .map_err(|e| io_error("read", req, e))?;
                 u32::try_from(req.writable.len).map_err(|_| IOERR)
             }
@@ -115,7 +130,8 @@ impl Blk {
                 if !req.writable.is_empty() {
                     return Err(IOERR);
                 }
-                write_all_at(self.image.as_fd(), &req.readable.slices, offset)
+                let bufs = req.readable.slices(mem).ok_or(IOERR)?;
+                write_all_at(self.image.as_fd(), &bufs, offset)
                     .map_err(|e| io_error("write", req, e))?;
                 Ok(0)
             }
@@ -128,8 +144,8 @@ impl Blk {
                 }
                 Ok(0)
             }
-            VIRTIO_BLK_T_GET_ID => Ok(req.writable.write_from(&self.serial) as u32),
-            VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => self.discard_or_zero(req),
+            VIRTIO_BLK_T_GET_ID => Ok(req.writable.write_from(mem, &self.serial) as u32),
+            VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => self.discard_or_zero(req, mem),
             other => {
                 debug!("unsupported request type {other}");
                 Err(UNSUPP)
@@ -154,7 +170,7 @@ impl Blk {
         }
     }
 
-    fn discard_or_zero(&mut self, req: &Request) -> Result<u32, Status> {
+    fn discard_or_zero(&self, req: &Request, mem: &GuestMemoryMmap) -> Result<u32, Status> {
         let discard = req.kind == VIRTIO_BLK_T_DISCARD;
         let segs = &req.readable;
         if self.readonly
@@ -166,7 +182,7 @@ impl Blk {
             return Err(IOERR);
         }
         let mut raw = [0u8; SEGMENT_LEN as usize];
-        if segs.read_into(&mut raw) != raw.len() {
+        if segs.read_into(mem, &mut raw) != raw.len() {
             return Err(IOERR);
         }
         let sector = u64::from_le_bytes(raw[0..8].try_into().unwrap_or_default());
@@ -213,6 +229,19 @@ impl Blk {
     }
 }
 
+/// Writes the status byte of a request; returns the used length.
+fn answer(status: GuestAddress, result: Result<u32, Status>, mem: &GuestMemoryMmap) -> u32 {
+    let (code, written) = match result {
+        Ok(written) => (VIRTIO_BLK_S_OK as Status, written),
+        Err(code) => (code, 0),
+    };
+    // Checked in parse; should the guest remove that memory meanwhile, nothing is written.
+    if mem.write_obj(code, status).is_err() {
+        return 0;
+    }
+    written + 1
+}
+
 fn io_error(what: &str, req: &Request, e: std::io::Error) -> Status {
     warn!("{what} at sector {}: {e}", req.sector);
     IOERR
@@ -245,17 +274,111 @@ fn write_zeros(file: &File, mut offset: u64, mut len: u64) -> std::io::Result<()
     Ok(())
 }
 
+/// The device as the event loop drives it.
+pub struct Blk {
+    pool: Pool,
+    /// Per queue: requests taken from its available ring and not yet in its used ring. At
+    /// most the queue size, so a guest that re-offers buffers cannot queue up work without end.
+    in_flight: Vec<usize>,
+}
+
+impl Blk {
+    pub fn new(setup: &DeviceSetup, fds: Vec<OwnedFd>) -> Result<Self, String> {
+        let disk = Arc::new(Disk::new(setup, fds)?);
+        Ok(Blk {
+            pool: Pool::new(disk)?,
+            in_flight: Vec::new(),
+        })
+    }
+
+    fn in_flight(&mut self, index: usize) -> &mut usize {
+        if self.in_flight.len() <= index {
+            self.in_flight.resize(index + 1, 0);
+        }
+        &mut self.in_flight[index]
+    }
+
+    /// Puts the finished requests of queue `index` in its used ring; whether there were any.
+    fn publish(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        let done = self.pool.take_finished(index);
+        let n = self.in_flight(index);
+        *n = n.saturating_sub(done.len());
+        for f in &done {
+            if let Err(e) = queue.add_used(mem, f.head, f.len) {
+                warn!("queue {index}: completing descriptor {}: {e}", f.head);
+            }
+        }
+        !done.is_empty()
+    }
+}
+
 impl Device for Blk {
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-        let mut added = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        let mut added = self.publish(index, queue, mem);
+        let room = usize::from(queue.size()).saturating_sub(*self.in_flight(index));
+        let mut reqs = Vec::new();
+        while reqs.len() < room {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
             let head = chain.head_index();
-            let len = self.handle(chain, mem);
+            // A malformed request, or a read the page cache holds, is answered here; the rest
+            // go to the pool.
+            let len = match Request::parse(chain, mem) {
+                Ok(req) => match self.pool.disk().read_cached(&req, mem) {
+                    Some(len) => len,
+                    None => {
+                        reqs.push((head, req));
+                        continue;
+                    }
+                },
+                Err(ParseError::NoStatus) => {
+                    debug!("request without a writable status byte");
+                    0
+                }
+                Err(ParseError::Malformed { status, why }) => {
+                    debug!("malformed request: {why}");
+                    answer(status, Err(IOERR), mem)
+                }
+            };
             match queue.add_used(mem, head, len) {
                 Ok(()) => added = true,
                 Err(e) => warn!("queue {index}: completing descriptor {head}: {e}"),
             }
         }
+        *self.in_flight(index) += reqs.len();
+        if !reqs.is_empty() {
+            self.pool.submit(index, reqs, mem);
+            // Served already when there are no threads.
+            added |= self.publish(index, queue, mem);
+        }
         added
+    }
+
+    fn spawn_threads(&mut self, mem: &GuestMemoryMmap) -> Result<(), String> {
+        self.pool.spawn(THREADS, mem);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.pool.cancel(|_| true);
+        self.in_flight.clear();
+    }
+
+    fn stop_queue(&mut self, index: usize) {
+        self.pool.cancel(|q| q == index);
+        *self.in_flight(index) = 0;
+    }
+
+    fn host_fds(&self) -> Vec<BorrowedFd<'_>> {
+        vec![self.pool.done_fd()]
+    }
+
+    fn host_interest(&self, _index: usize) -> Interest {
+        Interest::READ
+    }
+
+    fn host_ready(&mut self, _index: usize, _readable: bool, _writable: bool) -> u64 {
+        self.pool.acknowledge()
     }
 }

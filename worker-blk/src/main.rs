@@ -3,6 +3,7 @@
 //! on behalf of the guest.
 
 mod blk;
+mod pool;
 mod request;
 
 use std::process::ExitCode;

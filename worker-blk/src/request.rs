@@ -1,7 +1,9 @@
 //! One virtio-blk request taken apart (virtio 1.2, 5.2.6): a 16-byte header at the start of the
 //! device-readable part, a status byte at the very end of the device-writable part, and data in
 //! between. Everything here is guest-controlled; it is copied out before it is trusted, and every
-//! buffer is checked against guest memory over its whole length.
+//! buffer is checked against guest memory over its whole length. A parsed request is plain data
+//! (guest addresses, no pointers), so it can travel to an I/O thread, which takes its slices
+//! again, bounds-checked, from its own handle on guest memory.
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
@@ -12,20 +14,20 @@ pub const HEADER_LEN: u64 = 16;
 const MAX_DESCRIPTORS: usize = 512;
 
 /// A request whose status byte can be written.
-pub struct Request<'m> {
+pub struct Request {
     pub kind: u32,
     pub sector: u64,
     /// Device-readable bytes after the header: OUT data, DISCARD/WRITE_ZEROES segments.
-    pub readable: Data<'m>,
+    pub readable: Data,
     /// Device-writable bytes before the status byte: IN data, the GET_ID answer.
-    pub writable: Data<'m>,
+    pub writable: Data,
     pub status: GuestAddress,
 }
 
-/// Guest buffers, as bounds-checked slices, with the shape the guest gave them.
+/// Guest buffers, checked against guest memory, with the shape the guest gave them.
 #[derive(Default)]
-pub struct Data<'m> {
-    pub slices: Vec<VolatileSlice<'m>>,
+pub struct Data {
+    ranges: Vec<Range>,
     pub len: u64,
     /// Descriptors that carry bytes, and the most one of them carries: the request's segments.
     pub segments: usize,
@@ -50,10 +52,10 @@ struct Range {
     len: u64,
 }
 
-impl<'m> Request<'m> {
+impl Request {
     pub fn parse(
         chain: DescriptorChain<&GuestMemoryMmap>,
-        mem: &'m GuestMemoryMmap,
+        mem: &GuestMemoryMmap,
     ) -> Result<Self, ParseError> {
         // The chain stops by itself at a descriptor outside the table or a loop (its length is
         // bounded by the queue size); what was seen up to there is the request.
@@ -116,14 +118,14 @@ impl<'m> Request<'m> {
     }
 }
 
-impl<'m> Data<'m> {
-    fn gather(mem: &'m GuestMemoryMmap, ranges: &[Range]) -> Option<Self> {
+impl Data {
+    fn gather(mem: &GuestMemoryMmap, ranges: &[Range]) -> Option<Self> {
         let mut data = Data::default();
         for r in ranges.iter().filter(|r| r.len > 0) {
-            // A range may span two adjacent regions, hence possibly several slices.
-            for slice in mem.get_slices(r.addr, usize::try_from(r.len).ok()?) {
-                data.slices.push(slice.ok()?);
+            if !mem.check_range(r.addr, usize::try_from(r.len).ok()?) {
+                return None;
             }
+            data.ranges.push(*r);
             data.len += r.len;
             data.segments += 1;
             data.largest = data.largest.max(r.len);
@@ -135,30 +137,28 @@ impl<'m> Data<'m> {
         self.len == 0
     }
 
-    /// Copies the first `buf.len()` bytes out; returns how many there were.
-    pub fn read_into(&self, buf: &mut [u8]) -> usize {
-        let mut at = 0;
-        for s in &self.slices {
-            if at == buf.len() {
-                break;
+    /// The buffers as bounds-checked slices of `mem`; `None` if any lies outside it.
+    pub fn slices<'m>(&self, mem: &'m GuestMemoryMmap) -> Option<Vec<VolatileSlice<'m>>> {
+        let mut slices = Vec::with_capacity(self.ranges.len());
+        for r in &self.ranges {
+            // A range may span two adjacent regions, hence possibly several slices.
+            for slice in mem.get_slices(r.addr, usize::try_from(r.len).ok()?) {
+                slices.push(slice.ok()?);
             }
-            at += s.copy_to(&mut buf[at..]);
         }
-        at
+        Some(slices)
+    }
+
+    /// Copies the first `buf.len()` bytes out; returns how many there were.
+    pub fn read_into(&self, mem: &GuestMemoryMmap, buf: &mut [u8]) -> usize {
+        self.slices(mem)
+            .map_or(0, |s| worker::guest_io::copy_out(&s, buf))
     }
 
     /// Copies `buf` to the start of the buffers, as far as they go; returns how much fit.
-    pub fn write_from(&self, buf: &[u8]) -> usize {
-        let mut at = 0;
-        for s in &self.slices {
-            if at == buf.len() {
-                break;
-            }
-            let n = s.len().min(buf.len() - at);
-            s.copy_from(&buf[at..at + n]);
-            at += n;
-        }
-        at
+    pub fn write_from(&self, mem: &GuestMemoryMmap, buf: &[u8]) -> usize {
+        self.slices(mem)
+            .map_or(0, |s| worker::guest_io::copy_in(&s, buf))
     }
 }
 

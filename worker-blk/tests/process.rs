@@ -188,6 +188,15 @@ fn serves_requests_inside_its_sandbox() {
     let st = proc_status(pid);
     assert_eq!(field(&st, "Seccomp:"), "2");
     assert_eq!(field(&st, "NoNewPrivs:"), "1");
+    // the event loop and its 16 I/O threads, each under the same filter
+    assert_eq!(field(&st, "Threads:"), "17");
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let st = std::fs::read_to_string(task.join("status")).unwrap();
+        assert_eq!(field(&st, "Seccomp:"), "2");
+        assert_eq!(field(&st, "CapEff:"), "0000000000000000");
+        assert_eq!(field(&st, "CapPrm:"), "0000000000000000");
+    }
     for caps in ["CapInh:", "CapPrm:", "CapEff:", "CapAmb:"] {
         assert_eq!(field(&st, caps), "0000000000000000", "{caps}");
     }
@@ -204,8 +213,8 @@ fn serves_requests_inside_its_sandbox() {
         !fds.iter().any(|t| t.contains("worker-test-ram")),
         "memory fd still open: {fds:?}"
     );
-    // stdio, socket, epoll, kick, call, image
-    assert_eq!(fds.len(), 8, "unexpected fds: {fds:?}");
+    // stdio, socket, epoll, kick, call, image, the I/O threads' completion eventfd
+    assert_eq!(fds.len(), 9, "unexpected fds: {fds:?}");
 
     // drive a queue with EVENT_IDX, asking for an interrupt after every buffer
     let q = MockSplitQueue::create(&g.mem, GuestAddress(RAM), QSIZE);

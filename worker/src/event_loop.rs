@@ -67,6 +67,11 @@ impl EventLoop {
         Ok(event_loop)
     }
 
+    /// Starts the device's threads (see [`Device::spawn_threads`]).
+    pub(crate) fn spawn_threads(&mut self) -> Result<(), String> {
+        self.device.spawn_threads(&self.mem)
+    }
+
     /// Re-registers the host fds whose wanted events changed (one `epoll_ctl` each).
     fn update_interest(&mut self) -> Result<(), Errno> {
         for j in 0..self.host_interest.len() {

@@ -27,6 +27,41 @@ pub fn write_all_at(fd: BorrowedFd<'_>, bufs: &[VolatileSlice<'_>], offset: u64)
     transfer_at(fd, bufs, offset, Direction::Write)
 }
 
+/// Fills `bufs` from `fd` at byte `offset` only if that needs no waiting (the page cache holds
+/// it all: one `preadv2` with `RWF_NOWAIT`); whether it did. An error is the file's refusal of
+/// RWF_NOWAIT (EOPNOTSUPP) or of reading.
+pub fn read_now_at(
+    fd: BorrowedFd<'_>,
+    bufs: &[VolatileSlice<'_>],
+    offset: u64,
+) -> io::Result<bool> {
+    let total: usize = bufs.iter().map(|b| b.len()).sum();
+    let guards: Vec<PtrGuardMut> = bufs.iter().map(|b| b.ptr_guard_mut()).collect();
+    let iov = guest_iovecs(&guards, 0);
+    if iov.len() > IOV_MAX {
+        return Ok(false);
+    }
+    // SAFETY: every iovec lies inside a `VolatileSlice` that vm-memory bounds-checked against
+    // a live guest mapping that outlives this call. The offset goes whole in the low half; the
+    // high half adds nothing on 64-bit kernels.
+    let n = retry(|| unsafe {
+        libc::syscall(
+            libc::SYS_preadv2,
+            fd.as_raw_fd(),
+            iov.as_ptr(),
+            iov.len(),
+            offset,
+            0u64,
+            libc::RWF_NOWAIT,
+        ) as isize
+    });
+    match n {
+        Ok(n) => Ok(n == total),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// One `writev` of local `head` bytes, then `bufs` from byte `skip` on (a frame on a tap, the
 /// rest of a chain on a pty); returns what the fd took. More than [`IOV_MAX`] pieces is an
 /// `InvalidInput` error: the caller must not cut a frame in two.

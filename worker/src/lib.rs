@@ -39,14 +39,22 @@ pub trait Device {
     /// whether any were added. The loop handles notification suppression and interrupts.
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool;
 
+    /// Starts the device's own threads, if it has any, on guest memory `mem`. Called once,
+    /// after every privilege is gone and before the seccomp filter, which lets no thread start;
+    /// return only once each thread runs (its startup calls are not all allowed).
+    fn spawn_threads(&mut self, _mem: &GuestMemoryMmap) -> Result<(), String> {
+        Ok(())
+    }
+
     /// The driver set DRIVER_OK with these negotiated features (queues are already set up).
     fn activate(&mut self, _features: u64) {}
 
-    /// The driver reset the device; the queues are gone.
+    /// The driver reset the device; the queues are gone. Work in flight on other threads is
+    /// finished or dropped before this returns: nothing may touch guest memory for it after.
     fn reset(&mut self) {}
 
-    /// The driver took queue `index` out of use: forget anything held for it, and stop
-    /// waiting on the host for it (the queue will not be processed again).
+    /// The driver took queue `index` out of use: forget anything held for it (as for a reset),
+    /// and stop waiting on the host for it (the queue will not be processed again).
     fn stop_queue(&mut self, _index: usize) {}
 
     /// A driver write to the device config space (the broker has already applied it to its copy).
@@ -196,11 +204,13 @@ where
     drop(mem_fd);
 
     let device = build(&setup, device_fds)?;
-    let event_loop = EventLoop::new(chan.clone(), mem, kicks, calls, device)
+    let mut event_loop = EventLoop::new(chan.clone(), mem, kicks, calls, device)
         .map_err(|e| format!("epoll: {e}"))?;
 
-    let confinement =
-        policy::enter(kind, &sandbox, WORKER_SOCKET_FD).map_err(|e| format!("sandbox: {e}"))?;
+    let confinement = policy::enter_with(kind, &sandbox, WORKER_SOCKET_FD, || {
+        event_loop.spawn_threads()
+    })
+    .map_err(|e| format!("sandbox: {e}"))?;
     chan.send(
         &WorkerMsg::Confined {
             root: confinement.root,

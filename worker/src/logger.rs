@@ -21,12 +21,22 @@ pub(crate) struct SocketLogger {
     dropped: AtomicU64,
 }
 
+/// Exit code of a worker that panicked (as Rust's own for a panic in `main`).
+const EXIT_PANIC: i32 = 101;
+
 /// Installs the logger for the rest of the process, and a panic hook that reports through it.
 /// Levels travel as `log::Level as u8` (1 = error ... 5 = trace).
+///
+/// A panic on any thread then ends the whole worker, which the broker sees and reports: a
+/// device thread that died alone would leave its requests unanswered. Exiting here also spares
+/// a build with `panic = "abort"` its `abort()`, whose signal to itself the sandbox refuses.
 pub fn install(chan: Arc<Channel>, level: LevelFilter) {
     if log::set_boxed_logger(Box::new(SocketLogger::new(chan))).is_ok() {
         log::set_max_level(level);
-        std::panic::set_hook(Box::new(|info| log::error!("{info}")));
+        std::panic::set_hook(Box::new(|info| {
+            log::error!("{info}");
+            std::process::exit(EXIT_PANIC);
+        }));
     }
 }
 

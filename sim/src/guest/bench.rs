@@ -10,7 +10,7 @@ use virtio_drivers::Hal;
 
 use super::stock::{Pipe, SECTOR};
 use super::{GuestDev, Rng};
-use crate::report::{BenchReport, DeviceReport, Latency, Throughput};
+use crate::report::{BenchReport, DepthFigure, DeviceReport, Latency, Throughput};
 use crate::transport::{reg, SimTransport};
 
 const LATENCY_READS: usize = 200_000;
@@ -120,41 +120,19 @@ fn throughput<H: Hal>(
     offset: impl Fn(usize) -> u64,
 ) -> Result<Throughput> {
     let depth = pipe.depth();
-    // Submits read `i` (waiting for room); returns how many reads completed meanwhile.
-    let mut read_at = |g: &mut GuestDev<'_>, i: usize, drain: bool| -> Result<u64> {
+    // Untimed, one at a time.
+    for i in 0..32 {
         pipe.submit(
             &mut g.irq,
             false,
             offset(i) / SECTOR,
             vec![0; block as usize],
         )?;
-        if drain {
-            pipe.drain(&mut g.irq)?;
-        }
-        let done = pipe.take_done();
-        for d in &done {
-            if let Err(e) = &d.result {
-                anyhow::bail!("{block}-byte read at sector {}: {e}", d.sector);
-            }
-        }
-        Ok(done.len() as u64)
-    };
-    for i in 0..32 {
-        read_at(g, i, true)?;
+        pipe.drain(&mut g.irq)?;
+        reap(pipe, block)?;
     }
-    let (irqs, injections) = (g.irq.delivered(), g.irq.injections());
-    let start = Instant::now();
-    let (mut submitted, mut ops) = (0, 0);
-    while start.elapsed() < RUN {
-        ops += read_at(g, submitted, depth == 1)?;
-        submitted += 1;
-    }
-    pipe.drain(&mut g.irq)?;
-    ops += pipe.take_done().len() as u64;
-    let secs = start.elapsed().as_secs_f64();
-    let per_op = |n: u64| n as f64 / ops.max(1) as f64;
-    let interrupts_per_op = per_op(g.irq.delivered() - irqs);
-    let injections_per_op = per_op(g.irq.injections() - injections);
+    let m = measure(g, pipe, block, RUN, &offset)?;
+    let (ops, secs) = (m.ops, m.seconds);
 
     let mut buf = vec![0u8; block as usize];
     let start = Instant::now();
@@ -180,9 +158,104 @@ fn throughput<H: Hal>(
         baseline_mb_per_s: mb(base_iops),
         ratio: iops / base_iops,
         depth,
-        interrupts_per_op,
-        injections_per_op,
+        interrupts_per_op: m.interrupts_per_op,
+        injections_per_op: m.injections_per_op,
     })
+}
+
+/// What [`measure`] found.
+struct Measured {
+    ops: u64,
+    seconds: f64,
+    interrupts_per_op: f64,
+    injections_per_op: f64,
+}
+
+/// Reads `block` bytes at `offset(i)` for i = 0, 1, ... for about `run` (at least the pipe's
+/// depth of them), as many in flight as the pipe's depth.
+fn measure<H: Hal>(
+    g: &mut GuestDev<'_>,
+    pipe: &mut Pipe<'_, H>,
+    block: u64,
+    run: Duration,
+    offset: impl Fn(usize) -> u64,
+) -> Result<Measured> {
+    let depth = pipe.depth();
+    let (irqs, injections) = (g.irq.delivered(), g.irq.injections());
+    let start = Instant::now();
+    let (mut submitted, mut ops) = (0, 0);
+    // The first `depth` go out together, however short the run.
+    while submitted < depth || start.elapsed() < run {
+        let sector = offset(submitted) / SECTOR;
+        pipe.submit(&mut g.irq, false, sector, vec![0; block as usize])?;
+        if depth == 1 {
+            pipe.drain(&mut g.irq)?;
+        }
+        ops += reap(pipe, block)?;
+        submitted += 1;
+    }
+    pipe.drain(&mut g.irq)?;
+    ops += reap(pipe, block)?;
+    let seconds = start.elapsed().as_secs_f64();
+    let per_op = |n: u64| n as f64 / ops.max(1) as f64;
+    Ok(Measured {
+        ops,
+        seconds,
+        interrupts_per_op: per_op(g.irq.delivered() - irqs),
+        injections_per_op: per_op(g.irq.injections() - injections),
+    })
+}
+
+/// Takes the finished reads; returns how many there were, or the first one's error.
+fn reap<H: Hal>(pipe: &mut Pipe<'_, H>, block: u64) -> Result<u64> {
+    let done = pipe.take_done();
+    for d in &done {
+        if let Err(e) = &d.result {
+            anyhow::bail!("{block}-byte read at sector {}: {e}", d.sector);
+        }
+    }
+    Ok(done.len() as u64)
+}
+
+/// `depth-bench`: 4 KiB random reads for `--depth-secs` at each of `--depths`, started cold
+/// (the first `depth` reads go out together), with nothing else read from the disk: a disk
+/// that answers only once N reads wait at once shows whether the device keeps them in flight.
+pub fn depths<H: Hal>(g: &mut GuestDev<'_>, rep: &mut DeviceReport) -> Result<()> {
+    let run = Duration::from_secs_f64(g.opts.depth_secs.max(0.0));
+    let mut rng = Rng::new(g.opts.seed);
+    for &depth in &g.opts.depths.clone() {
+        anyhow::ensure!(
+            (1..=16).contains(&depth),
+            "queue depth {depth}: the stock driver keeps 1 to 16 requests in flight"
+        );
+        let t = SimTransport::new(g.vcpu, g.spec.addr, g.spec.len)?;
+        let mut pipe = Pipe::<H>::open(t, g.mem, depth).context("driver initialisation")?;
+        let blocks = pipe.blk.capacity() * SECTOR / RAND_BLOCK;
+        anyhow::ensure!(blocks > 0, "disk too small to benchmark");
+        let offsets: Vec<u64> = (0..4096)
+            .map(|_| rng.range(0, blocks - 1) * RAND_BLOCK)
+            .collect();
+        let m = measure(g, &mut pipe, RAND_BLOCK, run, |i| {
+            offsets[i % offsets.len()]
+        })?;
+        rep.missed_interrupts += pipe.missed_interrupts;
+        rep.reads += m.ops;
+        let iops = m.ops as f64 / m.seconds;
+        rep.check(
+            &format!("depth_{depth}"),
+            true,
+            format!("{} reads in {:.2} s: {iops:.0} IOPS", m.ops, m.seconds),
+        );
+        println!("hvisor-sim: depth-bench QD{depth}: {iops:.0} IOPS");
+        rep.depths.push(DepthFigure {
+            depth,
+            ops: m.ops,
+            seconds: m.seconds,
+            iops,
+            interrupts_per_op: m.interrupts_per_op,
+        });
+    }
+    Ok(())
 }
 
 fn print_table(b: &BenchReport) {

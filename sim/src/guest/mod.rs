@@ -40,6 +40,8 @@ pub enum Workload {
     /// The device after its worker died at DRIVER_OK (see `storm`).
     DeadDevice,
     Bench,
+    /// 4 KiB random reads at each of `--depths` queue depths (a slow disk's parallelism).
+    DepthBench,
     NetVerify,
     NetBench,
     ConsoleVerify,
@@ -67,6 +69,7 @@ impl Workload {
             Workload::ResetStorm => "reset-storm",
             Workload::DeadDevice => "dead-device",
             Workload::Bench => "bench",
+            Workload::DepthBench => "depth-bench",
             Workload::NetVerify => "net-verify",
             Workload::NetBench => "net-bench",
             Workload::ConsoleVerify => "console-verify",
@@ -89,7 +92,8 @@ impl Workload {
             | Workload::IrqWindow
             | Workload::ResetStorm
             | Workload::DeadDevice
-            | Workload::Bench => {
+            | Workload::Bench
+            | Workload::DepthBench => {
                 matches!(kind, DevKind::Blk { .. })
             }
             Workload::NetVerify | Workload::NetBench => matches!(kind, DevKind::Net { .. }),
@@ -113,6 +117,9 @@ pub struct GuestOptions {
     pub shadow_dir: Option<PathBuf>,
     /// How long a guest waits for a device interrupt.
     pub irq_timeout: Duration,
+    /// `depth-bench`: queue depths, and seconds per depth.
+    pub depths: Vec<usize>,
+    pub depth_secs: f64,
 }
 
 /// splitmix64: small, seedable, good enough for test patterns.
@@ -333,6 +340,7 @@ fn run_devices<H: Hal>(
             Workload::Bench => bench::run::<H>(&mut g, &mut dev_rep).map(|b| {
                 *bench = Some(b);
             }),
+            Workload::DepthBench => bench::depths::<H>(&mut g, &mut dev_rep),
             Workload::NetVerify => net::verify::<H>(&mut g, &mut dev_rep),
             Workload::NetBench => net::bench::<H>(&mut g, &mut dev_rep),
             Workload::ConsoleVerify => console::verify::<H>(&mut g, &mut dev_rep),

@@ -12,6 +12,7 @@ pub mod devices;
 pub mod driver;
 pub mod host;
 pub mod irq;
+pub mod lifecycle;
 pub mod logging;
 pub mod outbox;
 pub mod rundir;

@@ -249,11 +249,25 @@ impl MmioTransport {
         self.raise(VIRTIO_MMIO_INT_CONFIG)
     }
 
-    /// The device can no longer work (its worker died): the driver sees DEVICE_NEEDS_RESET, for
-    /// good, and gets a config interrupt. Returns whether to inject it now.
+    /// The device can no longer work (its worker keeps dying, past its restart budget): the
+    /// driver sees DEVICE_NEEDS_RESET, for good, and gets a config interrupt. Returns whether to
+    /// inject it now.
     pub fn fail(&mut self) -> bool {
         self.failed = true;
         self.raise_config()
+    }
+
+    /// What a worker that replaces a dead one must be activated with: the features and ready
+    /// queues of the current activation, if the device is active.
+    pub fn replay(&self) -> Option<(u64, Vec<QueueConfig>)> {
+        self.is_active()
+            .then(|| (self.driver_features, self.ready_queues()))
+    }
+
+    /// A worker serves a failed device again (the operator restarted it): the driver may reset
+    /// the device and use it.
+    pub fn revive(&mut self) {
+        self.failed = false;
     }
 
     /// Replaces the config bytes after a device-side change and tells the driver.
@@ -468,8 +482,8 @@ impl MmioTransport {
         self.queues.fill(Queue::default());
         self.status = 0;
         self.activated = false;
-        // `failed` stays: nothing serves the device any more (its worker is gone), so a reset
-        // cannot make it work, and DRIVER_OK stays refused.
+        // `failed` stays: nothing serves the device any more (its worker is gone for good), so
+        // a reset cannot make it work, and DRIVER_OK stays refused.
         self.irq.clear();
     }
 

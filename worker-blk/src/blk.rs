@@ -13,10 +13,10 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestMemoryMmap};
 use worker::guest_io::{read_exact_at, write_all_at};
-use worker::Device;
+use worker::{Device, TrackedQueue};
 
 use crate::request::{ParseError, Request};
 
@@ -246,15 +246,19 @@ fn write_zeros(file: &File, mut offset: u64, mut len: u64) -> std::io::Result<()
 }
 
 impl Device for Blk {
-    fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+    /// A request taken before a restart is simply carried out again: its data is still in
+    /// guest memory, and reads and writes of the same sectors are idempotent.
+    fn process_queue<'m>(
+        &mut self,
+        _index: usize,
+        queue: &mut TrackedQueue<'m>,
+        mem: &'m GuestMemoryMmap,
+    ) -> bool {
         let mut added = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        while let Some(chain) = queue.pop(mem) {
             let head = chain.head_index();
             let len = self.handle(chain, mem);
-            match queue.add_used(mem, head, len) {
-                Ok(()) => added = true,
-                Err(e) => warn!("queue {index}: completing descriptor {head}: {e}"),
-            }
+            added |= queue.publish(mem, head, len);
         }
         added
     }

@@ -391,8 +391,7 @@ impl Worker {
                     label,
                     format_args!("worker (pid {pid}) confined: {root}"),
                 );
-                let notes: Vec<String> =
-                    notes.iter().take(MAX_NOTES).map(|n| escape(n)).collect();
+                let notes: Vec<String> = notes.iter().take(MAX_NOTES).map(|n| escape(n)).collect();
                 for n in &notes {
                     budget.log(log::Level::Warn, label, format_args!("weaker sandbox: {n}"));
                 }

@@ -351,8 +351,10 @@ impl Broker {
             generation,
         )?;
         let token = DEV_BASE + i as u64 * DEV_STRIDE;
-        self.epoll
-            .add(w.channel.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, token))?;
+        self.epoll.add(
+            w.channel.as_fd(),
+            EpollEvent::new(EpollFlags::EPOLLIN, token),
+        )?;
         for (q, c) in slot.calls.iter().enumerate() {
             self.epoll.add(
                 c.as_fd(),
@@ -781,8 +783,8 @@ impl Broker {
                 Ok(s) => s,
             };
             let Some(pid) = status.pid() else { continue };
-            let Some(i) = (self.slots.iter())
-                .position(|s| s.worker.as_ref().is_some_and(|w| w.pid == pid))
+            let Some(i) =
+                (self.slots.iter()).position(|s| s.worker.as_ref().is_some_and(|w| w.pid == pid))
             else {
                 continue;
             };

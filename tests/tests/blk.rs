@@ -266,7 +266,10 @@ fn a_killed_worker_is_reported_and_replaced_and_its_guest_never_notices() {
         .unwrap();
     stack
         .broker
-        .wait_for("zone1 blk@0xa003c00: starting a new worker (restart 1)", Duration::from_secs(5))
+        .wait_for(
+            "zone1 blk@0xa003c00: starting a new worker (restart 1)",
+            Duration::from_secs(5),
+        )
         .unwrap();
     std::fs::write(&go, b"").unwrap();
     let report = stack.wait_report(Duration::from_secs(60)).unwrap();
@@ -291,7 +294,10 @@ fn a_killed_worker_is_reported_and_replaced_and_its_guest_never_notices() {
         .unwrap();
     assert_eq!(w["restarts"], 1, "{w:#}");
     assert!(
-        w["exits"][0].as_str().unwrap().ends_with("UTC: killed by SIGKILL"),
+        w["exits"][0]
+            .as_str()
+            .unwrap()
+            .ends_with("UTC: killed by SIGKILL"),
         "{w:#}"
     );
     let _ = stack.stop_broker();

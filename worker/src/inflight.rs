@@ -31,9 +31,11 @@ use vm_memory::{
     Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
 };
 
-/// The whole record, mapped for the life of the process.
-pub struct Record {
-    words: &'static [AtomicU64],
+/// The whole record: the broker's, mapped for the life of the process; or, for tests, in
+/// this process's memory.
+pub enum Record {
+    Mapped(&'static [AtomicU64]),
+    Owned(Box<[AtomicU64]>),
 }
 
 impl Record {
@@ -66,7 +68,7 @@ impl Record {
         let words = unsafe {
             std::slice::from_raw_parts(ptr.as_ptr().cast::<AtomicU64>(), layout::words(num_queues))
         };
-        Ok(Record { words })
+        Ok(Record::Mapped(words))
     }
 
     /// A record in this process's memory, for tests.
@@ -74,30 +76,36 @@ impl Record {
         let words: Box<[AtomicU64]> = (0..layout::words(num_queues))
             .map(|_| AtomicU64::new(0))
             .collect();
-        Record {
-            words: Box::leak(words),
+        Record::Owned(words)
+    }
+
+    fn words(&self) -> &[AtomicU64] {
+        match self {
+            Record::Mapped(w) => w,
+            Record::Owned(w) => w,
         }
     }
 
     /// Makes this the record of activation `epoch`; true if it already was (a worker of this
     /// activation died: resume from it), false if it was emptied for a new one.
     pub fn begin(&self, epoch: u64) -> bool {
-        if self.words[0].load(SeqCst) == layout::MAGIC && self.words[1].load(SeqCst) == epoch {
+        let words = self.words();
+        if words[0].load(SeqCst) == layout::MAGIC && words[1].load(SeqCst) == epoch {
             return true;
         }
         // The epoch last: a death while emptying leaves a record that is emptied again.
-        self.words[1].store(0, SeqCst);
-        for w in &self.words[layout::HEADER_WORDS..] {
+        words[1].store(0, SeqCst);
+        for w in &words[layout::HEADER_WORDS..] {
             w.store(0, SeqCst);
         }
-        self.words[0].store(layout::MAGIC, SeqCst);
-        self.words[1].store(epoch, SeqCst);
+        words[0].store(layout::MAGIC, SeqCst);
+        words[1].store(epoch, SeqCst);
         false
     }
 
     pub fn queue(&self, index: usize) -> Option<QueueRecord<'_>> {
         let start = layout::HEADER_WORDS + index * layout::QUEUE_WORDS;
-        let words = self.words.get(start..start + layout::QUEUE_WORDS)?;
+        let words = self.words().get(start..start + layout::QUEUE_WORDS)?;
         Some(QueueRecord { words })
     }
 }
@@ -153,7 +161,9 @@ impl Recovery {
     /// Built before the sandbox (it maps memory). `None` where guest memory ends too high.
     pub fn new(mem: &GuestMemoryMmap) -> Option<Recovery> {
         let top = mem.iter().map(|r| r.last_addr().0).max()?;
-        let ring = top.checked_add(1)?.checked_next_multiple_of(Self::PAGE as u64)?;
+        let ring = top
+            .checked_add(1)?
+            .checked_next_multiple_of(Self::PAGE as u64)?;
         ring.checked_add(Self::PAGE as u64)?;
         let page = GuestRegionMmap::from_range(GuestAddress(ring), Self::PAGE, None).ok()?;
         let mem = mem.insert_region(Arc::new(page)).ok()?;
@@ -204,7 +214,10 @@ impl<'m> TrackedQueue<'m> {
     }
 
     /// The next chain to serve: one a dead worker had taken, else the next available one.
-    pub fn pop(&mut self, mem: &'m GuestMemoryMmap) -> Option<DescriptorChain<&'m GuestMemoryMmap>> {
+    pub fn pop(
+        &mut self,
+        mem: &'m GuestMemoryMmap,
+    ) -> Option<DescriptorChain<&'m GuestMemoryMmap>> {
         while let Some(head) = self.again.pop_front() {
             if let Some(chain) = self.recovery.and_then(|r| r.chain(self.queue, head)) {
                 return Some(chain);

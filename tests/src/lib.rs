@@ -747,3 +747,52 @@ fn become_user(keep: &[caps::Capability]) {
 pub fn err<T>(msg: impl Into<String>) -> Result<T> {
     Err(anyhow!(msg.into()))
 }
+
+/// The pid of the `n`th worker (0: the first) the broker started for device `label`
+/// (`zone1 blk@0xa003c00`), once it was started.
+pub fn worker_pid(broker: &mut Proc, label: &str, n: usize, timeout: Duration) -> Result<Pid> {
+    let deadline = Instant::now() + timeout;
+    let prefix = format!("{label}: irq ");
+    loop {
+        broker.pump();
+        let started: Vec<&String> = (broker.log.iter())
+            .filter(|l| l.contains(&prefix) && l.contains("worker pid "))
+            .collect();
+        if let Some(line) = started.get(n) {
+            let pid = line
+                .split("worker pid ")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|p| p.parse().ok())
+                .ok_or_else(|| anyhow::anyhow!("no pid in {line:?}"))?;
+            return Ok(Pid::from_raw(pid));
+        }
+        if Instant::now() >= deadline || !broker.alive() {
+            bail!(
+                "{label}: no worker number {n} within {timeout:?}:\n{}",
+                broker.log.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Open fds of a process.
+pub fn fd_count(pid: Pid) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// A small deterministic generator for "random moments" (xorshift).
+pub struct Moments(pub u64);
+
+impl Moments {
+    /// A delay below `max`.
+    pub fn next(&mut self, max: Duration) -> Duration {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        max.mul_f64((self.0 % 1000) as f64 / 1000.0)
+    }
+}

@@ -136,22 +136,16 @@ fn after_a_hundred_restarts_the_broker_holds_what_it_held_before() {
     ];
     let mut stack = Stack::start(&s, run, &["--restart-budget", "1000/60"]).unwrap();
     let broker = stack.broker.pid();
+    // worker n, once it is ready
     let ready = |stack: &mut Stack, n: usize| {
-        let needle = format!("sandboxed and ready");
-        for _ in 0..600 {
-            let count = stack.broker.text().matches(&needle).count();
-            if count > n {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        panic!("worker {n} never got ready:\n{}", stack.broker.text());
+        let pid = worker_pid(&mut stack.broker, LABEL, n, START).unwrap();
+        let needle = format!("worker (pid {pid}) sandboxed and ready");
+        stack.broker.wait_for(&needle, START).unwrap();
+        pid
     };
     // a few first, so that everything the broker allocates once is allocated
     for n in 0..5 {
-        ready(&mut stack, n);
-        let pid = worker_pid(&mut stack.broker, LABEL, n, START).unwrap();
-        kill(pid, Signal::SIGKILL).unwrap();
+        kill(ready(&mut stack, n), Signal::SIGKILL).unwrap();
     }
     ready(&mut stack, 5);
     let (fds, rss) = (fd_count(broker), rss_kib(broker).unwrap());

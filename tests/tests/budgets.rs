@@ -216,8 +216,10 @@ fn an_activate_loop_cannot_flood_the_host_log() {
     let _ = stack.stop_broker();
 }
 
-#[test]
-fn a_device_whose_worker_died_stays_failed_across_a_driver_reset() {
+/// The dead-device guest against a worker that makes a forbidden call at every activation:
+/// returns the broker's log once the guest saw NEEDS_RESET, stay through a reset, and DRIVER_OK
+/// refused.
+fn violating_worker_fails_its_device(extra: &[&str]) -> String {
     let s = Scratch::new();
     let cfg = one_disk(&s);
     let dir = s.path("workers");
@@ -225,16 +227,13 @@ fn a_device_whose_worker_died_stays_failed_across_a_driver_reset() {
     std::os::unix::fs::symlink(bin("hvisor-probe-worker"), dir.join("hvisor-worker-blk")).unwrap();
     let mut run = SimRun::new(&cfg, "dead-device");
     run.extra = vec!["--timeout".into(), "60".into()];
-    let mut stack = Stack::start(
-        &s,
-        run,
-        &[
-            "--worker-dir",
-            dir.to_str().unwrap(),
-            "--worker-arg=--violate",
-        ],
-    )
-    .unwrap();
+    let mut args = vec![
+        "--worker-dir",
+        dir.to_str().unwrap(),
+        "--worker-arg=--violate",
+    ];
+    args.extend_from_slice(extra);
+    let mut stack = Stack::start(&s, run, &args).unwrap();
     let report = stack.wait_report(Duration::from_secs(90)).unwrap();
     let log = stack.diagnostics();
     assert_checks(
@@ -245,6 +244,29 @@ fn a_device_whose_worker_died_stays_failed_across_a_driver_reset() {
             "driver_ok_refused_while_dead",
         ],
         &log,
+    );
+    log
+}
+
+#[test]
+fn a_worker_that_keeps_dying_is_restarted_within_its_budget_then_its_device_fails() {
+    let log = violating_worker_fails_its_device(&["--restart-budget", "3/60"]);
+    assert!(log.contains("starting a new worker (restart 3)"), "{log}");
+    assert!(!log.contains("(restart 4)"), "{log}");
+    assert!(
+        log.contains("no new worker after 3 restarts in 60s, the budget"),
+        "{log}"
+    );
+    assert!(log.contains("seccomp violation, syscall openat"), "{log}");
+}
+
+#[test]
+fn with_on_violation_fail_a_seccomp_kill_fails_the_device_at_once() {
+    let log = violating_worker_fails_its_device(&["--on-violation", "fail"]);
+    assert!(!log.contains("starting a new worker"), "{log}");
+    assert!(
+        log.contains("no new worker after a seccomp violation"),
+        "{log}"
     );
 }
 

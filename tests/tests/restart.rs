@@ -68,14 +68,24 @@ fn guest_with_kills(guest: &str, kills: usize, within: Duration, seed: u64) {
 
 #[test]
 fn blk_io_checked_against_a_shadow_survives_kills_at_random_moments() {
-    guest_with_kills("blk-verify", 20, Duration::from_millis(40), 0x9e37_79b9_7f4a_7c15);
+    guest_with_kills(
+        "blk-verify",
+        20,
+        Duration::from_millis(40),
+        0x9e37_79b9_7f4a_7c15,
+    );
 }
 
 #[test]
 fn kills_during_start_up_activation_and_driver_resets_are_invisible_to_the_guest() {
     // 3000 resets and initialisations, then verified I/O; kills land in all of them, and
     // some right after a worker was started (before it is ready)
-    guest_with_kills("reset-storm", 20, Duration::from_millis(20), 0x2545_f491_4f6c_dd1d);
+    guest_with_kills(
+        "reset-storm",
+        20,
+        Duration::from_millis(20),
+        0x2545_f491_4f6c_dd1d,
+    );
 }
 
 #[test]

@@ -700,6 +700,36 @@ mod tests {
     }
 
     #[test]
+    fn a_replacement_worker_is_activated_as_the_driver_left_the_device() {
+        let mut t = active();
+        let (features, queues) = t.replay().unwrap();
+        assert_eq!(features, V1 | 1 << 1);
+        assert_eq!(queues.iter().map(|q| q.index).collect::<Vec<_>>(), [0, 1]);
+        // a worker killed during a queue stop: its replacement never sees that queue
+        w(&mut t, VIRTIO_MMIO_QUEUE_SEL, 1);
+        w(&mut t, VIRTIO_MMIO_QUEUE_READY, 0);
+        let (_, queues) = t.replay().unwrap();
+        assert_eq!(queues.len(), 1);
+        assert_eq!((queues[0].index, queues[0].size), (0, 256));
+        // ... during a driver reset: it is not activated until the next DRIVER_OK
+        w(&mut t, VIRTIO_MMIO_STATUS, 0);
+        assert_eq!(t.replay(), None);
+        // a failed device replays nothing; revived, it works after a reset
+        let mut t = active();
+        t.fail();
+        assert_eq!(t.replay(), None);
+        t.revive();
+        w(&mut t, VIRTIO_MMIO_STATUS, 0);
+        negotiate(&mut t, V1);
+        setup_queue(&mut t, 0, 16, 0x5000_0000);
+        let st = ACK_DRIVER | FEATURES_OK | DRIVER_OK;
+        assert!(matches!(
+            w(&mut t, VIRTIO_MMIO_STATUS, st),
+            Some(Effect::Activate { .. })
+        ));
+    }
+
+    #[test]
     fn a_queue_taken_out_of_use_after_driver_ok_stops_the_worker_reading_it() {
         let mut t = active();
         w(&mut t, VIRTIO_MMIO_QUEUE_SEL, 1);

@@ -493,9 +493,20 @@ fn word<'a>(words: &'a [String], key: &str) -> &'a str {
 
 /// A stack whose Linux guest runs a shell on hvc0; returns it with the user's end of hvc0.
 fn start_console_guest(s: &Scratch, cfg: &Path, link: &Path) -> (Stack, KillGroup, Tty) {
+    start_console_guest_with(s, cfg, link, 150, &[])
+}
+
+/// [`start_console_guest`] with a simulator timeout and broker arguments.
+fn start_console_guest_with(
+    s: &Scratch,
+    cfg: &Path,
+    link: &Path,
+    timeout: u32,
+    broker_args: &[&str],
+) -> (Stack, KillGroup, Tty) {
     let mut run = SimRun::new(cfg, "linux-console");
-    run.extra = vec!["--timeout".into(), "150".into()];
-    let mut stack = Stack::start(s, run, &[]).unwrap();
+    run.extra = vec!["--timeout".into(), timeout.to_string()];
+    let mut stack = Stack::start(s, run, broker_args).unwrap();
     let line = stack
         .sim
         .wait_for("memory file found", Duration::from_secs(30))
@@ -720,6 +731,97 @@ fn a_worker_killed_during_linux_io_is_reported_and_the_other_devices_keep_servin
     assert!(left.is_empty(), "UML processes left: {left:?}");
     assert!(!process_exists(nix::unistd::Pid::from_raw(victim)));
     eprintln!("UML: {}", report["linux"]["exit"]);
+}
+
+/// Kills of the blk worker in a CI run; `HVISOR_KILLS` sets another number (the soak script
+/// runs it with 100).
+fn kills() -> usize {
+    std::env::var("HVISOR_KILLS")
+        .ok()
+        .and_then(|k| k.parse().ok())
+        .unwrap_or(20)
+}
+
+#[test]
+fn linux_ext4_files_written_with_fsync_survive_blk_worker_kills_with_no_io_error() {
+    if !have_uml() {
+        return;
+    }
+    const FILES: usize = 150;
+    let s = Scratch::new();
+    let link = s.path("zone1-console");
+    let img = s.image("fs.img", 64 * MIB);
+    mkfs_ext4(&img);
+    let cfg = s.write_json(
+        "zone.json",
+        &zone_of(vec![blk(&img, 0x2000_0000, 78), console(0x2000_0200, 79, &link)]),
+    );
+    let (mut stack, uml, mut tty) =
+        start_console_guest_with(&s, &cfg, &link, 900, &["--restart-budget", "1000/60"]);
+    let out = tty.ask(
+        "mkdir -p /tmp/m; mount -t ext4 /dev/vda /tmp/m; echo MOUNTED-$?",
+        "MOUNTED-",
+        Duration::from_secs(60),
+    );
+    assert_eq!(word(&out, "MOUNTED"), "0", "{out:?}");
+    // Files of random data, each written with fsync and compared, its checksum kept in RAM.
+    tty.type_line(&format!(
+        "(i=0; while [ $i -lt {FILES} ]; do head -c 131072 /dev/urandom > /tmp/x; \
+         dd if=/tmp/x of=/tmp/m/f$i bs=65536 conv=fsync 2>/dev/null || echo WERR-$i; \
+         cmp -s /tmp/x /tmp/m/f$i || echo VERR-$i; \
+         echo SUM-f$i-$(sha256sum < /tmp/x | cut -c1-64) >> /tmp/sums; i=$((i+1)); done; \
+         echo LOOP''DONE-1) &"
+    ));
+    let label = "zone1 blk@0x20000000";
+    let mut moments = Moments(0x5851_f42d_4c95_7f2d);
+    let kills = kills();
+    for n in 0..kills {
+        let pid = worker_pid(&mut stack.broker, label, n, Duration::from_secs(60)).unwrap();
+        std::thread::sleep(Duration::from_millis(50) + moments.next(Duration::from_millis(400)));
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+    }
+    stack
+        .broker
+        .wait_for(
+            &format!("starting a new worker (restart {kills})"),
+            Duration::from_secs(60),
+        )
+        .unwrap();
+    tty.line_where(|l| l.contains("LOOPDONE-1"), Duration::from_secs(600));
+    let out = tty.ask(
+        "echo ERRORS-$(dmesg | grep -ci -e 'I/O error' -e 'blk_update_request' -e 'EXT4-fs error')",
+        "ERRORS-",
+        Duration::from_secs(60),
+    );
+    let errors = word(&out, "ERRORS").to_string();
+    tty.type_line("cat /tmp/sums; echo SUMS''DONE-1");
+    tty.line_where(|l| l.contains("SUMSDONE-1"), Duration::from_secs(60));
+    let out = tty.ask(
+        "umount /tmp/m; echo UMOUNTED-$?",
+        "UMOUNTED-",
+        Duration::from_secs(60),
+    );
+    assert_eq!(word(&out, "UMOUNTED"), "0", "{out:?}");
+    let seen = tty.seen.clone();
+    end_console_session(&mut stack, &mut tty, &uml);
+    assert_eq!(errors, "0", "I/O errors in the guest's kernel log");
+    assert!(
+        !seen.iter().any(|l| l.contains("WERR-") || l.contains("VERR-")),
+        "{seen:#?}"
+    );
+    // Every acknowledged file is on the disk, and the file system is consistent.
+    assert_fsck_clean(&img);
+    let sums: Vec<(String, String)> = (seen.iter())
+        .filter_map(|l| {
+            let rest = l.trim().strip_prefix("SUM-")?;
+            let (name, sum) = rest.split_once('-')?;
+            Some((name.to_string(), sum.to_string()))
+        })
+        .collect();
+    assert_eq!(sums.len(), FILES, "{seen:#?}");
+    for (name, sum) in &sums {
+        assert_eq!(&sha256(&debugfs_cat(&img, &format!("/{name}"))), sum, "{name}");
+    }
 }
 
 #[test]

@@ -796,3 +796,43 @@ impl Moments {
         max.mul_f64((self.0 % 1000) as f64 / 1000.0)
     }
 }
+
+/// Kills the worker of `broker` whose command name starts with `comm` (`hvisor-worker-c`;
+/// names are cut at 15 characters) `kills` times, each at a random moment once its
+/// predecessor was replaced, until `stop` is set; returns how many it killed. Meant for a
+/// thread beside a workload.
+pub fn kill_worker_repeatedly(
+    broker: Pid,
+    comm: &str,
+    kills: usize,
+    within: Duration,
+    seed: u64,
+    stop: &std::sync::atomic::AtomicBool,
+) -> usize {
+    let mut moments = Moments(seed);
+    let mut last = None;
+    for n in 0..kills {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let pid = loop {
+            let found = children(broker).into_iter().find(|&p| {
+                Some(p) != last
+                    && std::fs::read_to_string(format!("/proc/{p}/comm"))
+                        .is_ok_and(|c| c.starts_with(comm))
+            });
+            if let Some(p) = found {
+                break p;
+            }
+            if stop.load(std::sync::atomic::Ordering::SeqCst) || Instant::now() > deadline {
+                return n;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        std::thread::sleep(moments.next(within));
+        if stop.load(std::sync::atomic::Ordering::SeqCst) {
+            return n;
+        }
+        let _ = kill(pid, Signal::SIGKILL);
+        last = Some(pid);
+    }
+    kills
+}

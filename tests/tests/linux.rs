@@ -591,14 +591,25 @@ fn echo_line(i: usize) -> String {
 
 #[test]
 fn a_thousand_lines_typed_into_the_brokers_pty_come_back_from_linux_hvc0_once_each_in_order() {
+    echo_lines_through_hvc0(1000, 0);
+}
+
+#[test]
+fn lines_echoed_through_hvc0_arrive_once_each_in_order_across_console_worker_kills() {
+    echo_lines_through_hvc0(3000, 20);
+}
+
+/// Types `count` lines into the broker's pty, which a loop on Linux's hvc0 echoes back, while
+/// the console worker is killed `kills` times: every line must come back once, in order.
+fn echo_lines_through_hvc0(count: usize, kills: usize) {
     if !have_uml() {
         return;
     }
-    const LINES: usize = 1000;
     let s = Scratch::new();
     let link = s.path("zone1-console");
     let cfg = s.write_json("zone.json", &zone_of(vec![console(0x2000_0000, 78, &link)]));
-    let (mut stack, uml, mut tty) = start_console_guest(&s, &cfg, &link);
+    let (mut stack, uml, mut tty) =
+        start_console_guest_with(&s, &cfg, &link, 600, &["--restart-budget", "1000/60"]);
     // Terminal echo off: each line comes back exactly once, from the loop.
     tty.ask(
         "stty -echo; n=0; echo READY-$n; \
@@ -607,12 +618,29 @@ fn a_thousand_lines_typed_into_the_brokers_pty_come_back_from_linux_hvc0_once_ea
         "READY-",
         Duration::from_secs(30),
     );
-    let lines: Vec<String> = (0..LINES).map(echo_line).collect();
+    let lines: Vec<String> = (0..count).map(echo_line).collect();
+    let bytes: usize = lines.iter().map(|l| l.len() + 1).sum();
     let started = std::time::Instant::now();
-    tty.send(format!("{}\nEND\n", lines.join("\n")).as_bytes());
-    let count = tty.line_where(|l| l.starts_with("COUNT-"), Duration::from_secs(120));
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let broker = stack.broker.pid();
+    let killed = std::thread::scope(|scope| {
+        let killer = scope.spawn(|| {
+            kill_worker_repeatedly(
+                broker,
+                "hvisor-worker-c",
+                kills,
+                Duration::from_millis(300),
+                0x6a09_e667_f3bc_c908,
+                &stop,
+            )
+        });
+        tty.send(format!("{}\nEND\n", lines.join("\n")).as_bytes());
+        tty.line_where(|l| l.starts_with("COUNT-"), Duration::from_secs(300));
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        killer.join().unwrap()
+    });
     eprintln!(
-        "{LINES} lines echoed through hvc0 in {:.2} s",
+        "{count} lines ({bytes} bytes) echoed through hvc0 in {:.2} s, {killed} console worker kills",
         started.elapsed().as_secs_f64()
     );
     let echoed: Vec<&str> = tty
@@ -620,7 +648,7 @@ fn a_thousand_lines_typed_into_the_brokers_pty_come_back_from_linux_hvc0_once_ea
         .iter()
         .filter_map(|l| l.strip_prefix("ECHO "))
         .collect();
-    if let Some(i) = (0..LINES).find(|&i| echoed.get(i) != Some(&lines[i].as_str())) {
+    if let Some(i) = (0..count).find(|&i| echoed.get(i) != Some(&lines[i].as_str())) {
         panic!(
             "echo {i}: {:?}, typed {:?} ({} echoes)",
             echoed.get(i),
@@ -628,11 +656,17 @@ fn a_thousand_lines_typed_into_the_brokers_pty_come_back_from_linux_hvc0_once_ea
             echoed.len()
         );
     }
-    assert_eq!(echoed.len(), LINES, "more echoes than lines");
-    assert_eq!(count, format!("COUNT-{LINES}"));
+    assert_eq!(echoed.len(), count, "more echoes than lines");
+    let counted = tty.seen.iter().find(|l| l.starts_with("COUNT-")).cloned();
+    assert_eq!(counted, Some(format!("COUNT-{count}")));
     // Nothing typed came back but through the loop.
     assert!(!tty.seen.iter().any(|l| l.starts_with("line-")));
     end_console_session(&mut stack, &mut tty, &uml);
+    if kills > 0 {
+        assert!(killed > 0, "the echo finished before the first kill");
+        let log = stack.broker.text();
+        assert!(log.contains(&format!("(restart {killed})")), "{log}");
+    }
 }
 
 #[test]
@@ -747,14 +781,17 @@ fn linux_ext4_files_written_with_fsync_survive_blk_worker_kills_with_no_io_error
     if !have_uml() {
         return;
     }
-    const FILES: usize = 150;
+    const FILES: usize = 300;
     let s = Scratch::new();
     let link = s.path("zone1-console");
     let img = s.image("fs.img", 64 * MIB);
     mkfs_ext4(&img);
     let cfg = s.write_json(
         "zone.json",
-        &zone_of(vec![blk(&img, 0x2000_0000, 78), console(0x2000_0200, 79, &link)]),
+        &zone_of(vec![
+            blk(&img, 0x2000_0000, 78),
+            console(0x2000_0200, 79, &link),
+        ]),
     );
     let (mut stack, uml, mut tty) =
         start_console_guest_with(&s, &cfg, &link, 900, &["--restart-budget", "1000/60"]);
@@ -766,9 +803,9 @@ fn linux_ext4_files_written_with_fsync_survive_blk_worker_kills_with_no_io_error
     assert_eq!(word(&out, "MOUNTED"), "0", "{out:?}");
     // Files of random data, each written with fsync and compared, its checksum kept in RAM.
     tty.type_line(&format!(
-        "(i=0; while [ $i -lt {FILES} ]; do head -c 131072 /dev/urandom > /tmp/x; \
-         dd if=/tmp/x of=/tmp/m/f$i bs=65536 conv=fsync 2>/dev/null || echo WERR-$i; \
-         cmp -s /tmp/x /tmp/m/f$i || echo VERR-$i; \
+        "(i=0; while [ $i -lt {FILES} ]; do head -c 65536 /dev/urandom > /tmp/x; \
+         dd if=/tmp/x of=/tmp/m/f$i bs=65536 conv=fsync 2>/dev/null || echo W''ERR-$i; \
+         cmp -s /tmp/x /tmp/m/f$i || echo V''ERR-$i; \
          echo SUM-f$i-$(sha256sum < /tmp/x | cut -c1-64) >> /tmp/sums; i=$((i+1)); done; \
          echo LOOP''DONE-1) &"
     ));
@@ -806,7 +843,9 @@ fn linux_ext4_files_written_with_fsync_survive_blk_worker_kills_with_no_io_error
     end_console_session(&mut stack, &mut tty, &uml);
     assert_eq!(errors, "0", "I/O errors in the guest's kernel log");
     assert!(
-        !seen.iter().any(|l| l.contains("WERR-") || l.contains("VERR-")),
+        !seen
+            .iter()
+            .any(|l| l.contains("WERR-") || l.contains("VERR-")),
         "{seen:#?}"
     );
     // Every acknowledged file is on the disk, and the file system is consistent.
@@ -820,7 +859,11 @@ fn linux_ext4_files_written_with_fsync_survive_blk_worker_kills_with_no_io_error
         .collect();
     assert_eq!(sums.len(), FILES, "{seen:#?}");
     for (name, sum) in &sums {
-        assert_eq!(&sha256(&debugfs_cat(&img, &format!("/{name}"))), sum, "{name}");
+        assert_eq!(
+            &sha256(&debugfs_cat(&img, &format!("/{name}"))),
+            sum,
+            "{name}"
+        );
     }
 }
 

@@ -90,13 +90,14 @@ fn a_worker_can_neither_flood_nor_forge_the_log_and_audit_labels_its_claims() {
     let cfg = one_disk(&s);
     let dir = hostile_workers(&s, "forge", "blk");
     let started = Instant::now();
-    let mut stack = Stack::start(&s, idle_guests(&s, &cfg), &["--worker-dir", &dir]).unwrap();
+    // one worker's life: no replacement (each would be budgeted the same way)
+    let args = ["--worker-dir", &dir, "--restart-budget", "0/60"];
+    let mut stack = Stack::start(&s, idle_guests(&s, &cfg), &args).unwrap();
     stack
         .broker
         .wait_for("confined:", Duration::from_secs(30))
         .unwrap();
-    let socket = stack.socket.to_str().unwrap().to_string();
-    let (ok, out) = broker_cmd(&["audit", "--driver", &socket, "--json"]);
+    let (ok, out) = stack.audit();
     assert!(ok, "{out}");
     let audit: Value = serde_json::from_str(&out).unwrap();
     let w = &audit["workers"][0];
@@ -107,7 +108,10 @@ fn a_worker_can_neither_flood_nor_forge_the_log_and_audit_labels_its_claims() {
         "{w}"
     );
     assert!(w.get("root_kind").is_none(), "{w}");
-    let (ok, table) = broker_cmd(&["audit", "--driver", &socket]);
+    let socket = stack.socket.to_str().unwrap().to_string();
+    let run_dir = run_dir(&stack.socket);
+    let run_dir = run_dir.to_str().unwrap();
+    let (ok, table) = broker_cmd(&["audit", "--driver", &socket, "--run-dir", run_dir]);
     assert!(ok, "{table}");
     assert!(
         table.contains("worker says: confined: pivot_root into an empty tmpfs"),

@@ -670,7 +670,7 @@ fn echo_lines_through_hvc0(count: usize, kills: usize) {
 }
 
 #[test]
-fn a_worker_killed_during_linux_io_is_reported_and_the_other_devices_keep_serving() {
+fn a_worker_killed_during_linux_io_is_replaced_and_every_device_keeps_serving() {
     if !have_uml() {
         return;
     }
@@ -729,6 +729,31 @@ fn a_worker_killed_during_linux_io_is_reported_and_the_other_devices_keep_servin
         .unwrap();
     assert!(gone.contains("zone1 blk@0x20000200"), "{gone}");
     assert!(stack.broker.alive(), "{}", stack.diagnostics());
+    stack
+        .broker
+        .wait_for(
+            "zone1 blk@0x20000200: starting a new worker (restart 1)",
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    // vdb goes on: the image is written again after the replacement started
+    std::os::unix::fs::FileExt::write_all_at(
+        &std::fs::OpenOptions::new()
+            .write(true)
+            .open(&raw_img)
+            .unwrap(),
+        &[0xa5u8; 4096],
+        0,
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while read_at(&raw_img, 0, 4096).iter().any(|&b| b != 0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "vdb is not written again"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     // The console still answers, and vda still does I/O that the host reads back.
     let out = tty.ask("echo ANSWER-$((6*7))", "ANSWER-", Duration::from_secs(30));
@@ -747,7 +772,7 @@ fn a_worker_killed_during_linux_io_is_reported_and_the_other_devices_keep_servin
     assert_eq!(sha256(&read_at(&fs_img, 0, 4 * MIB as usize)), wrote);
     tty.type_line("exit");
 
-    // The guest powers off although vdb never completes; nothing is left behind.
+    // The guest powers off with vdb still busy; nothing is left behind.
     let report = stack.wait_report(Duration::from_secs(60)).unwrap();
     assert_eq!(report["linux"]["done"], true, "{report:#}");
     let names = check_names(&report);

@@ -9,3 +9,5 @@ target/release/hvisor-flood-bench
 # depth 1, 4 and 16 beside the ideal and the worker held to one request at a time; PSS of each
 # process.
 target/release/hvisor-slowdisk-bench 200 2 3
+# How long a device waits for a new worker when its worker is killed: median and max.
+target/release/hvisor-restart-bench 20

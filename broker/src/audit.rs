@@ -18,6 +18,8 @@ pub struct Known {
     pub pid: Option<i32>,
     pub restarts: u32,
     pub last_exit: Option<String>,
+    /// Each recent exit, "TIME: cause", oldest first.
+    pub exits: Vec<String>,
     /// The worker's own account of its root, and notes on a weaker sandbox.
     pub claimed_root: Option<String>,
     pub claimed_notes: Vec<String>,
@@ -53,8 +55,11 @@ pub struct Worker {
     /// limit name -> (soft, hard)
     pub rlimits: BTreeMap<String, (String, String)>,
     pub fds: Vec<(i32, String)>,
+    /// Workers of this device started after the first, and how recent ones ended.
     pub restarts: u32,
     pub last_exit: Option<String>,
+    #[serde(default)]
+    pub exits: Vec<String>,
     /// Its cgroups, read back from their files.
     pub cgroups: Vec<crate::cgroup::View>,
 }
@@ -126,6 +131,7 @@ fn worker(me: i32, k: Known) -> Worker {
         fds: Vec::new(),
         restarts: k.restarts,
         last_exit: k.last_exit,
+        exits: k.exits,
         cgroups: Vec::new(),
     };
     let Some(pid) = k.pid else { return w };
@@ -227,8 +233,8 @@ pub fn render(r: &Report) -> String {
             "\n{}  ({} worker, pid {pid}, {state}, restarts {})",
             w.label, w.device, w.restarts
         );
-        if let Some(e) = &w.last_exit {
-            let _ = writeln!(out, "  last exit   {e}");
+        for e in &w.exits {
+            let _ = writeln!(out, "  exit        {e}");
         }
         if !w.running {
             continue;

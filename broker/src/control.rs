@@ -1,6 +1,7 @@
 //! The control socket and the single-instance lock, both in the root-only run directory
 //! ([`crate::rundir`]) under a name derived from the driver: the lock is a `flock` (released by
-//! the kernel whenever the broker exits), the socket answers `hvisor-broker audit` for root.
+//! the kernel whenever the broker exits), the socket answers `hvisor-broker audit` and
+//! `hvisor-broker restart-worker` for root.
 //!
 //! Nothing here waits inside the bridge loop: connections are accepted a few per wakeup and
 //! kept (a few at most) until their request arrives, and refusals reach the log within a
@@ -36,8 +37,42 @@ const MAX_PENDING: usize = 4;
 /// How long a connection may take to send its request.
 const REQUEST_TIME: Duration = Duration::from_secs(1);
 
-fn audit_request() -> String {
-    format!("{MAGIC} audit")
+/// The longest request.
+const MAX_REQUEST: usize = 256;
+
+/// What a control client may ask.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// The audit (JSON).
+    Audit,
+    /// Replace the worker of DEVICE (`blk@0xa003c00`, or its address) of zone ZONE.
+    RestartWorker { zone: u32, device: String },
+}
+
+impl Request {
+    fn text(&self) -> String {
+        match self {
+            Request::Audit => format!("{MAGIC} audit"),
+            Request::RestartWorker { zone, device } => {
+                format!("{MAGIC} restart-worker {zone} {device}")
+            }
+        }
+    }
+
+    fn parse(bytes: &[u8]) -> Option<Request> {
+        let text = std::str::from_utf8(bytes).ok()?.strip_prefix(MAGIC)?;
+        let words: Vec<&str> = text.split(' ').skip(1).collect();
+        match words.as_slice() {
+            ["audit"] => Some(Request::Audit),
+            ["restart-worker", zone, device] if device.len() <= 64 => {
+                Some(Request::RestartWorker {
+                    zone: zone.parse().ok()?,
+                    device: device.to_string(),
+                })
+            }
+            _ => None,
+        }
+    }
 }
 
 /// The file name (without extension) of `driver`'s lock and socket: its name, readable, and a
@@ -143,9 +178,9 @@ impl Control {
         &self.run
     }
 
-    /// Takes a few new connections and answers `answer()` to every complete audit request.
-    /// Never blocks.
-    pub fn serve(&mut self, answer: impl FnOnce() -> String) {
+    /// Takes a few new connections and returns every complete request, with the connection
+    /// to [`reply`](Self::reply) on. Never blocks.
+    pub fn serve(&mut self) -> Vec<(OwnedFd, Request)> {
         let now = Instant::now();
         for _ in 0..ACCEPT_PER_WAKEUP {
             match accept4(
@@ -157,30 +192,35 @@ impl Control {
                 Err(_) => break,
             }
         }
-        self.answer_pending(now, answer);
+        self.take_requests(now)
     }
 
-    /// Answers each pending connection whose request has arrived; drops those that sent
-    /// something else, hung up or took too long.
-    fn answer_pending(&mut self, now: Instant, answer: impl FnOnce() -> String) {
-        let mut answer = Some(answer);
-        let mut text = None;
+    /// Sends `answer` on a connection [`serve`](Self::serve) returned, and closes it.
+    pub fn reply(&self, conn: OwnedFd, answer: &str) {
+        let text = format!("{MAGIC}\n{answer}");
+        let _ = send_raw(
+            conn.as_fd(),
+            text.as_bytes(),
+            &[],
+            MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
+        );
+        let _ = self.wakeup.delete(&conn);
+    }
+
+    /// The pending connections whose request has arrived; drops those that sent something
+    /// else, hung up or took too long.
+    fn take_requests(&mut self, now: Instant) -> Vec<(OwnedFd, Request)> {
+        let mut out = Vec::new();
         for (conn, since) in std::mem::take(&mut self.pending) {
-            let mut buf = [0u8; 64];
+            let mut buf = [0u8; MAX_REQUEST];
             match recv_raw(conn.as_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
-                Ok((n, _)) if buf[..n] == *audit_request().as_bytes() => {
-                    let text = text.get_or_insert_with(|| {
-                        let report = answer.take().map(|f| f()).unwrap_or_default();
-                        format!("{MAGIC}\n{report}")
-                    });
-                    let _ = send_raw(
-                        conn.as_fd(),
-                        text.as_bytes(),
-                        &[],
-                        MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
-                    );
-                }
-                Ok(_) => self.refuse(format_args!("a request it does not know")),
+                Ok((n, _)) => match Request::parse(&buf[..n]) {
+                    Some(req) => {
+                        out.push((conn, req));
+                        continue;
+                    }
+                    None => self.refuse(format_args!("a request it does not know")),
+                },
                 Err(protocol::ChannelError::Io(Errno::EAGAIN)) if now - since < REQUEST_TIME => {
                     self.pending.push_back((conn, since));
                     continue;
@@ -189,6 +229,7 @@ impl Control {
             }
             let _ = self.wakeup.delete(&conn);
         }
+        out
     }
 
     /// Keeps a root connection until its request arrives; refuses anyone else at once.
@@ -237,6 +278,30 @@ pub fn request_audit(run_dir: &Path, driver: &Path) -> Result<String> {
     if !nix::unistd::geteuid().is_root() {
         bail!("audits are for root only");
     }
+    request(run_dir, driver, &Request::Audit)
+}
+
+/// Asks the broker serving `driver` to replace a worker; returns its answer, or its refusal
+/// as an error.
+pub fn request_restart(run_dir: &Path, driver: &Path, zone: u32, device: &str) -> Result<String> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("restarting workers is for root only");
+    }
+    let req = Request::RestartWorker {
+        zone,
+        device: device.to_string(),
+    };
+    let answer: serde_json::Value = serde_json::from_str(&request(run_dir, driver, &req)?)?;
+    let message = answer["message"].as_str().unwrap_or_default().to_string();
+    if answer["ok"] != true {
+        bail!("{message}");
+    }
+    Ok(message)
+}
+
+/// Sends `req` to the broker serving `driver` once it is known to be one, and returns its
+/// answer (JSON naming the broker's pid).
+fn request(run_dir: &Path, driver: &Path, req: &Request) -> Result<String> {
     let run = RunDir::open(run_dir)
         .with_context(|| format!("no hvisor-broker is serving {}", driver.display()))?;
     let path = socket_path(run.path(), driver);
@@ -251,7 +316,7 @@ pub fn request_audit(run_dir: &Path, driver: &Path) -> Result<String> {
     let pid = check_peer(&sock, &path)?;
     send_raw(
         sock.as_fd(),
-        audit_request().as_bytes(),
+        req.text().as_bytes(),
         &[],
         MsgFlags::MSG_NOSIGNAL,
     )?;
@@ -308,6 +373,28 @@ fn check_peer(sock: &OwnedFd, path: &Path) -> Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requests_round_trip_and_nothing_else_parses() {
+        for req in [
+            Request::Audit,
+            Request::RestartWorker {
+                zone: 1,
+                device: "blk@0xa003c00".into(),
+            },
+        ] {
+            assert_eq!(Request::parse(req.text().as_bytes()), Some(req));
+        }
+        for bad in [
+            "audit",
+            "hvisor-broker control 1 audit ",
+            "hvisor-broker control 1 restart-worker x blk",
+            "hvisor-broker control 1 restart-worker 1",
+            "hvisor-broker control 2 audit",
+        ] {
+            assert_eq!(Request::parse(bad.as_bytes()), None, "{bad}");
+        }
+    }
 
     #[test]
     fn socket_names_are_stable_and_bounded() {

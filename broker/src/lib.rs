@@ -13,6 +13,7 @@ pub mod driver;
 pub mod generate;
 pub mod host;
 pub mod irq;
+pub mod lifecycle;
 pub mod logging;
 pub mod notify;
 pub mod outbox;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::{CommandFactory, Parser, Subcommand};
 use hvisor_broker::irq::Inject;
+use hvisor_broker::lifecycle::{self, OnViolation, RestartBudget};
 use hvisor_broker::rundir::RunDir;
 use hvisor_broker::serve::{self, Broker, Options};
 use hvisor_broker::supervisor::{IdRange, Jail};
@@ -104,6 +105,26 @@ enum Command {
         /// start`. A file left there by an earlier broker is removed once serving starts.
         #[arg(long)]
         ready_file: Option<PathBuf>,
+        /// What a worker killed by its seccomp filter leads to: `restart` (a new worker, within
+        /// the restart budget) or `fail` (the device fails: the guest may own the worker).
+        #[arg(long, value_enum, default_value_t = OnViolation::Restart)]
+        on_violation: OnViolation,
+        /// At most COUNT restarts of a device's worker in any SECONDS; past that the device
+        /// fails (the guest sees DEVICE_NEEDS_RESET).
+        #[arg(long, default_value = "10/60")]
+        restart_budget: RestartBudget,
+    },
+    /// Replace the worker of DEVICE (e.g. blk@0xa003c00, or 0xa003c00) of zone ZONE: the running
+    /// broker stops it and starts a new one, which resumes where it stopped (root only).
+    RestartWorker {
+        zone: u32,
+        device: String,
+        /// The driver the broker serves.
+        #[arg(long, default_value = "/dev/hvisor")]
+        driver: PathBuf,
+        /// The broker's run directory.
+        #[arg(long, default_value = hvisor_broker::rundir::DEFAULT)]
+        run_dir: PathBuf,
     },
     /// Validate CONFIG and print what would be served; starts nothing.
     Check { config: PathBuf },
@@ -150,6 +171,21 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::RestartWorker {
+            zone,
+            device,
+            driver,
+            run_dir,
+        } => match hvisor_broker::control::request_restart(&run_dir, &driver, zone, &device) {
+            Ok(message) => {
+                println!("{message}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("hvisor-broker restart-worker: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Start {
             config,
             driver,
@@ -169,6 +205,8 @@ fn main() -> ExitCode {
             cgroup_cpu,
             ready_timeout,
             ready_file,
+            on_violation,
+            restart_budget,
         } => {
             // Before any thread exists: SIGUSR1 (old drivers' wakeup) must never take its
             // default action, and the rest are read through a signalfd.
@@ -207,6 +245,10 @@ fn main() -> ExitCode {
                 irq_first_retry: Duration::from_micros(irq_retry_us),
                 ready_timeout: Duration::from_secs(ready_timeout),
                 readiness,
+                restart: lifecycle::Policy {
+                    budget: restart_budget,
+                    on_violation,
+                },
                 ..Options::default()
             };
             match start(&config, &driver, &run_dir, worker_dir, opts) {

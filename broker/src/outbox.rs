@@ -12,7 +12,7 @@ use protocol::{BrokerMsg, QueueConfig};
 pub struct Outbox {
     reset: bool,
     config: BTreeMap<u32, Vec<u8>>,
-    activate: Option<(u64, Vec<QueueConfig>)>,
+    activate: Option<(u64, Vec<QueueConfig>, u64)>,
     stop: BTreeSet<u16>,
 }
 
@@ -29,7 +29,11 @@ impl Outbox {
             BrokerMsg::ConfigWrite { offset, data } => {
                 self.config.insert(offset, data);
             }
-            BrokerMsg::Activate { features, queues } => self.activate = Some((features, queues)),
+            BrokerMsg::Activate {
+                features,
+                queues,
+                epoch,
+            } => self.activate = Some((features, queues, epoch)),
             BrokerMsg::StopQueue { index } => {
                 self.stop.insert(index);
             }
@@ -48,10 +52,11 @@ impl Outbox {
                 data: data.clone(),
             });
         }
-        if let Some((features, queues)) = &self.activate {
+        if let Some((features, queues, epoch)) = &self.activate {
             return Some(BrokerMsg::Activate {
                 features: *features,
                 queues: queues.clone(),
+                epoch: *epoch,
             });
         }
         self.stop
@@ -95,6 +100,7 @@ mod tests {
         BrokerMsg::Activate {
             features,
             queues: vec![],
+            epoch: features,
         }
     }
 

@@ -17,18 +17,17 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use protocol::bridge::{DeviceReq, DeviceRes, MAX_DEVS};
-use protocol::msg::PROTOCOL_VERSION;
-use protocol::{BrokerMsg, Channel, ChannelError, DeviceKind, MemoryRegion, WorkerMsg};
+use protocol::{BrokerMsg, ChannelError, DeviceKind, MemoryRegion, WorkerMsg};
 
-use crate::budget::{escape, LogBudget, MessageBudget};
+use crate::budget::{LogBudget, MessageBudget};
 use crate::devices::{self, Host, Prepared};
 use crate::driver::Driver;
 use crate::host::Tap;
 use crate::irq::{retry_delay, Inject};
+use crate::lifecycle::{self, Life, Next, Plumbing, Recipe, Worker};
 use crate::notify::Readiness;
 use crate::outbox::Outbox;
 use crate::rundir::RunDir;
-use crate::startup::ReadyWatch;
 use crate::supervisor;
 use crate::transport::{Effect, MmioTransport};
 use crate::{audit, control};
@@ -53,6 +52,8 @@ pub struct Options {
     pub irq_first_retry: Duration,
     /// Whom to tell once every worker is ready.
     pub readiness: Readiness,
+    /// What a worker's death leads to.
+    pub restart: lifecycle::Policy,
 }
 
 impl Default for Options {
@@ -67,6 +68,7 @@ impl Default for Options {
             inject: Inject::default(),
             irq_first_retry: crate::irq::FIRST_RETRY,
             readiness: Readiness::default(),
+            restart: lifecycle::Policy::default(),
         }
     }
 }
@@ -81,31 +83,6 @@ const DEV_STRIDE: u64 = 0x100;
 /// The most messages taken from one worker per wakeup, so the bridge ring (every other
 /// zone's register accesses) is served between batches.
 const MAX_BATCH: usize = 16;
-/// Distinct refused system calls logged per worker; more are only counted.
-const MAX_VIOLATIONS: usize = 32;
-/// Sandbox notes kept from a worker's Confined message.
-const MAX_NOTES: usize = 8;
-
-struct Worker {
-    pid: Pid,
-    channel: Channel,
-    ready: bool,
-    startup: ReadyWatch,
-    /// Socket closed; waiting for SIGCHLD until this deadline, then SIGKILL.
-    gone_since: Option<Instant>,
-    /// The last system call its filter refused, as its SIGSYS reporter said.
-    violation: Option<i64>,
-    /// The refused calls already logged.
-    violations: std::collections::BTreeSet<i64>,
-    /// Its Failed message was logged: one per life.
-    failed: bool,
-    /// How it confined itself, as it reported (escaped, once per life).
-    confinement: Option<(String, Vec<String>)>,
-    /// Its ids and cgroup, freed when it is dropped after being reaped.
-    lease: supervisor::Lease,
-    messages: MessageBudget,
-}
-
 struct Slot {
     zone: u32,
     base: u64,
@@ -117,6 +94,11 @@ struct Slot {
     kicks: Vec<EventFd>,
     calls: Vec<EventFd>,
     worker: Option<Worker>,
+    /// How to start its worker again, and its restarts.
+    recipe: Recipe,
+    life: Life,
+    /// Counts the driver's activations; a replacement worker is activated with the same one.
+    epoch: u64,
     /// The interrupt is to be pushed to `res_list` in this round.
     irq_pending: bool,
     /// When to inject again if the guest has not acknowledged by then (hvisor drops an
@@ -125,8 +107,6 @@ struct Slot {
     /// Retries since the last injection the device asked for; they back off.
     irq_retries: u32,
     host: Host,
-    /// How its last worker ended, for audits.
-    last_exit: Option<String>,
     /// Everything its worker makes the broker log.
     worker_log: LogBudget,
     /// What its guest makes the broker log.
@@ -154,8 +134,9 @@ fn known(slots: &[Slot]) -> Vec<audit::Known> {
             device: s.kind.to_string(),
             zone: s.zone,
             pid: s.worker.as_ref().map(|w| w.pid.as_raw()),
-            restarts: 0,
-            last_exit: s.last_exit.clone(),
+            restarts: s.life.restarts,
+            last_exit: s.life.exits.back().map(|e| e.cause.clone()),
+            exits: s.life.exit_lines(),
             claimed_root: s
                 .worker
                 .as_ref()
@@ -170,14 +151,6 @@ fn known(slots: &[Slot]) -> Vec<audit::Known> {
                 .unwrap_or_default(),
         })
         .collect()
-}
-
-/// `openat`, or the number where the name is not known.
-fn syscall_label(nr: i64) -> String {
-    match policy::syscall_name(nr) {
-        Some(name) => name.to_string(),
-        None => format!("#{nr}"),
-    }
 }
 
 /// The tap follows what the driver negotiated: the legacy 10-byte header for drivers without
@@ -211,83 +184,12 @@ fn configure_tap(tap: &Tap, features: u64) -> Result<()> {
 }
 
 /// Stops a worker that broke the rules: SIGKILL, and nothing more is read from it (its exit
-/// is reported, and its device failed, where it is reaped).
+/// is reported, and a new worker started or the device failed, where it is reaped).
 fn stop_worker(epoll: &Epoll, w: &mut Worker, label: &str, why: &str) {
     log::error!("{label}: worker (pid {}) {why}; stopping it", w.pid);
     let _ = kill(w.pid, Signal::SIGKILL);
     epoll.delete(w.channel.as_fd()).ok();
     w.gone_since = Some(Instant::now());
-}
-
-/// Logs (within the worker's budget, its text escaped) and records one message of a worker;
-/// `Err` says why the worker must be stopped. What a worker may say once is taken once.
-fn take_message(
-    w: &mut Worker,
-    budget: &mut LogBudget,
-    label: &str,
-    msg: WorkerMsg,
-) -> Result<(), String> {
-    let pid = w.pid;
-    match msg {
-        WorkerMsg::Ready { version, pid: _ } => {
-            if version != PROTOCOL_VERSION {
-                return Err(format!("speaks protocol {version}, not {PROTOCOL_VERSION}"));
-            }
-            if !std::mem::replace(&mut w.ready, true) {
-                log::info!("{label}: worker (pid {pid}) sandboxed and ready");
-            }
-        }
-        WorkerMsg::Log { level, message } => {
-            let level = match level {
-                1 => log::Level::Error,
-                2 => log::Level::Warn,
-                3 => log::Level::Info,
-                4 => log::Level::Debug,
-                _ => log::Level::Trace,
-            };
-            budget.log(level, label, format_args!("{}", escape(&message)));
-        }
-        WorkerMsg::Failed { reason } => {
-            if !std::mem::replace(&mut w.failed, true) {
-                let reason = escape(&reason);
-                budget.log(
-                    log::Level::Error,
-                    label,
-                    format_args!("worker (pid {pid}) failed: {reason}"),
-                );
-            }
-        }
-        WorkerMsg::Violation { nr, arch: _ } => {
-            w.violation = Some(nr);
-            if w.violations.len() < MAX_VIOLATIONS && w.violations.insert(nr) {
-                budget.log(
-                    log::Level::Error,
-                    label,
-                    format_args!(
-                        "worker (pid {pid}) made a refused system call: {}",
-                        syscall_label(nr)
-                    ),
-                );
-            }
-        }
-        WorkerMsg::Confined { root, notes } => {
-            if w.confinement.is_some() {
-                return Ok(());
-            }
-            let root = escape(&root);
-            budget.log(
-                log::Level::Info,
-                label,
-                format_args!("worker (pid {pid}) confined: {root}"),
-            );
-            let notes: Vec<String> = notes.iter().take(MAX_NOTES).map(|n| escape(n)).collect();
-            for n in &notes {
-                budget.log(log::Level::Warn, label, format_args!("weaker sandbox: {n}"));
-            }
-            w.confinement = Some((root, notes));
-        }
-    }
-    Ok(())
 }
 
 pub struct Broker {
@@ -392,51 +294,21 @@ impl Broker {
         prep: Prepared,
         regions: Vec<MemoryRegion>,
     ) -> Result<()> {
-        let index = self.slots.len() as u64;
         let label = format!("zone{} {}@{:#x}", dev.zone, prep.kind, dev.addr);
         let nq = prep.model.queue_max.len();
         let efd = || EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC);
         let kicks = (0..nq).map(|_| efd()).collect::<nix::Result<Vec<_>>>()?;
         let calls = (0..nq).map(|_| efd()).collect::<nix::Result<Vec<_>>>()?;
-        let binary = supervisor::worker_binary(&self.opts.worker_dir, prep.kind);
-        let placement = supervisor::Placement::of(dev.zone, dev.addr, &prep.setup);
-        let spawned = (self.opts.jail)
-            .spawn(&binary, &self.opts.worker_args, placement)
-            .with_context(|| format!("{label}: starting its worker"))?;
-        for note in &spawned.notes {
-            log::warn!("{label}: weaker sandbox: {note}");
-        }
-        let (pid, channel, sandbox) = (spawned.pid, spawned.channel, spawned.sandbox);
-        let hello = BrokerMsg::Hello {
-            version: PROTOCOL_VERSION,
-            zone: dev.zone,
+        let recipe = Recipe {
             label: label.clone(),
+            binary: supervisor::worker_binary(&self.opts.worker_dir, prep.kind),
+            zone: dev.zone,
+            addr: dev.addr,
             regions,
-            num_queues: nq as u16,
             setup: prep.setup,
-            sandbox,
+            record: lifecycle::inflight_record(nq).with_context(|| label.clone())?,
+            host_fds: prep.fds,
         };
-        let mut fds = vec![self.driver.memory_fd()];
-        fds.extend(kicks.iter().map(|k| k.as_fd()));
-        fds.extend(calls.iter().map(|c| c.as_fd()));
-        fds.extend(prep.fds.iter().map(|f| f.as_fd()));
-        channel
-            .send(&hello, &fds, false)
-            .with_context(|| format!("{label}: sending its setup to the worker"))?;
-        let token = DEV_BASE + index * DEV_STRIDE;
-        self.epoll
-            .add(channel.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, token))?;
-        for (q, c) in calls.iter().enumerate() {
-            self.epoll.add(
-                c.as_fd(),
-                EpollEvent::new(EpollFlags::EPOLLIN, token + 1 + q as u64),
-            )?;
-        }
-        log::info!(
-            "{label}: irq {}, worker pid {pid} started ({})",
-            dev.irq,
-            binary.display()
-        );
         let mut transport = MmioTransport::new(prep.model);
         transport.set_inject(self.opts.inject);
         self.slots.push(Slot {
@@ -449,30 +321,123 @@ impl Broker {
             transport,
             kicks,
             calls,
-            worker: Some(Worker {
-                pid,
-                channel,
-                ready: false,
-                startup: ReadyWatch::new(self.opts.ready_timeout),
-                gone_since: None,
-                violation: None,
-                violations: Default::default(),
-                failed: false,
-                confinement: None,
-                lease: spawned.lease,
-                messages: MessageBudget::new(),
-            }),
+            worker: None,
+            recipe,
+            life: Life::default(),
+            epoch: 0,
             irq_pending: false,
             irq_retry_at: None,
             irq_retries: 0,
             host: prep.host,
-            last_exit: None,
             worker_log: LogBudget::worker(),
             guest_log: LogBudget::guest(),
             outbox: Outbox::default(),
             watching_out: false,
         });
+        self.start_worker(self.slots.len() - 1)
+    }
+
+    /// Starts a worker for device `i` and, if the driver had activated the device, activates
+    /// it the same way (it resumes from the in-flight record) and signals the used buffers
+    /// its predecessor published. Does not wait for the worker.
+    fn start_worker(&mut self, i: usize) -> Result<()> {
+        let slot = &mut self.slots[i];
+        let fds = Plumbing {
+            memory: self.driver.memory_fd(),
+            kicks: &slot.kicks,
+            calls: &slot.calls,
+        };
+        let opts = &self.opts;
+        let generation = slot.life.restarts;
+        let w = lifecycle::start(
+            &opts.jail,
+            &opts.worker_args,
+            opts.ready_timeout,
+            &slot.recipe,
+            fds,
+            generation,
+        )?;
+        let token = DEV_BASE + i as u64 * DEV_STRIDE;
+        self.epoll.add(
+            w.channel.as_fd(),
+            EpollEvent::new(EpollFlags::EPOLLIN, token),
+        )?;
+        for (q, c) in slot.calls.iter().enumerate() {
+            self.epoll.add(
+                c.as_fd(),
+                EpollEvent::new(EpollFlags::EPOLLIN, token + 1 + q as u64),
+            )?;
+        }
+        log::info!(
+            "{}: irq {}, worker pid {} started ({})",
+            slot.label,
+            slot.irq,
+            w.pid,
+            slot.recipe.binary.display()
+        );
+        slot.worker = Some(w);
+        slot.watching_out = false;
+        slot.outbox = Outbox::default();
+        if let Some((features, queues)) = slot.transport.replay() {
+            slot.outbox.push(BrokerMsg::Activate {
+                features,
+                queues,
+                epoch: slot.epoch,
+            });
+            if slot.transport.raise_used() {
+                slot.interrupt();
+            }
+        }
+        self.flush_outbox(i);
         Ok(())
+    }
+
+    /// Replaces the worker of device `i` when its time has come; a start that fails counts
+    /// as a death.
+    fn restart_due(&mut self, i: usize, now: Instant) {
+        let slot = &mut self.slots[i];
+        if slot.worker.is_some() || slot.life.restart_at.is_none_or(|at| at > now) {
+            return;
+        }
+        slot.life.restart_at = None;
+        slot.life.restarts += 1;
+        if let Err(e) = self.start_worker(i) {
+            let cause = format!("could not be started: {e:#}");
+            log::error!("{}: {cause}", self.slots[i].label);
+            self.after_exit(i, cause, false);
+        }
+    }
+
+    /// Decides what follows the end of device `i`'s worker: a new one, or the device fails.
+    fn after_exit(&mut self, i: usize, cause: String, violation: bool) {
+        let slot = &mut self.slots[i];
+        let now = Instant::now();
+        slot.outbox = Outbox::default();
+        match slot.life.on_exit(now, cause, violation, &self.opts.restart) {
+            Next::Restart { at } => {
+                let wait = at.saturating_duration_since(now);
+                log::warn!(
+                    "{}: starting a new worker (restart {}){}",
+                    slot.label,
+                    slot.life.restarts + 1,
+                    if wait.is_zero() {
+                        String::new()
+                    } else {
+                        format!(" in {wait:?}")
+                    }
+                );
+            }
+            Next::GiveUp(why) => {
+                slot.life.restart_at = None;
+                log::error!(
+                    "{}: no new worker after {why}; the device fails (NEEDS_RESET)",
+                    slot.label
+                );
+                if slot.transport.fail() {
+                    slot.interrupt();
+                }
+            }
+        }
     }
 
     /// Serves until SIGTERM/SIGINT (or the simulator leaving), then stops the workers.
@@ -609,7 +574,12 @@ impl Broker {
                             .log(log::Level::Error, &slot.label, format_args!("{e:#}"));
                     }
                 }
-                BrokerMsg::Activate { features, queues }
+                slot.epoch += 1;
+                BrokerMsg::Activate {
+                    features,
+                    queues,
+                    epoch: slot.epoch,
+                }
             }
             Effect::Deassert => {
                 self.driver.deassert_irq(slot.zone, slot.irq);
@@ -667,14 +637,7 @@ impl Broker {
         match token {
             TOKEN_WAKEUP => self.driver.clear_wakeup(),
             TOKEN_SIGNALS => self.on_signals(),
-            TOKEN_CONTROL => {
-                if let Some(c) = &mut self.control {
-                    c.serve(|| {
-                        serde_json::to_string(&audit::collect(known(&self.slots)))
-                            .unwrap_or_default()
-                    });
-                }
-            }
+            TOKEN_CONTROL => self.on_control(),
             TOKEN_SIM => {
                 log::warn!("the simulator closed its connection; stopping");
                 self.stop = true;
@@ -695,6 +658,64 @@ impl Broker {
             _ => {}
         }
         Ok(())
+    }
+
+    /// Answers the control requests that arrived.
+    fn on_control(&mut self) {
+        let Some(c) = &mut self.control else { return };
+        let mut report = None;
+        for (conn, req) in c.serve() {
+            let answer = match req {
+                control::Request::Audit => report
+                    .get_or_insert_with(|| {
+                        serde_json::to_string(&audit::collect(known(&self.slots)))
+                            .unwrap_or_default()
+                    })
+                    .clone(),
+                control::Request::RestartWorker { zone, device } => {
+                    let (ok, message) = self.replace_worker(zone, &device);
+                    serde_json::json!({
+                        "broker_pid": std::process::id(),
+                        "ok": ok,
+                        "message": message,
+                    })
+                    .to_string()
+                }
+            };
+            if let Some(c) = &self.control {
+                c.reply(conn, &answer);
+            }
+        }
+    }
+
+    /// The operator asked for a new worker for `device` of `zone` (`blk@0xa003c00` or the
+    /// address): the live one is asked to stop (and killed if it does not) and replaced at
+    /// once, outside the restart budget; a failed device gets a worker and a fresh budget.
+    fn replace_worker(&mut self, zone: u32, device: &str) -> (bool, String) {
+        let addr = match device.strip_prefix("0x") {
+            Some(hex) => u64::from_str_radix(hex, 16).ok(),
+            None => device.parse().ok(),
+        };
+        let Some(slot) = self.slots.iter_mut().find(|s| {
+            s.zone == zone
+                && (addr == Some(s.base) || format!("{}@{:#x}", s.kind, s.base) == device)
+        }) else {
+            return (false, format!("zone {zone} has no device {device:?}"));
+        };
+        let label = slot.label.clone();
+        log::warn!("{label}: a new worker was asked for on the control socket");
+        let Some(w) = slot.worker.as_mut() else {
+            slot.transport.revive();
+            slot.life.start_over(Instant::now());
+            return (true, format!("{label}: starting a new worker"));
+        };
+        slot.life.replacing = true;
+        if w.gone_since.is_none() {
+            let _ = w.channel.send(&BrokerMsg::Shutdown, &[], true);
+            self.epoll.delete(w.channel.as_fd()).ok();
+            w.gone_since = Some(Instant::now());
+        }
+        (true, format!("{label}: replacing worker pid {}", w.pid))
     }
 
     fn on_call(&mut self, i: usize, q: usize) {
@@ -723,10 +744,8 @@ impl Broker {
                     for c in &slot.calls {
                         self.epoll.delete(c.as_fd()).ok();
                     }
+                    // What follows is decided where it is reaped.
                     w.gone_since = Some(Instant::now());
-                    if slot.transport.fail() {
-                        slot.interrupt();
-                    }
                     return Ok(());
                 }
                 Err(e) => {
@@ -743,7 +762,7 @@ impl Broker {
                 stop_worker(&self.epoll, w, &slot.label, &why);
                 return Ok(());
             }
-            if let Err(why) = take_message(w, &mut slot.worker_log, &slot.label, msg) {
+            if let Err(why) = w.take_message(&mut slot.worker_log, &slot.label, msg) {
                 stop_worker(&self.epoll, w, &slot.label, &why);
                 return Ok(());
             }
@@ -775,8 +794,8 @@ impl Broker {
         }
     }
 
-    /// Collects every exited worker and reports how it ended. The device stays failed (its
-    /// transport keeps answering); the broker and every other device go on.
+    /// Collects every exited worker, reports how it ended, and has it replaced (or the
+    /// device failed: see [`lifecycle::Life::on_exit`]). The broker and every other device go on.
     fn reap(&mut self) {
         loop {
             let status = match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
@@ -784,40 +803,44 @@ impl Broker {
                 Ok(s) => s,
             };
             let Some(pid) = status.pid() else { continue };
-            let Some(slot) = self
-                .slots
-                .iter_mut()
-                .find(|s| s.worker.as_ref().is_some_and(|w| w.pid == pid))
+            let Some(i) =
+                (self.slots.iter()).position(|s| s.worker.as_ref().is_some_and(|w| w.pid == pid))
             else {
                 continue;
             };
+            let slot = &mut self.slots[i];
             let w = slot.worker.take().expect("found above");
-            let how = match (&status, w.violation) {
-                (WaitStatus::Signaled(_, Signal::SIGSYS, _), Some(nr)) => {
-                    format!("killed: seccomp violation, syscall {}", syscall_label(nr))
-                }
-                (WaitStatus::Signaled(_, Signal::SIGSYS, _), None) => {
-                    "killed: seccomp violation".to_string()
-                }
+            let violation = matches!(status, WaitStatus::Signaled(_, Signal::SIGSYS, _));
+            let how = match (violation, w.violation) {
+                (true, Some(nr)) => format!(
+                    "killed: seccomp violation, syscall {}",
+                    lifecycle::syscall_label(nr)
+                ),
+                (true, None) => "killed: seccomp violation".to_string(),
                 _ => supervisor::describe_exit(&status),
             };
-            slot.last_exit = Some(how.clone());
-            if self.stop {
-                log::info!("{} worker (pid {pid}) {how}", slot.label);
-            } else {
-                log::error!("{} worker (pid {pid}) {how}; the device stays failed until the broker restarts", slot.label);
-            }
             self.epoll.delete(w.channel.as_fd()).ok();
             for c in &slot.calls {
                 self.epoll.delete(c.as_fd()).ok();
             }
-            if slot.transport.fail() {
-                slot.interrupt();
+            if self.stop {
+                log::info!("{} worker (pid {pid}) {how}", slot.label);
+                continue;
             }
+            if slot.life.replacing {
+                log::info!("{} worker (pid {pid}) {how}, replaced as asked", slot.label);
+            } else {
+                log::error!("{} worker (pid {pid}) {how}", slot.label);
+            }
+            self.after_exit(i, how, violation);
         }
     }
 
     fn check_deadlines(&mut self) {
+        let now = Instant::now();
+        for i in 0..self.slots.len() {
+            self.restart_due(i, now);
+        }
         for slot in &mut self.slots {
             slot.worker_log.report(&slot.label);
             slot.guest_log.report(&slot.label);
@@ -927,6 +950,10 @@ impl Broker {
         while self.slots.iter().any(|s| s.worker.is_some()) && Instant::now() < deadline {
             self.reap();
             std::thread::sleep(Duration::from_millis(5));
+        }
+        for slot in &mut self.slots {
+            slot.worker_log.flush(&slot.label);
+            slot.guest_log.flush(&slot.label);
         }
         log::info!("stopped");
     }

@@ -184,6 +184,8 @@ pub struct Placement {
     pub addr: u64,
     /// RLIMIT_FSIZE: a writable disk's size, else 0.
     pub file_size_limit: u64,
+    /// Workers of this device started before this one.
+    pub generation: u32,
 }
 
 impl Placement {
@@ -201,13 +203,19 @@ impl Placement {
             zone,
             addr,
             file_size_limit,
+            generation: 0,
         }
     }
 
-    /// Unique among the workers of every broker on the host.
+    /// Unique among the workers of every broker on the host, restarted ones included (a
+    /// dead worker's cgroup may linger a moment).
     fn cgroup_name(&self) -> String {
+        let restart = match self.generation {
+            0 => String::new(),
+            n => format!("-r{n}"),
+        };
         format!(
-            "broker{}-zone{}-{}-{:#x}",
+            "broker{}-zone{}-{}-{:#x}{restart}",
             std::process::id(),
             self.zone,
             self.kind.name(),

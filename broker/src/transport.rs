@@ -251,11 +251,25 @@ impl MmioTransport {
         self.raise(VIRTIO_MMIO_INT_CONFIG)
     }
 
-    /// The device can no longer work (its worker died): the driver sees DEVICE_NEEDS_RESET, for
-    /// good, and gets a config interrupt. Returns whether to inject it now.
+    /// The device can no longer work (its worker keeps dying, past its restart budget): the
+    /// driver sees DEVICE_NEEDS_RESET, for good, and gets a config interrupt. Returns whether to
+    /// inject it now.
     pub fn fail(&mut self) -> bool {
         self.failed = true;
         self.raise_config()
+    }
+
+    /// What a worker that replaces a dead one must be activated with: the features and ready
+    /// queues of the current activation, if the device is active.
+    pub fn replay(&self) -> Option<(u64, Vec<QueueConfig>)> {
+        self.is_active()
+            .then(|| (self.driver_features, self.ready_queues()))
+    }
+
+    /// A worker serves a failed device again (the operator restarted it): the driver may reset
+    /// the device and use it.
+    pub fn revive(&mut self) {
+        self.failed = false;
     }
 
     /// Replaces the config bytes after a device-side change and tells the driver.
@@ -470,8 +484,8 @@ impl MmioTransport {
         self.queues.fill(Queue::default());
         self.status = 0;
         self.activated = false;
-        // `failed` stays: nothing serves the device any more (its worker is gone), so a reset
-        // cannot make it work, and DRIVER_OK stays refused.
+        // `failed` stays: nothing serves the device any more (its worker is gone for good), so
+        // a reset cannot make it work, and DRIVER_OK stays refused.
         self.irq.clear();
     }
 
@@ -685,6 +699,36 @@ mod tests {
         w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
         w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 0);
         assert_eq!(t.driver_features(), V1 | 1 << 9);
+    }
+
+    #[test]
+    fn a_replacement_worker_is_activated_as_the_driver_left_the_device() {
+        let mut t = active();
+        let (features, queues) = t.replay().unwrap();
+        assert_eq!(features, V1 | 1 << 1);
+        assert_eq!(queues.iter().map(|q| q.index).collect::<Vec<_>>(), [0, 1]);
+        // a worker killed during a queue stop: its replacement never sees that queue
+        w(&mut t, VIRTIO_MMIO_QUEUE_SEL, 1);
+        w(&mut t, VIRTIO_MMIO_QUEUE_READY, 0);
+        let (_, queues) = t.replay().unwrap();
+        assert_eq!(queues.len(), 1);
+        assert_eq!((queues[0].index, queues[0].size), (0, 256));
+        // ... during a driver reset: it is not activated until the next DRIVER_OK
+        w(&mut t, VIRTIO_MMIO_STATUS, 0);
+        assert_eq!(t.replay(), None);
+        // a failed device replays nothing; revived, it works after a reset
+        let mut t = active();
+        t.fail();
+        assert_eq!(t.replay(), None);
+        t.revive();
+        w(&mut t, VIRTIO_MMIO_STATUS, 0);
+        negotiate(&mut t, V1);
+        setup_queue(&mut t, 0, 16, 0x5000_0000);
+        let st = ACK_DRIVER | FEATURES_OK | DRIVER_OK;
+        assert!(matches!(
+            w(&mut t, VIRTIO_MMIO_STATUS, st),
+            Some(Effect::Activate { .. })
+        ));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use crate::channel::ChannelError;
 
 /// Bumped on any incompatible change; the worker refuses a broker of another version.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// The fd number at which a worker finds its socket to the broker.
 pub const WORKER_SOCKET_FD: i32 = 3;
 /// The largest encoded message either side accepts.
@@ -132,7 +132,8 @@ impl DeviceSetup {
 /// Broker -> worker.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum BrokerMsg {
-    /// The first message. fds, in order: the guest-memory fd, one kick eventfd per queue (the
+    /// The first message. fds, in order: the guest-memory fd, the in-flight record (a memfd of
+    /// [`crate::inflight::bytes`] bytes, sealed), one kick eventfd per queue (the
     /// broker writes it on QueueNotify), one call eventfd per queue (the worker writes it when the
     /// guest should be interrupted), then the [`DeviceSetup`] fds.
     Hello {
@@ -145,10 +146,13 @@ pub enum BrokerMsg {
         setup: DeviceSetup,
         sandbox: SandboxSpec,
     },
-    /// The driver set DRIVER_OK.
+    /// The driver set DRIVER_OK; or, with the same `epoch`, the replay of that for a worker
+    /// that replaces a dead one (it resumes from the in-flight record of that epoch).
     Activate {
         features: u64,
         queues: Vec<QueueConfig>,
+        /// Counts the driver's activations of this device.
+        epoch: u64,
     },
     /// The driver wrote 0 to Status: forget the queues.
     Reset,
@@ -165,7 +169,7 @@ impl FdCount for BrokerMsg {
         match self {
             BrokerMsg::Hello {
                 num_queues, setup, ..
-            } => 1 + 2 * *num_queues as usize + setup.fd_count(),
+            } => 2 + 2 * *num_queues as usize + setup.fd_count(),
             _ => 0,
         }
     }
@@ -262,7 +266,7 @@ mod tests {
                 file_size_limit: 0,
             },
         };
-        assert_eq!(hello.fd_count(), 4);
+        assert_eq!(hello.fd_count(), 5);
         let back: BrokerMsg = decode(&encode(&hello).unwrap()).unwrap();
         assert_eq!(back, hello);
         assert_eq!(BrokerMsg::Reset.fd_count(), 0);

@@ -250,6 +250,14 @@ impl Proc {
         }
     }
 
+    /// After the exit: takes every line until the readers reach the end of the output (or it
+    /// stays quiet for a while, should a child of the process still hold it open).
+    fn drain(&mut self) {
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(500)) {
+            self.log.push(l);
+        }
+    }
+
     /// Waits until a printed line contains `needle`.
     pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<String> {
         let deadline = Instant::now() + timeout;
@@ -290,9 +298,7 @@ impl Proc {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(st) = self.child.try_wait()? {
-                // let the readers finish
-                std::thread::sleep(Duration::from_millis(20));
-                self.pump();
+                self.drain();
                 return Ok(st);
             }
             if Instant::now() >= deadline {
@@ -786,4 +792,93 @@ fn become_user(keep: &[caps::Capability]) {
 
 pub fn err<T>(msg: impl Into<String>) -> Result<T> {
     Err(anyhow!(msg.into()))
+}
+
+/// The pid of the `n`th worker (0: the first) the broker started for device `label`
+/// (`zone1 blk@0xa003c00`), once it was started.
+pub fn worker_pid(broker: &mut Proc, label: &str, n: usize, timeout: Duration) -> Result<Pid> {
+    let deadline = Instant::now() + timeout;
+    let prefix = format!("{label}: irq ");
+    loop {
+        broker.pump();
+        let started: Vec<&String> = (broker.log.iter())
+            .filter(|l| l.contains(&prefix) && l.contains("worker pid "))
+            .collect();
+        if let Some(line) = started.get(n) {
+            let pid = line
+                .split("worker pid ")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|p| p.parse().ok())
+                .ok_or_else(|| anyhow::anyhow!("no pid in {line:?}"))?;
+            return Ok(Pid::from_raw(pid));
+        }
+        if Instant::now() >= deadline || !broker.alive() {
+            bail!(
+                "{label}: no worker number {n} within {timeout:?}:\n{}",
+                broker.log.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Open fds of a process.
+pub fn fd_count(pid: Pid) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// A small deterministic generator for "random moments" (xorshift).
+pub struct Moments(pub u64);
+
+impl Moments {
+    /// A delay below `max`.
+    pub fn next(&mut self, max: Duration) -> Duration {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        max.mul_f64((self.0 % 1000) as f64 / 1000.0)
+    }
+}
+
+/// Kills the worker of `broker` whose command name starts with `comm` (`hvisor-worker-c`;
+/// names are cut at 15 characters) `kills` times, each at a random moment once its
+/// predecessor was replaced, until `stop` is set; returns how many it killed. Meant for a
+/// thread beside a workload.
+pub fn kill_worker_repeatedly(
+    broker: Pid,
+    comm: &str,
+    kills: usize,
+    within: Duration,
+    seed: u64,
+    stop: &std::sync::atomic::AtomicBool,
+) -> usize {
+    let mut moments = Moments(seed);
+    let mut last = None;
+    for n in 0..kills {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let pid = loop {
+            let found = children(broker).into_iter().find(|&p| {
+                Some(p) != last
+                    && std::fs::read_to_string(format!("/proc/{p}/comm"))
+                        .is_ok_and(|c| c.starts_with(comm))
+            });
+            if let Some(p) = found {
+                break p;
+            }
+            if stop.load(std::sync::atomic::Ordering::SeqCst) || Instant::now() > deadline {
+                return n;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        std::thread::sleep(moments.next(within));
+        if stop.load(std::sync::atomic::Ordering::SeqCst) {
+            return n;
+        }
+        let _ = kill(pid, Signal::SIGKILL);
+        last = Some(pid);
+    }
+    kills
 }

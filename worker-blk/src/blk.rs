@@ -17,10 +17,9 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
-use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use worker::guest_io::{read_exact_at, read_now_at, write_all_at};
-use worker::{Device, Interest};
+use worker::{Device, Interest, TrackedQueue};
 
 use crate::pool::{Pool, THREADS};
 use crate::request::{ParseError, Request};
@@ -299,26 +298,37 @@ impl Blk {
     }
 
     /// Puts the finished requests of queue `index` in its used ring; whether there were any.
-    fn publish(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+    fn publish(
+        &mut self,
+        index: usize,
+        queue: &mut TrackedQueue<'_>,
+        mem: &GuestMemoryMmap,
+    ) -> bool {
         let done = self.pool.take_finished(index);
         let n = self.in_flight(index);
         *n = n.saturating_sub(done.len());
+        let mut added = false;
         for f in &done {
-            if let Err(e) = queue.add_used(mem, f.head, f.len) {
-                warn!("queue {index}: completing descriptor {}: {e}", f.head);
-            }
+            added |= queue.publish(mem, f.head, f.len);
         }
-        !done.is_empty()
+        added
     }
 }
 
 impl Device for Blk {
-    fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+    /// A request taken before a restart is simply carried out again: its data is still in
+    /// guest memory, and reads and writes of the same sectors are idempotent.
+    fn process_queue<'m>(
+        &mut self,
+        index: usize,
+        queue: &mut TrackedQueue<'m>,
+        mem: &'m GuestMemoryMmap,
+    ) -> bool {
         let mut added = self.publish(index, queue, mem);
         let room = usize::from(queue.size()).saturating_sub(*self.in_flight(index));
         let mut reqs = Vec::new();
         while reqs.len() < room {
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            let Some(chain) = queue.pop(mem) else {
                 break;
             };
             let head = chain.head_index();
@@ -341,10 +351,7 @@ impl Device for Blk {
                     answer(status, Err(IOERR), mem)
                 }
             };
-            match queue.add_used(mem, head, len) {
-                Ok(()) => added = true,
-                Err(e) => warn!("queue {index}: completing descriptor {head}: {e}"),
-            }
+            added |= queue.publish(mem, head, len);
         }
         *self.in_flight(index) += reqs.len();
         if !reqs.is_empty() {

@@ -11,6 +11,7 @@ use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use worker::testing::Records;
 use worker::Device;
 
 use crate::blk::Blk;
@@ -88,7 +89,10 @@ impl Rig {
             .collect();
         q.add_desc_chains(&descs, 0).unwrap();
         let mut queue = queue_of(&q);
-        assert!(self.blk.process_queue(0, &mut queue, &self.mem));
+        let mut records = Records::new(1);
+        assert!(self
+            .blk
+            .process_queue(0, &mut records.tracked(0, &mut queue), &self.mem));
         assert_eq!(self.used_idx(), 1);
         let (id, len) = self.used_elem(0);
         assert_eq!(id, 0);
@@ -469,7 +473,10 @@ fn chains_of_several_requests_and_bad_heads() {
 
     r.mem.write_obj(0u16, GuestAddress(USED + 2)).unwrap();
     let mut queue = queue_of(&q);
-    assert!(r.blk.process_queue(0, &mut queue, &r.mem));
+    let mut records = Records::new(1);
+    assert!(r
+        .blk
+        .process_queue(0, &mut records.tracked(0, &mut queue), &r.mem));
     assert_eq!(r.used_idx(), 2);
     assert_eq!(r.guest(STATUS, 2), [OK, OK]);
     assert_eq!(queue.next_avail(), 3);

@@ -97,6 +97,7 @@ fn eventfd() -> EventFd {
 
 struct Guest {
     ram: OwnedFd,
+    record: OwnedFd,
     mem: GuestMemoryMmap,
     image: File,
     kick: EventFd,
@@ -111,8 +112,12 @@ fn guest() -> Guest {
     let mem = worker::memory::map_regions(ram.as_fd(), &regions()).unwrap();
     let image = tempfile::tempfile().unwrap();
     image.set_len(IMAGE_SIZE).unwrap();
+    let record =
+        nix::sys::memfd::memfd_create("record", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap();
+    nix::unistd::ftruncate(&record, protocol::inflight::bytes(1) as i64).unwrap();
     Guest {
         ram,
+        record,
         mem,
         image,
         kick: eventfd(),
@@ -153,8 +158,9 @@ fn hello(version: u32) -> BrokerMsg {
 }
 
 fn send_hello(broker: &Channel, g: &Guest, version: u32) {
-    let fds: [BorrowedFd; 4] = [
+    let fds: [BorrowedFd; 5] = [
         g.ram.as_fd(),
+        g.record.as_fd(),
         g.kick.as_fd(),
         g.call.as_fd(),
         g.image.as_fd(),
@@ -230,6 +236,7 @@ fn serves_requests_inside_its_sandbox() {
                     avail: q.avail_addr().0,
                     used: USED.0,
                 }],
+                epoch: 1,
             },
             &[],
             false,

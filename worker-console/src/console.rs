@@ -6,15 +6,20 @@
 //! guest has no receive buffers the pty is not read, so input waits in the kernel.
 //! Nothing runs while nothing moves: the loop sleeps in `epoll_wait`, watching the pty only
 //! for what is pending.
+//!
+//! Nor does a restart lose or repeat a byte: each chain's progress (bytes written from it, or
+//! read into it) is recorded before its used entry is published, and the next worker goes on
+//! from there. Only a death inside the very system call that moved the bytes can (the kernel
+//! has moved them, the record does not say so yet).
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use log::{debug, warn};
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use protocol::DeviceSetup;
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::DescriptorChain;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
-use worker::{Device, Interest};
+use worker::{Device, Interest, TrackedQueue};
 
 use worker::guest_io;
 
@@ -29,9 +34,6 @@ pub const MAX_DESCRIPTORS: usize = 1024;
 
 pub struct Console {
     pty: OwnedFd,
-    /// The front transmit chain, partly written: its head and the bytes already written. It is
-    /// put back in the available ring (the queue steps back) until the rest is written.
-    tx_partial: Option<(u16, usize)>,
     /// The pty took no more: transmit waits for writability.
     tx_blocked: bool,
     /// The guest has receive buffers and the pty had nothing for them: wait for readability.
@@ -57,7 +59,6 @@ impl Console {
         fcntl(&pty, FcntlArg::F_SETFL(flags)).map_err(|e| format!("pty flags: {e}"))?;
         Ok(Console {
             pty,
-            tx_partial: None,
             tx_blocked: false,
             rx_waiting: false,
             warned: false,
@@ -65,48 +66,53 @@ impl Console {
     }
 
     fn forget(&mut self) {
-        self.tx_partial = None;
         self.tx_blocked = false;
         self.rx_waiting = false;
     }
 
     /// Writes transmit chains to the pty in order until the queue is empty or the pty is full.
-    fn transmit(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+    /// A partly written chain is put back in the available ring (the queue steps back) with
+    /// its progress recorded, until the rest is written.
+    fn transmit<'m>(&mut self, queue: &mut TrackedQueue<'m>, mem: &'m GuestMemoryMmap) -> bool {
         if self.tx_blocked {
             // Writability wakes the loop; trying now would only meet EAGAIN again.
             return false;
         }
         let mut added = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        while let Some(chain) = queue.pop(mem) {
             let head = chain.head_index();
-            // A different head at the front means the queue was set up anew: start over.
-            let done = match self.tx_partial.take() {
-                Some((h, n)) if h == head => n,
-                _ => 0,
-            };
             match gather(chain, mem, false) {
                 Ok(bufs) => {
-                    if let Some(done) = self.write_chain(&bufs, done) {
-                        self.tx_partial = Some((head, done));
+                    if self.write_chain(queue, head, &bufs).is_some() {
                         self.tx_blocked = true;
-                        queue.go_to_previous_position();
+                        queue.put_back(head);
                         break;
                     }
                 }
                 Err(why) => debug!("transmit chain {head}: {why}; dropped"),
             }
-            added |= complete(queue, mem, TXQ, head, 0);
+            added |= queue.publish(mem, head, 0);
         }
         added
     }
 
-    /// Writes `bufs` from byte `done` on. `None` when the chain is finished (written, or
-    /// dropped on a pty error); `Some(done)` when the pty is full after `done` bytes.
-    fn write_chain(&mut self, bufs: &[VolatileSlice<'_>], mut done: usize) -> Option<usize> {
+    /// Writes `bufs` of chain `head` from its recorded progress on, recording each step.
+    /// `None` when the chain is finished (written, or dropped on a pty error); `Some(done)`
+    /// when the pty is full after `done` bytes.
+    fn write_chain(
+        &mut self,
+        queue: &mut TrackedQueue<'_>,
+        head: u16,
+        bufs: &[VolatileSlice<'_>],
+    ) -> Option<usize> {
         let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let mut done = queue.progress(head) as usize;
         while done < total {
             match guest_io::writev(self.pty.as_fd(), &[], bufs, done) {
-                Ok(n) if n > 0 => done += n,
+                Ok(n) if n > 0 => {
+                    done += n;
+                    queue.set_progress(head, u32::try_from(done).unwrap_or(u32::MAX));
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Some(done),
                 other => {
                     // With the broker holding the slave this does not happen; dropping the
@@ -123,17 +129,23 @@ impl Console {
     }
 
     /// Fills receive chains from the pty until it has nothing more or the guest has no buffers.
-    fn receive(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+    /// A chain filled before a restart (it has progress) is completed with what it got.
+    fn receive<'m>(&mut self, queue: &mut TrackedQueue<'m>, mem: &'m GuestMemoryMmap) -> bool {
         self.rx_waiting = false;
         let mut added = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        while let Some(chain) = queue.pop(mem) {
             let head = chain.head_index();
+            let got = queue.progress(head);
+            if got > 0 {
+                added |= queue.publish(mem, head, got);
+                continue;
+            }
             let len = match gather(chain, mem, true) {
                 Ok(bufs) if !bufs.is_empty() => {
                     match guest_io::readv(self.pty.as_fd(), &bufs, &mut []) {
                         Ok(n) if n > 0 => n,
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            queue.go_to_previous_position();
+                            queue.put_back(head);
                             self.rx_waiting = true;
                             break;
                         }
@@ -142,7 +154,7 @@ impl Console {
                             // buffer stays with us; the next kick tries again.
                             let why = other.err().map_or("end of file".into(), |e| e.to_string());
                             self.pty_error(&format!("reading the pty: {why}"));
-                            queue.go_to_previous_position();
+                            queue.put_back(head);
                             break;
                         }
                     }
@@ -155,7 +167,8 @@ impl Console {
             };
             // At most the chain's length, which the chain iterator holds under 2^32.
             let len = u32::try_from(len).unwrap_or(u32::MAX);
-            added |= complete(queue, mem, RXQ, head, len);
+            queue.set_progress(head, len);
+            added |= queue.publish(mem, head, len);
         }
         added
     }
@@ -194,18 +207,13 @@ fn gather<'m>(
     Ok(bufs)
 }
 
-fn complete(queue: &mut Queue, mem: &GuestMemoryMmap, index: usize, head: u16, len: u32) -> bool {
-    match queue.add_used(mem, head, len) {
-        Ok(()) => true,
-        Err(e) => {
-            warn!("queue {index}: completing descriptor {head}: {e}");
-            false
-        }
-    }
-}
-
 impl Device for Console {
-    fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+    fn process_queue<'m>(
+        &mut self,
+        index: usize,
+        queue: &mut TrackedQueue<'m>,
+        mem: &'m GuestMemoryMmap,
+    ) -> bool {
         match index {
             RXQ => self.receive(queue, mem),
             TXQ => self.transmit(queue, mem),
@@ -224,10 +232,7 @@ impl Device for Console {
     fn stop_queue(&mut self, index: usize) {
         match index {
             RXQ => self.rx_waiting = false,
-            TXQ => {
-                self.tx_partial = None;
-                self.tx_blocked = false;
-            }
+            TXQ => self.tx_blocked = false,
             _ => {}
         }
     }

@@ -4,7 +4,7 @@
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
-use worker::testing::{Part, Ring};
+use worker::testing::{Part, Records, Ring};
 
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -34,6 +34,7 @@ struct Rig {
     tx: Ring,
     rxq: Queue,
     txq: Queue,
+    records: Records,
 }
 
 fn rig() -> Rig {
@@ -56,6 +57,7 @@ fn rig() -> Rig {
         tx,
         rxq,
         txq,
+        records: Records::new(2),
     }
 }
 
@@ -88,11 +90,13 @@ impl Rig {
     }
 
     fn kick_tx(&mut self) -> bool {
-        self.console.process_queue(TXQ, &mut self.txq, &self.mem)
+        let mut q = self.records.tracked(TXQ, &mut self.txq);
+        self.console.process_queue(TXQ, &mut q, &self.mem)
     }
 
     fn kick_rx(&mut self) -> bool {
-        self.console.process_queue(RXQ, &mut self.rxq, &self.mem)
+        let mut q = self.records.tracked(RXQ, &mut self.rxq);
+        self.console.process_queue(RXQ, &mut q, &self.mem)
     }
 
     fn interest(&self) -> Interest {
@@ -460,6 +464,8 @@ fn reset_forgets_a_blocked_chain_and_interest() {
     r.read_slave();
     let mut tx = Ring::new(0x3_0000, QSIZE);
     r.txq = tx.queue();
+    // its activation starts a new in-flight record, as the event loop's does
+    r.records = Records::new(2);
     r.put(DATA + 0x30_0000, b"fresh");
     tx.add(&r.mem, &[(DATA + 0x30_0000, 5, false)]);
     // the pty still holds the old chain's head (the reader drained only some of it)

@@ -23,9 +23,9 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_ECN, VIRTIO_NET_HDR_GSO_NONE,
     VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_HDR_GSO_UDP,
 };
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::DescriptorChain;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
-use worker::{Device, Interest};
+use worker::{Device, Interest, TrackedQueue};
 
 use worker::guest_io::{self as iov, IOV_MAX};
 
@@ -137,10 +137,11 @@ impl Net {
     }
 
     /// Writes every available transmit chain to the tap. A frame the tap refuses is counted
-    /// and dropped; every chain is completed either way, so the ring keeps moving.
-    fn transmit(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+    /// and dropped; every chain is completed either way, so the ring keeps moving. A chain
+    /// taken before a restart is sent again (a frame sent twice is harmless; one lost is not).
+    fn transmit<'m>(&mut self, queue: &mut TrackedQueue<'m>, mem: &'m GuestMemoryMmap) -> bool {
         let mut added = false;
-        while let Some(chain) = pop_or_arm(queue, mem) {
+        while let Some(chain) = pop_or_arm(queue, mem, &mut added) {
             let head = chain.head_index();
             match gather(chain, mem, false) {
                 Ok(b) if b.len < self.hdr_len => {
@@ -220,7 +221,7 @@ impl Net {
     }
 
     /// Moves frames from the tap into receive buffers until either runs out.
-    fn receive(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+    fn receive<'m>(&mut self, queue: &mut TrackedQueue<'m>, mem: &'m GuestMemoryMmap) -> bool {
         let mut added = false;
         loop {
             if let Some(frame) = self.pending.take() {
@@ -239,7 +240,7 @@ impl Net {
                 Ok(n) => n,
                 Err(e) => {
                     // The buffer stays the guest's: the next read takes it again.
-                    queue.go_to_previous_position();
+                    queue.put_back(bufs.head);
                     if e.kind() != io::ErrorKind::WouldBlock {
                         error!("receive: reading the tap: {e}; no longer receiving");
                         self.tap_failed = true;
@@ -251,18 +252,19 @@ impl Net {
             // that fills every byte may have been cut. (The tail holds any frame a tap
             // without segmentation offloads sends, so neither case should happen.)
             if n < self.hdr_len || n >= bufs.len + self.tail.len() {
-                queue.go_to_previous_position();
+                queue.put_back(bufs.head);
                 self.dropped(n, "is no whole frame");
                 continue;
             }
             if n <= bufs.len {
                 self.finish_header(&bufs.slices, 1);
+                queue.set_progress(bufs.head, n as u32);
                 complete(queue, mem, bufs.head, n as u32, &mut added);
                 self.stats.rx_frames += 1;
                 continue;
             }
             // The frame runs past this buffer; the buffer goes back to the ring either way.
-            queue.go_to_previous_position();
+            queue.put_back(bufs.head);
             if !self.mergeable {
                 self.too_large(n, bufs.len, "the guest's receive buffer");
                 continue;
@@ -278,12 +280,12 @@ impl Net {
     /// completed empty, so the guest gets them back.
     fn next_rx_buffers<'m>(
         &mut self,
-        queue: &mut Queue,
+        queue: &mut TrackedQueue<'m>,
         mem: &'m GuestMemoryMmap,
         added: &mut bool,
     ) -> Option<Buffers<'m>> {
         loop {
-            let chain = pop_or_arm(queue, mem)?;
+            let chain = pop_or_arm(queue, mem, added)?;
             let head = chain.head_index();
             match gather(chain, mem, true) {
                 Ok(b) if b.len >= self.hdr_len => return Some(b),
@@ -297,24 +299,24 @@ impl Net {
     /// Copies `frame` (header included) into as many receive buffers as it needs, all
     /// completed together with `num_buffers` set. False, with nothing taken from the ring,
     /// when there are not enough buffers yet.
-    fn deliver_copy(
+    fn deliver_copy<'m>(
         &mut self,
         frame: &[u8],
-        queue: &mut Queue,
-        mem: &GuestMemoryMmap,
+        queue: &mut TrackedQueue<'m>,
+        mem: &'m GuestMemoryMmap,
         added: &mut bool,
     ) -> bool {
         let mut parts: Vec<Buffers> = Vec::new();
         let mut at = 0;
         while at < frame.len() {
-            let Some(chain) = pop_or_arm(queue, mem) else {
+            let Some(chain) = pop_or_arm(queue, mem, added) else {
                 if parts.len() >= usize::from(queue.size()) {
                     // Even a full ring of these buffers cannot take it.
                     self.too_large(frame.len(), at, "the guest's whole receive ring");
-                    unpop(queue, parts.len());
+                    unpop(queue, &parts);
                     return true;
                 }
-                unpop(queue, parts.len());
+                unpop(queue, &parts);
                 return false;
             };
             let head = chain.head_index();
@@ -341,7 +343,7 @@ impl Net {
                 }
             };
             if !self.mergeable && bufs.len < frame.len() {
-                queue.go_to_previous_position();
+                queue.put_back(bufs.head);
                 self.too_large(frame.len(), bufs.len, "the guest's receive buffer");
                 return true;
             }
@@ -353,11 +355,21 @@ impl Net {
         };
         let count = u16::try_from(parts.len()).unwrap_or(u16::MAX);
         self.finish_header(&first.slices, count);
+        // Every part's length is recorded before any is completed: after a restart the
+        // whole frame is completed from the record.
         let mut left = frame.len();
-        for p in &parts {
-            let n = p.len.min(left);
-            left -= n;
-            complete(queue, mem, p.head, n as u32, added);
+        let lens: Vec<u32> = (parts.iter())
+            .map(|p| {
+                let n = p.len.min(left);
+                left -= n;
+                n as u32
+            })
+            .collect();
+        for (p, &n) in parts.iter().zip(&lens) {
+            queue.set_progress(p.head, n);
+        }
+        for (p, &n) in parts.iter().zip(&lens) {
+            complete(queue, mem, p.head, n, added);
         }
         self.stats.rx_frames += 1;
         true
@@ -400,7 +412,12 @@ impl Net {
 }
 
 impl Device for Net {
-    fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+    fn process_queue<'m>(
+        &mut self,
+        index: usize,
+        queue: &mut TrackedQueue<'m>,
+        mem: &'m GuestMemoryMmap,
+    ) -> bool {
         match index {
             RX if !self.tap_failed => self.receive(queue, mem),
             TX => self.transmit(queue, mem),
@@ -456,31 +473,44 @@ impl Device for Net {
 
 /// The next available chain. Before saying there is none, it asks the driver for a kick and
 /// looks once more: a buffer added meanwhile, while kicks were suppressed, would otherwise wait
-/// for a kick that never comes.
+/// for a kick that never comes. A receive chain a dead worker had filled (its progress is the
+/// frame's length) is completed on the way.
 fn pop_or_arm<'m>(
-    queue: &mut Queue,
+    queue: &mut TrackedQueue<'m>,
     mem: &'m GuestMemoryMmap,
+    added: &mut bool,
 ) -> Option<DescriptorChain<&'m GuestMemoryMmap>> {
-    if let Some(chain) = queue.pop_descriptor_chain(mem) {
-        return Some(chain);
-    }
-    match queue.enable_notification(mem) {
-        Ok(true) => queue.pop_descriptor_chain(mem),
-        _ => None,
+    loop {
+        let chain = match queue.pop(mem) {
+            Some(chain) => chain,
+            None => match queue.enable_notification(mem) {
+                Ok(true) => queue.pop(mem)?,
+                _ => return None,
+            },
+        };
+        let head = chain.head_index();
+        match queue.progress(head) {
+            0 => return Some(chain),
+            len => complete(queue, mem, head, len, added),
+        }
     }
 }
 
-fn unpop(queue: &mut Queue, n: usize) {
-    for _ in 0..n {
-        queue.go_to_previous_position();
+/// Gives back the chains of `parts`, last taken first.
+fn unpop(queue: &mut TrackedQueue<'_>, parts: &[Buffers<'_>]) {
+    for p in parts.iter().rev() {
+        queue.put_back(p.head);
     }
 }
 
-fn complete(queue: &mut Queue, mem: &GuestMemoryMmap, head: u16, len: u32, added: &mut bool) {
-    match queue.add_used(mem, head, len) {
-        Ok(()) => *added = true,
-        Err(e) => warn!("completing chain {head}: {e}"),
-    }
+fn complete(
+    queue: &mut TrackedQueue<'_>,
+    mem: &GuestMemoryMmap,
+    head: u16,
+    len: u32,
+    added: &mut bool,
+) {
+    *added |= queue.publish(mem, head, len);
 }
 
 /// The buffers of `chain`, which must all be device-writable (receive) or all readable

@@ -2,7 +2,7 @@
 //! non-blocking SEQPACKET socket pair standing in for the tap (it keeps frame boundaries).
 
 use std::os::fd::{AsRawFd, OwnedFd};
-use worker::testing::{Part, Ring};
+use worker::testing::{Part, Records, Ring};
 
 use nix::errno::Errno;
 use nix::sys::socket::{recv, send, socketpair, AddressFamily, MsgFlags, SockFlag, SockType};
@@ -32,6 +32,7 @@ struct Rig {
     rxq: Queue,
     tx: Ring,
     txq: Queue,
+    records: Records,
     next_rx_buf: u64,
 }
 
@@ -55,17 +56,20 @@ impl Rig {
             rxq: rx.queue(),
             rx,
             txq: tx.queue(),
+            records: Records::new(2),
             tx,
             next_rx_buf: RX_DATA,
         }
     }
 
     fn process_rx(&mut self) -> bool {
-        self.net.process_queue(RX, &mut self.rxq, &self.mem)
+        let mut q = self.records.tracked(RX, &mut self.rxq);
+        self.net.process_queue(RX, &mut q, &self.mem)
     }
 
     fn process_tx(&mut self) -> bool {
-        self.net.process_queue(TX, &mut self.txq, &self.mem)
+        let mut q = self.records.tracked(TX, &mut self.txq);
+        self.net.process_queue(TX, &mut q, &self.mem)
     }
 
     fn reading(&self) -> bool {

@@ -1,10 +1,11 @@
 //! The worker's single-threaded loop: broker messages on the socket, guest kicks on eventfds.
 
+use std::collections::VecDeque;
 use std::os::fd::{AsFd, OwnedFd};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use log::{debug, error, warn};
+use log::{debug, error, info, warn};
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use protocol::{BrokerMsg, Channel, ChannelError, QueueConfig, WorkerMsg};
@@ -12,6 +13,7 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
+use crate::inflight::{self, Record, Recovery, TrackedQueue};
 use crate::{Device, Interest};
 
 /// The epoll token of the broker socket; kick `i` uses `i`, host fd `j` uses `HOST + j`.
@@ -25,7 +27,10 @@ pub(crate) struct EventLoop {
     kicks: Vec<OwnedFd>,
     calls: Vec<OwnedFd>,
     /// `None` until activated, and for a queue the driver set up wrongly.
-    queues: Vec<Option<Queue>>,
+    queues: Vec<Option<Active>>,
+    /// What a dead predecessor left, and where this worker leaves the same.
+    record: Record,
+    recovery: Option<Recovery>,
     device: Box<dyn Device>,
     /// The interest each host fd is registered with now; `None` once it hung up and was
     /// removed (a hung-up fd is reported whatever the interest, so it would spin the loop).
@@ -39,6 +44,7 @@ impl EventLoop {
         mem: GuestMemoryMmap,
         kicks: Vec<OwnedFd>,
         calls: Vec<OwnedFd>,
+        record: Record,
         device: Box<dyn Device>,
     ) -> Result<Self, Errno> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
@@ -53,9 +59,12 @@ impl EventLoop {
         }
         let host_interest = vec![Some(Interest::NONE); host.len()];
         drop(host);
+        let recovery = Recovery::new(&mem);
         let mut event_loop = EventLoop {
             chan,
             epoll,
+            record,
+            recovery,
             mem,
             kicks,
             calls,
@@ -156,7 +165,11 @@ impl EventLoop {
             Err(e) => return Some(self.fail(format!("message from the broker: {e}"))),
         };
         match msg {
-            BrokerMsg::Activate { features, queues } => self.activate(features, &queues),
+            BrokerMsg::Activate {
+                features,
+                queues,
+                epoch,
+            } => self.activate(features, &queues, epoch),
             BrokerMsg::Reset => {
                 debug!("reset");
                 self.queues.iter_mut().for_each(|q| *q = None);
@@ -178,21 +191,32 @@ impl EventLoop {
         None
     }
 
-    fn activate(&mut self, features: u64, configs: &[QueueConfig]) {
+    fn activate(&mut self, features: u64, configs: &[QueueConfig], epoch: u64) {
         self.queues.iter_mut().for_each(|q| *q = None);
         let event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        let resuming = self.record.begin(epoch);
         for cfg in configs {
             let i = cfg.index as usize;
-            if i >= self.queues.len() {
+            let Some(record) = self.record.queue(i).filter(|_| i < self.queues.len()) else {
                 error!("queue {i} does not exist; ignored");
                 continue;
-            }
+            };
             match build_queue(cfg, event_idx, &self.mem) {
-                Ok(q) => self.queues[i] = Some(q),
+                Ok(mut queue) => {
+                    let again = if resuming {
+                        inflight::resume(&mut queue, record, &self.mem)
+                    } else {
+                        VecDeque::new()
+                    };
+                    if !again.is_empty() {
+                        info!("queue {i}: {} chain(s) taken before a restart", again.len());
+                    }
+                    self.queues[i] = Some(Active { queue, again });
+                }
                 Err(why) => error!("queue {i}: {why}; the queue stays unused"),
             }
         }
-        debug!("activated: features {features:#x}, event_idx {event_idx}");
+        debug!("activated: features {features:#x}, event_idx {event_idx}, epoch {epoch}");
         self.device.activate(features);
         // Kicks that came before activation were dropped; look at every queue once.
         for i in 0..self.queues.len() {
@@ -216,19 +240,26 @@ impl EventLoop {
     /// repeats until no buffer arrived while notifications were off, or the driver would never
     /// kick again.
     fn process(&mut self, i: usize) {
-        let Some(queue) = self.queues.get_mut(i).and_then(Option::as_mut) else {
+        let (Some(Some(active)), Some(record)) = (self.queues.get_mut(i), self.record.queue(i))
+        else {
             return;
         };
         let mem = &self.mem;
+        let mut queue = TrackedQueue::new(
+            &mut active.queue,
+            record,
+            &mut active.again,
+            self.recovery.as_ref(),
+        );
         let mut added = false;
         let mut idle_rounds = 0;
         loop {
             if let Err(e) = queue.disable_notification(mem) {
                 warn!("queue {i}: {e}");
             }
-            let before = queue.next_avail();
-            added |= self.device.process_queue(i, queue, mem);
-            let progressed = queue.next_avail() != before;
+            let before = (queue.next_avail(), queue.resuming());
+            added |= self.device.process_queue(i, &mut queue, mem);
+            let progressed = (queue.next_avail(), queue.resuming()) != before;
             match queue.enable_notification(mem) {
                 Ok(true) if progressed => idle_rounds = 0,
                 // More buffers than were taken: a round that took nothing may have run while
@@ -251,7 +282,7 @@ impl EventLoop {
         if !added {
             return;
         }
-        let notify = queue.needs_notification(mem).unwrap_or_else(|e| {
+        let notify = active.queue.needs_notification(mem).unwrap_or_else(|e| {
             warn!("queue {i}: {e}");
             true
         });
@@ -269,6 +300,12 @@ impl EventLoop {
         let _ = self.chan.send(&WorkerMsg::Failed { reason }, &[], true);
         ExitCode::FAILURE
     }
+}
+
+/// An activated queue and the chains a dead predecessor left to serve again.
+struct Active {
+    queue: Queue,
+    again: VecDeque<u16>,
 }
 
 /// A queue as the driver configured it, checked against guest memory.

@@ -7,6 +7,7 @@
 
 mod event_loop;
 pub mod guest_io;
+pub mod inflight;
 mod logger;
 pub mod memory;
 #[cfg(feature = "testing")]
@@ -23,8 +24,8 @@ use nix::sys::socket::{getsockopt, sockopt, SockType};
 use nix::sys::stat::{fstat, SFlag};
 use protocol::msg::{PROTOCOL_VERSION, WORKER_SOCKET_FD};
 use protocol::{BrokerMsg, Channel, DeviceKind, DeviceSetup, WorkerMsg};
-use virtio_queue::Queue;
 
+pub use inflight::TrackedQueue;
 pub use vm_memory::GuestMemoryMmap;
 
 use event_loop::EventLoop;
@@ -35,9 +36,16 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// One virtio device, driven by the event loop. Every method runs in the sandbox on guest
 /// data, so none may panic on what the guest wrote.
 pub trait Device {
-    /// Takes the available buffers of queue `index`, completes them with `add_used`, and says
-    /// whether any were added. The loop handles notification suppression and interrupts.
-    fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool;
+    /// Takes the available buffers of queue `index` with [`TrackedQueue::pop`], completes them
+    /// with [`TrackedQueue::publish`], and says whether any were completed. The loop handles
+    /// notification suppression and interrupts. After a restart the first chains popped may
+    /// be ones the dead worker had taken: served again, from the progress it recorded.
+    fn process_queue<'m>(
+        &mut self,
+        index: usize,
+        queue: &mut TrackedQueue<'m>,
+        mem: &'m GuestMemoryMmap,
+    ) -> bool;
 
     /// Starts the device's own threads, if it has any, on guest memory `mem`. Called once,
     /// after every privilege is gone and before the seccomp filter, which lets no thread start;
@@ -190,10 +198,11 @@ where
     }
     info!("worker starting, {num_queues} queue(s)");
 
-    // The channel checked the count: memory, kicks, calls, then the device's fds.
+    // The channel checked the count: memory, record, kicks, calls, then the device's fds.
     let n = num_queues as usize;
     let mut fds = fds.into_iter();
     let mem_fd = fds.next().ok_or("no memory fd")?;
+    let record_fd = fds.next().ok_or("no in-flight record")?;
     let kicks: Vec<OwnedFd> = fds.by_ref().take(n).collect();
     let calls: Vec<OwnedFd> = fds.by_ref().take(n).collect();
     let device_fds: Vec<OwnedFd> = fds.collect();
@@ -203,8 +212,11 @@ where
     // Closed before any guest data is read: on hvisor this fd reaches all physical memory.
     drop(mem_fd);
 
+    let record = inflight::Record::map(record_fd.as_fd(), n)?;
+    drop(record_fd);
+
     let device = build(&setup, device_fds)?;
-    let mut event_loop = EventLoop::new(chan.clone(), mem, kicks, calls, device)
+    let mut event_loop = EventLoop::new(chan.clone(), mem, kicks, calls, record, device)
         .map_err(|e| format!("epoll: {e}"))?;
 
     let confinement = policy::enter_with(kind, &sandbox, WORKER_SOCKET_FD, || {

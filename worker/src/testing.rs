@@ -125,3 +125,34 @@ impl Ring {
         out
     }
 }
+
+/// The in-flight record a device test keeps for its queues, as the event loop does.
+pub struct Records {
+    record: crate::inflight::Record,
+    again: Vec<std::collections::VecDeque<u16>>,
+}
+
+impl Records {
+    pub fn new(num_queues: usize) -> Records {
+        let record = crate::inflight::Record::in_memory(num_queues);
+        record.begin(1);
+        Records {
+            record,
+            again: vec![Default::default(); num_queues],
+        }
+    }
+
+    /// Queue `index` as a device sees it.
+    pub fn tracked<'m>(
+        &'m mut self,
+        index: usize,
+        queue: &'m mut Queue,
+    ) -> crate::inflight::TrackedQueue<'m> {
+        crate::inflight::TrackedQueue::new(
+            queue,
+            self.record.queue(index).expect("a queue of the record"),
+            &mut self.again[index],
+            None,
+        )
+    }
+}

@@ -10,8 +10,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::ExitCode;
 
 use protocol::{DeviceKind, DeviceSetup};
-use virtio_queue::Queue;
-use worker::{Device, GuestMemoryMmap};
+use worker::{Device, GuestMemoryMmap, TrackedQueue};
 
 #[derive(Clone, Copy, PartialEq)]
 enum Mode {
@@ -30,7 +29,12 @@ struct Probe {
 }
 
 impl Device for Probe {
-    fn process_queue(&mut self, _: usize, _: &mut Queue, _: &GuestMemoryMmap) -> bool {
+    fn process_queue<'m>(
+        &mut self,
+        _: usize,
+        _: &mut TrackedQueue<'m>,
+        _: &'m GuestMemoryMmap,
+    ) -> bool {
         false
     }
 

@@ -12,12 +12,12 @@ use protocol::{BrokerMsg, Channel, QueueConfig, WorkerMsg};
 use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::EventLoop;
 use crate::memory::map_regions;
-use crate::Device;
+use crate::{Device, TrackedQueue};
 
 const QSIZE: u16 = 16;
 const RING: GuestAddress = GuestAddress(0x1000);
@@ -33,16 +33,20 @@ struct Echo {
 }
 
 impl Device for Echo {
-    fn process_queue(&mut self, _index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+    fn process_queue<'m>(
+        &mut self,
+        _index: usize,
+        queue: &mut TrackedQueue<'m>,
+        mem: &'m GuestMemoryMmap,
+    ) -> bool {
         let mut added = false;
-        while let Some(chain) = queue.iter(mem).ok().and_then(|mut it| it.next()) {
+        while let Some(chain) = queue.pop(mem) {
             let head = chain.head_index();
             let len = match chain.writer(mem) {
                 Ok(mut w) => w.write_all(b"pong").map_or(0, |_| 4),
                 Err(_) => 0,
             };
-            queue.add_used(mem, head, len).unwrap();
-            added = true;
+            added |= queue.publish(mem, head, len);
         }
         added
     }
@@ -89,9 +93,17 @@ fn start() -> Harness {
         resets: resets.clone(),
     };
     let worker = std::thread::spawn(move || {
-        EventLoop::new(Arc::new(worker), worker_mem, kicks, calls, Box::new(device))
-            .unwrap()
-            .run()
+        let record = crate::inflight::Record::in_memory(1);
+        EventLoop::new(
+            Arc::new(worker),
+            worker_mem,
+            kicks,
+            calls,
+            record,
+            Box::new(device),
+        )
+        .unwrap()
+        .run()
     });
     Harness {
         broker,
@@ -139,6 +151,7 @@ impl Harness {
                 avail: q.avail_addr().0,
                 used: USED.0,
             }],
+            epoch: 1,
         });
     }
 }
@@ -215,6 +228,7 @@ fn bad_queues_are_left_unused_without_crashing() {
             avail,
             used,
         }],
+        epoch: 1,
     };
     let (d, a, u) = (q.desc_table_addr().0, q.avail_addr().0, USED.0);
     for msg in [

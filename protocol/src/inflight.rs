@@ -1,0 +1,50 @@
+//! The in-flight record: what a worker must leave behind for the worker that replaces it.
+//!
+//! The broker creates one per device (a sealed memfd of [`bytes`] bytes, all zero) and hands
+//! the same one to every worker of that device; it never reads it, since a worker wrote it.
+//! The next worker checks it against the rings like any guest data. The idea is vhost-user's
+//! "inflight I/O tracking" for split rings: per queue, the used index the worker has published
+//! and, per descriptor head, whether it is taken and not yet completed (and where in the
+//! available ring it was taken), written in an order that a death at any instruction leaves
+//! recoverable (see `worker::inflight`). The next available index is not stored: it is the
+//! published used index plus the heads in flight, which no death can make disagree.
+//!
+//! Layout, in native-endian u64 words (broker and workers run on the same machine):
+//! - header: [`MAGIC`], the activation epoch the record belongs to, two reserved words;
+//! - per queue, [`QUEUE_WORDS`] words: the published used index, the head being published,
+//!   then per head `i < MAX_QUEUE_SIZE` two words: its state ([`TAKEN`] | its available ring
+//!   position, or 0) and its progress ([`PROGRESS`] | position << 32 | bytes, or 0): the bytes
+//!   a console or net chain got, or sent, before its used entry was published.
+
+/// "hvinflt1": a record written by this layout.
+pub const MAGIC: u64 = u64::from_le_bytes(*b"hvinflt1");
+/// The largest queue a record has room for; every device model's maximum fits.
+pub const MAX_QUEUE_SIZE: usize = 1024;
+pub const HEADER_WORDS: usize = 4;
+pub const QUEUE_HEADER_WORDS: usize = 2;
+pub const QUEUE_WORDS: usize = QUEUE_HEADER_WORDS + 2 * MAX_QUEUE_SIZE;
+/// The state word of a taken head: this bit, and its available ring position.
+pub const TAKEN: u64 = 1 << 63;
+/// The progress word of a head with progress: this bit, position << 32, bytes.
+pub const PROGRESS: u64 = 1 << 63;
+
+/// Words of a record for `num_queues` queues.
+pub fn words(num_queues: usize) -> usize {
+    HEADER_WORDS + num_queues * QUEUE_WORDS
+}
+
+/// Bytes of a record for `num_queues` queues.
+pub fn bytes(num_queues: usize) -> usize {
+    words(num_queues) * 8
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(bytes(1), (4 + 2 + 2048) * 8);
+        assert_eq!(words(2), 4 + 2 * QUEUE_WORDS);
+    }
+}

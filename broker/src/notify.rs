@@ -116,19 +116,20 @@ impl Readiness {
             return;
         }
         self.told = true;
-        log::info!(
-            "all {} worker(s) sandboxed and ready: serving",
-            self.devices
-        );
-        self.status(&format!(
-            "READY=1\nSTATUS=serving {} device(s)",
-            self.devices
-        ));
+        // The file first: whoever hears READY=1 or reads the log line finds it there.
         if let Some(f) = &self.ready_file {
             if let Err(e) = write_ready_file(f) {
                 log::error!("{e:#}");
             }
         }
+        self.status(&format!(
+            "READY=1\nSTATUS=serving {} device(s)",
+            self.devices
+        ));
+        log::info!(
+            "all {} worker(s) sandboxed and ready: serving",
+            self.devices
+        );
     }
 
     fn status(&self, state: &str) {

@@ -106,6 +106,63 @@ fn status_counts_a_blk_workload_per_device_and_a_worker_restart() {
     let _ = stack.stop_broker();
 }
 
+#[test]
+fn a_worker_lying_about_its_counters_is_shown_as_such_and_nothing_more() {
+    let s = Scratch::new();
+    let img = s.image("disk.img", MIB);
+    let addr = DISKS[0].0;
+    let spec = BlkSpec {
+        img: &img,
+        addr,
+        irq: 78,
+        readonly: false,
+    };
+    let cfg = s.write_json(
+        "zone1.json",
+        &json!({ "zones": [zone_json(1, RAM, RAM_SIZE, &[spec])] }),
+    );
+    let workers = s.path("workers");
+    std::fs::create_dir(&workers).unwrap();
+    std::os::unix::fs::symlink(
+        bin("hvisor-probe-worker"),
+        workers.join("hvisor-worker-blk"),
+    )
+    .unwrap();
+    let mut run = SimRun::new(&cfg, "blk-demo");
+    run.extra = vec!["--timeout".into(), "60".into()];
+    let args = [
+        "--worker-dir",
+        workers.to_str().unwrap(),
+        "--worker-arg=--lie",
+    ];
+    let mut stack = Stack::start(&s, run, &args).unwrap();
+    stack
+        .broker
+        .wait_for("probe done", Duration::from_secs(30))
+        .unwrap();
+    let status = status_json(&mut stack);
+    let d = device(&status, &format!("blk@{addr:#x}"));
+    let w = &d["worker_reported"];
+    // its own numbers, as it wrote them, where they could be; a depth no queue has is not shown
+    assert_eq!(num(&w["requests"]), u64::MAX, "{d:#}");
+    assert_eq!(w["queue_depth_high_water"], Value::Null, "{d:#}");
+    // what the broker counts itself is not the worker's to set
+    assert_eq!(num(&d["worker_restarts"]), 0, "{d:#}");
+    assert_eq!(num(&d["worker_exits"]), 0, "{d:#}");
+    assert!(num(&d["interrupts_injected"]) < 1 << 32, "{d:#}");
+    let (ok, text) = stack.ask(&["status", "--prometheus"]);
+    assert!(ok, "{text}");
+    assert!(
+        !text.contains("hvisor_broker_worker_reported_queue_depth_high_water{"),
+        "{text}"
+    );
+    assert_prometheus_matches(&text, &status);
+    let (ok, human) = stack.ask(&["status"]);
+    assert!(ok && human.contains("not believable"), "{human}");
+    assert!(stack.broker.alive(), "{}", stack.diagnostics());
+    let _ = stack.stop_broker();
+}
+
 /// Parses `text` as the Prometheus text format and checks it against the JSON status: the
 /// same counters, and the live workers' CPU time and memory.
 fn assert_prometheus_matches(text: &str, status: &Value) {
@@ -157,8 +214,8 @@ fn assert_prometheus_matches(text: &str, status: &Value) {
         let name = d["device"].as_str().unwrap().to_string();
         let get = |metric: &str| seen.get(&(format!("hvisor_broker_{metric}"), name.clone()));
         for (metric, pointer) in counters {
-            let want = num(d.pointer(pointer).unwrap()) as f64;
-            assert_eq!(get(metric), Some(&want), "{metric} of {name}: {text}");
+            let want = d.pointer(pointer).unwrap().as_u64().map(|v| v as f64);
+            assert_eq!(get(metric).copied(), want, "{metric} of {name}: {text}");
         }
         assert!(get("worker_cpu_seconds_total").is_some(), "{text}");
         assert!(

@@ -1,7 +1,8 @@
 //! The in-flight record: what a worker must leave behind for the worker that replaces it.
 //!
 //! The broker creates one per device (a sealed memfd of [`bytes`] bytes, all zero) and hands
-//! the same one to every worker of that device; it never reads it, since a worker wrote it.
+//! the same one to every worker of that device; it never reads the queues' part, since a worker
+//! wrote it, and reads the counters only for `hvisor-broker status`.
 //! The next worker checks it against the rings like any guest data. The idea is vhost-user's
 //! "inflight I/O tracking" for split rings: per queue, the used index the worker has published
 //! and, per descriptor head, whether it is taken and not yet completed (and where in the

@@ -24,14 +24,14 @@ use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 
 use log::warn;
-
-use crate::counters;
 use nix::sys::mman::{mmap, MapFlags, ProtFlags};
 use protocol::inflight::{self as layout, MAX_QUEUE_SIZE, PROGRESS, TAKEN};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{
     Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
 };
+
+use crate::counters;
 
 /// The whole record: the broker's, mapped for the life of the process; or, for tests, in
 /// this process's memory.
@@ -69,7 +69,7 @@ impl Record {
         // SAFETY: the mapping is page-aligned, `len` bytes long and lives as long as the process.
         let all = unsafe { std::slice::from_raw_parts(ptr.as_ptr().cast::<AtomicU64>(), len / 8) };
         let (words, counters) = all.split_at(layout::counters_offset(num_queues));
-        crate::counters::init(counters);
+        counters::init(counters);
         Ok(Record::Mapped(words))
     }
 

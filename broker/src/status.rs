@@ -136,13 +136,13 @@ const METRICS: &[Metric] = &[
     (
         "worker_reported_read_bytes_total",
         "counter",
-        "Bytes the device read for the guest (worker-reported).",
+        "Bytes read for the guest from the image, tap or pty (worker-reported).",
         |d| Some(d.worker_reported.bytes_read as f64),
     ),
     (
         "worker_reported_written_bytes_total",
         "counter",
-        "Bytes the device wrote for the guest (worker-reported).",
+        "Bytes written from the guest to the image, tap or pty (worker-reported).",
         |d| Some(d.worker_reported.bytes_written as f64),
     ),
     (

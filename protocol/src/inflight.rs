@@ -36,11 +36,11 @@ pub const PROGRESS: u64 = 1 << 63;
 pub mod counter {
     /// Chains completed.
     pub const REQUESTS: usize = 0;
-    /// Bytes the device read for the guest (blk: from the image).
+    /// Bytes read for the guest from the device's host side (image, tap or pty).
     pub const BYTES_READ: usize = 1;
-    /// Bytes the device wrote for the guest (blk: to the image).
+    /// Bytes written from the guest to the device's host side.
     pub const BYTES_WRITTEN: usize = 2;
-    /// Requests answered with an error, and chains the ring refused.
+    /// Requests answered with an error (net: frames the tap refused), chains the ring refused.
     pub const ERRORS: usize = 3;
     /// The most chains taken and not yet completed on one queue at once.
     pub const QUEUE_HIGH_WATER: usize = 4;

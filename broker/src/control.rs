@@ -1,7 +1,7 @@
 //! The control socket and the single-instance lock, both in the root-only run directory
 //! ([`crate::rundir`]) under a name derived from the driver: the lock is a `flock` (released by
-//! the kernel whenever the broker exits), the socket answers `hvisor-broker audit` and
-//! `hvisor-broker restart-worker` for root.
+//! the kernel whenever the broker exits), the socket answers `hvisor-broker audit`, `status`
+//! and `restart-worker` for root.
 //!
 //! Nothing here waits inside the bridge loop: connections are accepted a few per wakeup and
 //! kept (a few at most) until their request arrives, and refusals reach the log within a
@@ -45,6 +45,8 @@ const MAX_REQUEST: usize = 256;
 pub enum Request {
     /// The audit (JSON).
     Audit,
+    /// Counters and usage per device (JSON).
+    Status,
     /// Replace the worker of DEVICE (`blk@0xa003c00`, or its address) of zone ZONE.
     RestartWorker { zone: u32, device: String },
 }
@@ -53,6 +55,7 @@ impl Request {
     fn text(&self) -> String {
         match self {
             Request::Audit => format!("{MAGIC} audit"),
+            Request::Status => format!("{MAGIC} status"),
             Request::RestartWorker { zone, device } => {
                 format!("{MAGIC} restart-worker {zone} {device}")
             }
@@ -64,6 +67,7 @@ impl Request {
         let words: Vec<&str> = text.split(' ').skip(1).collect();
         match words.as_slice() {
             ["audit"] => Some(Request::Audit),
+            ["status"] => Some(Request::Status),
             ["restart-worker", zone, device] if device.len() <= 64 => {
                 Some(Request::RestartWorker {
                     zone: zone.parse().ok()?,
@@ -281,6 +285,15 @@ pub fn request_audit(run_dir: &Path, driver: &Path) -> Result<String> {
     request(run_dir, driver, &Request::Audit)
 }
 
+/// Asks the broker serving `driver` for its devices' status.
+pub fn request_status(run_dir: &Path, driver: &Path) -> Result<crate::status::Report> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("status is for root only");
+    }
+    let text = request(run_dir, driver, &Request::Status)?;
+    serde_json::from_str(&text).context("unreadable answer")
+}
+
 /// Asks the broker serving `driver` to replace a worker; returns its answer, or its refusal
 /// as an error.
 pub fn request_restart(run_dir: &Path, driver: &Path, zone: u32, device: &str) -> Result<String> {
@@ -378,6 +391,7 @@ mod tests {
     fn requests_round_trip_and_nothing_else_parses() {
         for req in [
             Request::Audit,
+            Request::Status,
             Request::RestartWorker {
                 zone: 1,
                 device: "blk@0xa003c00".into(),

@@ -20,5 +20,6 @@ pub mod outbox;
 pub mod rundir;
 pub mod serve;
 pub mod startup;
+pub mod status;
 pub mod supervisor;
 pub mod transport;

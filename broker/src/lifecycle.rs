@@ -112,6 +112,8 @@ pub struct Life {
     /// When the restarts inside the current window happened.
     recent: VecDeque<Instant>,
     pub exits: VecDeque<Exit>,
+    /// Workers that ended, all of them (`exits` keeps the last few).
+    pub exit_count: u64,
     /// A new worker is due at this time.
     pub restart_at: Option<Instant>,
     /// The operator asked for the current worker to be replaced: its exit is no failure.
@@ -171,6 +173,7 @@ impl Life {
     }
 
     fn record(&mut self, cause: String) {
+        self.exit_count += 1;
         if self.exits.len() == MAX_EXITS {
             self.exits.pop_front();
         }

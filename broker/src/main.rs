@@ -140,6 +140,22 @@ enum Command {
         #[arg(long, default_value = hvisor_broker::rundir::DEFAULT)]
         run_dir: PathBuf,
     },
+    /// Print the running broker's counters per device: requests, bytes, errors, interrupts,
+    /// worker restarts, CPU time and memory (root only).
+    Status {
+        /// The driver the broker serves.
+        #[arg(long, default_value = "/dev/hvisor")]
+        driver: PathBuf,
+        /// Machine-readable output.
+        #[arg(long, conflicts_with = "prometheus")]
+        json: bool,
+        /// The Prometheus text format, for node_exporter's textfile collector.
+        #[arg(long)]
+        prometheus: bool,
+        /// The broker's run directory.
+        #[arg(long, default_value = hvisor_broker::rundir::DEFAULT)]
+        run_dir: PathBuf,
+    },
     /// Print the seccomp allowlist of a worker kind: system calls and argument rules.
     Policy {
         #[arg(value_parser = ["blk", "net", "console"])]
@@ -163,6 +179,12 @@ fn main() -> ExitCode {
             json,
             run_dir,
         } => audit(&run_dir, &driver, json),
+        Command::Status {
+            driver,
+            json,
+            prometheus,
+            run_dir,
+        } => status(&run_dir, &driver, json, prometheus),
         Command::Policy { kind } => policy(&kind),
         Command::Generate { what, dir } => match generate::write(what, Cli::command(), &dir) {
             Ok(()) => ExitCode::SUCCESS,
@@ -289,6 +311,28 @@ fn audit(run_dir: &Path, driver: &Path, json: bool) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn status(run_dir: &Path, driver: &Path, json: bool, prometheus: bool) -> ExitCode {
+    use hvisor_broker::status;
+    let report = match hvisor_broker::control::request_status(run_dir, driver) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("hvisor-broker status: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
+    } else if prometheus {
+        print!("{}", status::prometheus(&report));
+    } else {
+        print!("{}", status::render(&report));
+    }
+    ExitCode::SUCCESS
 }
 
 fn policy(kind: &str) -> ExitCode {

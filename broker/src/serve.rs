@@ -30,7 +30,7 @@ use crate::outbox::Outbox;
 use crate::rundir::RunDir;
 use crate::supervisor;
 use crate::transport::{Effect, MmioTransport};
-use crate::{audit, control};
+use crate::{audit, control, status};
 
 pub struct Options {
     /// Where `hvisor-worker-<kind>` binaries live.
@@ -106,6 +106,9 @@ struct Slot {
     irq_retry_at: Option<Instant>,
     /// Retries since the last injection the device asked for; they back off.
     irq_retries: u32,
+    /// Injections, and those of them by the retry timer, for `status`.
+    irq_injected: u64,
+    irq_reinjected: u64,
     host: Host,
     /// Everything its worker makes the broker log.
     worker_log: LogBudget,
@@ -151,6 +154,28 @@ fn known(slots: &[Slot]) -> Vec<audit::Known> {
                 .unwrap_or_default(),
         })
         .collect()
+}
+
+/// What the broker knows of each device, for the status report.
+fn statuses(slots: &[Slot]) -> status::Report {
+    let devices = slots.iter().map(|s| {
+        status::device(status::Known {
+            zone: s.zone,
+            device: format!("{}@{:#x}", s.kind, s.base),
+            kind: s.kind.to_string(),
+            interrupts_injected: s.irq_injected,
+            interrupts_reinjected: s.irq_reinjected,
+            worker_restarts: s.life.restarts,
+            worker_exits: s.life.exit_count,
+            worker_pid: s.worker.as_ref().map(|w| w.pid.as_raw()),
+            record: s.recipe.record.as_fd(),
+            num_queues: s.kicks.len(),
+        })
+    });
+    status::Report {
+        broker_pid: std::process::id(),
+        devices: devices.collect(),
+    }
 }
 
 /// The tap follows what the driver negotiated: the legacy 10-byte header for drivers without
@@ -328,6 +353,8 @@ impl Broker {
             irq_pending: false,
             irq_retry_at: None,
             irq_retries: 0,
+            irq_injected: 0,
+            irq_reinjected: 0,
             host: prep.host,
             worker_log: LogBudget::worker(),
             guest_log: LogBudget::guest(),
@@ -672,6 +699,9 @@ impl Broker {
                             .unwrap_or_default()
                     })
                     .clone(),
+                control::Request::Status => {
+                    serde_json::to_string(&statuses(&self.slots)).unwrap_or_default()
+                }
                 control::Request::RestartWorker { zone, device } => {
                     let (ok, message) = self.replace_worker(zone, &device);
                     serde_json::json!({
@@ -889,6 +919,7 @@ impl Broker {
             if slot.transport.retry_interrupt() {
                 slot.irq_pending = true;
                 slot.irq_retries += 1;
+                slot.irq_reinjected += 1;
             }
         }
     }
@@ -914,6 +945,7 @@ impl Broker {
             if ok {
                 let slot = &mut self.slots[i];
                 slot.irq_pending = false;
+                slot.irq_injected += 1;
                 let delay = retry_delay(self.opts.irq_first_retry, slot.irq_retries);
                 slot.irq_retry_at = Some(Instant::now() + delay);
                 pushed = true;

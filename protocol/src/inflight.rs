@@ -1,7 +1,8 @@
 //! The in-flight record: what a worker must leave behind for the worker that replaces it.
 //!
 //! The broker creates one per device (a sealed memfd of [`bytes`] bytes, all zero) and hands
-//! the same one to every worker of that device; it never reads it, since a worker wrote it.
+//! the same one to every worker of that device; it never reads the queues' part, since a worker
+//! wrote it, and reads the counters only for `hvisor-broker status`.
 //! The next worker checks it against the rings like any guest data. The idea is vhost-user's
 //! "inflight I/O tracking" for split rings: per queue, the used index the worker has published
 //! and, per descriptor head, whether it is taken and not yet completed (and where in the
@@ -14,7 +15,10 @@
 //! - per queue, [`QUEUE_WORDS`] words: the published used index, the head being published,
 //!   then per head `i < MAX_QUEUE_SIZE` two words: its state ([`TAKEN`] | its available ring
 //!   position, or 0) and its progress ([`PROGRESS`] | position << 32 | bytes, or 0): the bytes
-//!   a console or net chain got, or sent, before its used entry was published.
+//!   a console or net chain got, or sent, before its used entry was published;
+//! - after the queues, [`COUNTER_WORDS`] words of counters the worker keeps for
+//!   `hvisor-broker status` (indices in [`counter`]): never emptied, so they add up over the
+//!   device's workers. The broker reads them on a status request only, as worker-reported.
 
 /// "hvinflt1": a record written by this layout.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"hvinflt1");
@@ -28,14 +32,34 @@ pub const TAKEN: u64 = 1 << 63;
 /// The progress word of a head with progress: this bit, position << 32, bytes.
 pub const PROGRESS: u64 = 1 << 63;
 
-/// Words of a record for `num_queues` queues.
+/// The worker's counters: word indices from [`counters_offset`].
+pub mod counter {
+    /// Chains completed.
+    pub const REQUESTS: usize = 0;
+    /// Bytes read for the guest from the device's host side (image, tap or pty).
+    pub const BYTES_READ: usize = 1;
+    /// Bytes written from the guest to the device's host side.
+    pub const BYTES_WRITTEN: usize = 2;
+    /// Requests answered with an error (net: frames the tap refused), chains the ring refused.
+    pub const ERRORS: usize = 3;
+    /// The most chains taken and not yet completed on one queue at once.
+    pub const QUEUE_HIGH_WATER: usize = 4;
+}
+pub const COUNTER_WORDS: usize = 8;
+
+/// Words of the queue part of a record for `num_queues` queues.
 pub fn words(num_queues: usize) -> usize {
     HEADER_WORDS + num_queues * QUEUE_WORDS
 }
 
-/// Bytes of a record for `num_queues` queues.
+/// Where the counters start, in words.
+pub fn counters_offset(num_queues: usize) -> usize {
+    words(num_queues)
+}
+
+/// Bytes of a record for `num_queues` queues, counters included.
 pub fn bytes(num_queues: usize) -> usize {
-    words(num_queues) * 8
+    (words(num_queues) + COUNTER_WORDS) * 8
 }
 
 #[cfg(test)]
@@ -44,7 +68,7 @@ mod tests {
 
     #[test]
     fn sizes() {
-        assert_eq!(bytes(1), (4 + 2 + 2048) * 8);
+        assert_eq!(bytes(1), (4 + 2 + 2048 + COUNTER_WORDS) * 8);
         assert_eq!(words(2), 4 + 2 * QUEUE_WORDS);
     }
 }

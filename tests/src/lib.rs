@@ -465,14 +465,20 @@ impl Stack {
 
     /// `hvisor-broker audit --json` for this stack's broker: (success, output).
     pub fn audit(&self) -> (bool, String) {
-        broker_cmd(&[
-            "audit",
-            "--json",
+        self.ask(&["audit", "--json"])
+    }
+
+    /// `hvisor-broker ARGS` on this stack's broker's control socket: (success, output).
+    pub fn ask(&self, args: &[&str]) -> (bool, String) {
+        let run_dir = run_dir(&self.socket);
+        let mut all = args.to_vec();
+        all.extend([
             "--driver",
             self.socket.to_str().unwrap(),
             "--run-dir",
-            run_dir(&self.socket).to_str().unwrap(),
-        ])
+            run_dir.to_str().unwrap(),
+        ]);
+        broker_cmd(&all)
     }
 
     pub fn diagnostics(&mut self) -> String {

@@ -378,6 +378,14 @@ fn without_a_link_the_pty_is_found_in_the_log_and_the_size_is_80x25() {
         .unwrap_or_else(|e| panic!("{e:#}\n{}", stack.diagnostics()));
     assert_verified(&mut stack, &served, 80, 25);
     assert_sandboxed(worker);
+    // a megabyte or more each way went through the pty, as the worker counted it
+    let (ok, out) = stack.ask(&["status", "--json"]);
+    assert!(ok, "{out}");
+    let status: Value = serde_json::from_str(&out).unwrap();
+    let counted = &status["devices"][0]["worker_reported"];
+    for key in ["bytes_read", "bytes_written"] {
+        assert!(counted[key].as_u64().unwrap() >= 1 << 20, "{status:#}");
+    }
     let st = stack.stop_broker().unwrap();
     assert!(st.success(), "broker: {st}\n{}", stack.diagnostics());
 }

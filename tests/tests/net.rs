@@ -212,5 +212,14 @@ fn jumbo_frames_pass_whole_and_span_receive_buffers() {
         text.contains("mtu 9000") && text.contains("a 9000-byte IP packet"),
         "{report:#}"
     );
+    // jumbo frames both ways, as the worker counted them at the tap
+    let (ok, out) = run.stack.ask(&["status", "--json"]);
+    assert!(ok, "{out}");
+    let status: Value = serde_json::from_str(&out).unwrap();
+    let counted = &status["devices"][0]["worker_reported"];
+    for key in ["bytes_read", "bytes_written"] {
+        assert!(counted[key].as_u64().unwrap() > 9000, "{status:#}");
+    }
+    assert!(counted["requests"].as_u64().unwrap() > 0, "{status:#}");
     run.finish();
 }

@@ -19,7 +19,7 @@ use virtio_bindings::virtio_blk::{
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use worker::guest_io::{read_exact_at, read_now_at, write_all_at};
-use worker::{Device, Interest, TrackedQueue};
+use worker::{counters, Device, Interest, TrackedQueue};
 
 use crate::pool::{Pool, THREADS};
 use crate::request::{ParseError, Request};
@@ -89,6 +89,7 @@ impl Disk {
         let bufs = req.writable.slices(mem)?;
         match read_now_at(self.image.as_fd(), &bufs, offset) {
             Ok(true) => {
+                counters::add(counters::BYTES_READ, req.writable.len);
                 let len = u32::try_from(req.writable.len).map_err(|_| IOERR);
                 Some(answer(req.status, len, mem))
             }
@@ -119,6 +120,7 @@ impl Disk {
                 let bufs = req.writable.slices(mem).ok_or(IOERR)?;
                 read_exact_at(self.image.as_fd(), &bufs, offset)
                     .map_err(|e| io_error("read", req, e))?;
+                counters::add(counters::BYTES_READ, req.writable.len);
                 u32::try_from(req.writable.len).map_err(|_| IOERR)
             }
             VIRTIO_BLK_T_OUT => {
@@ -132,6 +134,7 @@ impl Disk {
                 let bufs = req.readable.slices(mem).ok_or(IOERR)?;
                 write_all_at(self.image.as_fd(), &bufs, offset)
                     .map_err(|e| io_error("write", req, e))?;
+                counters::add(counters::BYTES_WRITTEN, req.readable.len);
                 Ok(0)
             }
             VIRTIO_BLK_T_FLUSH => {
@@ -232,7 +235,10 @@ impl Disk {
 fn answer(status: GuestAddress, result: Result<u32, Status>, mem: &GuestMemoryMmap) -> u32 {
     let (code, written) = match result {
         Ok(written) => (VIRTIO_BLK_S_OK as Status, written),
-        Err(code) => (code, 0),
+        Err(code) => {
+            counters::add(counters::ERRORS, 1);
+            (code, 0)
+        }
     };
     // Checked in parse; should the guest remove that memory meanwhile, nothing is written.
     if mem.write_obj(code, status).is_err() {

@@ -19,7 +19,7 @@ use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use protocol::DeviceSetup;
 use virtio_queue::DescriptorChain;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
-use worker::{Device, Interest, TrackedQueue};
+use worker::{counters, Device, Interest, TrackedQueue};
 
 use worker::guest_io;
 
@@ -110,6 +110,7 @@ impl Console {
         while done < total {
             match guest_io::writev(self.pty.as_fd(), &[], bufs, done) {
                 Ok(n) if n > 0 => {
+                    counters::add(counters::BYTES_WRITTEN, n as u64);
                     done += n;
                     queue.set_progress(head, u32::try_from(done).unwrap_or(u32::MAX));
                 }
@@ -143,7 +144,10 @@ impl Console {
             let len = match gather(chain, mem, true) {
                 Ok(bufs) if !bufs.is_empty() => {
                     match guest_io::readv(self.pty.as_fd(), &bufs, &mut []) {
-                        Ok(n) if n > 0 => n,
+                        Ok(n) if n > 0 => {
+                            counters::add(counters::BYTES_READ, n as u64);
+                            n
+                        }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                             queue.put_back(head);
                             self.rx_waiting = true;

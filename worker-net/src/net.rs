@@ -25,7 +25,7 @@ use virtio_bindings::virtio_net::{
 };
 use virtio_queue::DescriptorChain;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
-use worker::{Device, Interest, TrackedQueue};
+use worker::{counters, Device, Interest, TrackedQueue};
 
 use worker::guest_io::{self as iov, IOV_MAX};
 
@@ -171,8 +171,12 @@ impl Net {
 
     fn send(&mut self, hdr: &[u8], frame: &[VolatileSlice<'_>], len: usize) {
         match iov::writev(self.tap.as_fd(), hdr, frame, 0) {
-            Ok(_) => self.stats.tx_frames += 1,
+            Ok(n) => {
+                self.stats.tx_frames += 1;
+                counters::add(counters::BYTES_WRITTEN, n as u64);
+            }
             Err(e) => {
+                counters::add(counters::ERRORS, 1);
                 if self.stats.tx_errors.bump() {
                     warn!(
                         "transmit: the tap refused a {}-byte frame ({e}); dropped ({} so far)",
@@ -237,7 +241,10 @@ impl Net {
             };
             self.starved = false;
             let n = match iov::readv(self.tap.as_fd(), &bufs.slices, &mut self.tail) {
-                Ok(n) => n,
+                Ok(n) => {
+                    counters::add(counters::BYTES_READ, n as u64);
+                    n
+                }
                 Err(e) => {
                     // The buffer stays the guest's: the next read takes it again.
                     queue.put_back(bufs.head);

@@ -31,6 +31,8 @@ use vm_memory::{
     Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
 };
 
+use crate::counters;
+
 /// The whole record: the broker's, mapped for the life of the process; or, for tests, in
 /// this process's memory.
 pub enum Record {
@@ -65,9 +67,9 @@ impl Record {
         }
         .map_err(|e| format!("mapping the in-flight record: {e}"))?;
         // SAFETY: the mapping is page-aligned, `len` bytes long and lives as long as the process.
-        let words = unsafe {
-            std::slice::from_raw_parts(ptr.as_ptr().cast::<AtomicU64>(), layout::words(num_queues))
-        };
+        let all = unsafe { std::slice::from_raw_parts(ptr.as_ptr().cast::<AtomicU64>(), len / 8) };
+        let (words, counters) = all.split_at(layout::counters_offset(num_queues));
+        counters::init(counters);
         Ok(Record::Mapped(words))
     }
 
@@ -228,6 +230,8 @@ impl<'m> TrackedQueue<'m> {
         let chain = self.queue.pop_descriptor_chain(mem)?;
         let pos = self.queue.next_avail().wrapping_sub(1);
         self.record.take(chain.head_index(), pos);
+        let depth = pos.wrapping_sub(self.queue.next_used()).wrapping_add(1);
+        counters::raise(counters::QUEUE_HIGH_WATER, depth.into());
         Some(chain)
     }
 
@@ -250,8 +254,10 @@ impl<'m> TrackedQueue<'m> {
         self.record.words[QueueRecord::LAST].store(u64::from(head), SeqCst);
         if let Err(e) = self.queue.add_used(mem, head, len) {
             warn!("completing chain {head}: {e}");
+            counters::add(counters::ERRORS, 1);
             return false;
         }
+        counters::add(counters::REQUESTS, 1);
         self.record.clear(head);
         let used = u64::from(self.queue.next_used());
         self.record.words[QueueRecord::USED].store(used, SeqCst);

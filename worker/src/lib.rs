@@ -5,6 +5,7 @@
 //! the socket at fd 3, receives the Hello, maps guest memory and closes its fd, builds the device,
 //! enters the sandbox, reports Ready, and only then looks at guest data.
 
+pub mod counters;
 mod event_loop;
 pub mod guest_io;
 pub mod inflight;

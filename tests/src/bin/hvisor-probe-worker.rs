@@ -3,7 +3,8 @@
 //! `--escape` tries every way out and logs each result (run the broker with `--seccomp trap`,
 //! so refused calls fail instead of killing); `--violate` makes one forbidden call (`openat`),
 //! to be killed for it; `--stdio` reads fds 0-2 and writes forged log lines and a flood to
-//! them; `--grow` tries to make its image file larger (also under `--seccomp trap`).
+//! them; `--grow` tries to make its image file larger (also under `--seccomp trap`); `--lie`
+//! sets every counter `hvisor-broker status` reads from it to the largest value.
 
 use std::ffi::CStr;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -18,6 +19,7 @@ enum Mode {
     Escape,
     Stdio,
     Grow,
+    Lie,
 }
 
 struct Probe {
@@ -55,6 +57,12 @@ impl Device for Probe {
                 .map(|(n, rc)| (n, checked(rc)))
                 .collect(),
             Mode::Stdio => stdio(),
+            Mode::Lie => {
+                for word in 0..protocol::inflight::COUNTER_WORDS {
+                    worker::counters::add(word, u64::MAX);
+                }
+                vec![("lie", Ok(0))]
+            }
             Mode::Grow => match &self.image {
                 Some(image) => grow(image.as_raw_fd(), self.size),
                 None => vec![("image fd", Err(std::io::ErrorKind::NotFound.into()))],
@@ -261,6 +269,7 @@ fn main() -> ExitCode {
                 "--violate" => Mode::Violate,
                 "--stdio" => Mode::Stdio,
                 "--grow" => Mode::Grow,
+                "--lie" => Mode::Lie,
                 _ => return true,
             };
             mode = m;

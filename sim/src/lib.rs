@@ -106,8 +106,9 @@
 //!   config reads of every width, QueueNotify for a missing queue and before DRIVER_OK, a read
 //!   of QueueNotify; every access must be answered. Then a shorter `blk-verify` (40 writes).
 //! - `reset-storm`: per blk device, 3000 initialisations from reset to DRIVER_OK, each with
-//!   8 config-space writes; `hvisor-sim: zone Z blk@0xADDR: 3000 reset cycles done`; then a
-//!   shorter `blk-verify`.
+//!   8 config-space writes, every other one with a sector read and then the queue taken out
+//!   of use (QueueReady 0) before the reset; `hvisor-sim: zone Z blk@0xADDR: 3000 reset
+//!   cycles done`; then a shorter `blk-verify`.
 //! - `dead-device`: per blk device, one initialisation (for a test whose worker dies at
 //!   DRIVER_OK), a wait of up to 30 s for DEVICE_NEEDS_RESET, a reset and a second
 //!   initialisation: NEEDS_RESET must stay set and DRIVER_OK be refused.

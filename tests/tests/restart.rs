@@ -77,9 +77,10 @@ fn blk_io_checked_against_a_shadow_survives_kills_at_random_moments() {
 }
 
 #[test]
-fn kills_during_start_up_activation_and_driver_resets_are_invisible_to_the_guest() {
-    // 3000 resets and initialisations, then verified I/O; kills land in all of them, and
-    // some right after a worker was started (before it is ready)
+fn kills_during_start_up_activation_queue_stops_and_driver_resets_are_invisible_to_the_guest() {
+    // 3000 resets and initialisations, half of them with a read and a queue stop (QueueReady
+    // 0) before the reset, then verified I/O; kills land in all of them, and some right after
+    // a worker was started (before it is ready)
     guest_with_kills(
         "reset-storm",
         20,

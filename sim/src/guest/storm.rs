@@ -1,21 +1,22 @@
 //! Drivers that abuse the device lifecycle.
 //!
 //! - `reset-storm`: [`CYCLES`] full initialisations (reset, negotiation, config reads, queue
-//!   setup, DRIVER_OK), each with [`CONFIG_WRITES`] config-space writes, then a short
-//!   `blk-verify`: the device must still work.
+//!   setup, DRIVER_OK), each with [`CONFIG_WRITES`] config-space writes; every other one
+//!   also reads a sector and then takes the queue out of use (QueueReady 0) before the
+//!   reset. Then a short `blk-verify`: the device must still work.
 //! - `dead-device`: one initialisation (a test makes its worker die at DRIVER_OK), then waits
 //!   for DEVICE_NEEDS_RESET, resets the device and initialises it again: NEEDS_RESET must stay
 //!   and DRIVER_OK must be refused, since nothing serves the device any more.
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use virtio_drivers::queue::VirtQueue;
 use virtio_drivers::transport::{DeviceStatus, Transport};
 use virtio_drivers::Hal;
 
 use super::rawblk::{self, RawBlk};
-use super::GuestDev;
+use super::{GuestDev, IrqWaiter};
 use crate::report::DeviceReport;
 use crate::transport::{reg, SimTransport};
 
@@ -27,7 +28,7 @@ const DEATH_WAIT: Duration = Duration::from_secs(30);
 pub fn reset_storm<H: Hal>(g: &mut GuestDev<'_>, rep: &mut DeviceReport) -> Result<()> {
     let t = SimTransport::new(g.vcpu, g.spec.addr, g.spec.len)?;
     for i in 0..CYCLES {
-        let blk = RawBlk::<H>::init(
+        let mut blk = RawBlk::<H>::init(
             SimTransport::new(g.vcpu, g.spec.addr, g.spec.len)?,
             rawblk::WANTED,
         )
@@ -35,6 +36,10 @@ pub fn reset_storm<H: Hal>(g: &mut GuestDev<'_>, rep: &mut DeviceReport) -> Resu
         for off in 0..CONFIG_WRITES {
             // The writeback byte of virtio_blk_config and its neighbours.
             t.write(reg::CONFIG + 0x20 + off, 1, i as u64 & 1);
+        }
+        if i % 2 == 1 {
+            read_then_stop_queue(&mut blk, &mut g.irq, i as u64)
+                .with_context(|| format!("initialisation {i}"))?;
         }
         drop(blk);
     }
@@ -46,6 +51,32 @@ pub fn reset_storm<H: Hal>(g: &mut GuestDev<'_>, rep: &mut DeviceReport) -> Resu
     );
     rep.check("reset_storm", true, format!("{CYCLES} initialisations"));
     super::verify::run::<H>(g, rep, false)
+}
+
+/// Reads one sector, then takes queue 0 out of use (virtio 1.2, 4.2.2.2): the device must
+/// answer the read and agree to stop.
+fn read_then_stop_queue<H: Hal>(
+    blk: &mut RawBlk<'_, H>,
+    irq: &mut IrqWaiter,
+    n: u64,
+) -> Result<()> {
+    let mut sector = [0u8; 512];
+    let status = blk.request(
+        irq,
+        rawblk::req::IN,
+        n % blk.config.capacity.max(1),
+        &[],
+        &mut sector,
+    )?;
+    if status != 0 {
+        bail!("read before the queue stop: status {status}");
+    }
+    let t = blk.transport();
+    t.queue_unset(0);
+    if t.queue_used(0) {
+        bail!("QueueReady still reads 1 after the driver wrote 0");
+    }
+    Ok(())
 }
 
 pub fn dead_device<H: Hal>(g: &mut GuestDev<'_>, rep: &mut DeviceReport) -> Result<()> {

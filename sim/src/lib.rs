@@ -9,7 +9,7 @@
 //! hvisor-sim --config zone.json --socket PATH --guest WORKLOAD
 //!            [--legacy-driver] [--gic hvisor|ideal] [--lose-wakeups N]
 //!            [--seed N] [--report FILE] [--shadow-dir DIR]
-//!            [--timeout SECS] [--stay] [--wait-for FILE]
+//!            [--timeout SECS] [--stay] [--wait-for FILE] [--resume-when FILE]
 //!            [--net-guest IP] [--net-host IP] [--net-port PORT] [--net-bench-secs SECS]
 //!            [--linux-kernel PATH] [--linux-modules DIR] [--busybox PATH] [--linux-trace]
 //! ```
@@ -26,7 +26,7 @@
 //! - `--lose-wakeups N` (default 0, none): every N-th wakeup of the broker is not sent, as
 //!   hvisor's unfenced read of `need_wakeup` can lose one (hvisor-abi 2.5).
 //! - `--guest`: `demo`, `blk-demo`, `blk-verify`, `hostile`, `irq-window`, `reset-storm`,
-//!   `dead-device`, `bench`, `net-verify`,
+//!   `dead-device`, `queue-stop`, `bench`, `net-verify`,
 //!   `net-bench`, `console-verify`, `console-bench`, `linux-boot`, `linux-blk`, `linux-net`,
 //!   `linux-console` or `linux-bench`
 //!   (below).
@@ -40,6 +40,7 @@
 //!   goes to stderr and the exit status is 3.
 //! - `--wait-for FILE`: after the broker connected, start the guests only once FILE exists
 //!   (lets a test act on the broker first); the wait counts against `--timeout`.
+//! - `--resume-when FILE`: `queue-stop` pauses with its queue stopped until FILE exists.
 //! - `--stay`: after the workload, keep serving (interrupts, vCPU state) until the broker
 //!   disconnects, then exit with the workload's status.
 //! - `--net-guest IP` (default 192.0.2.2), `--net-host IP` (default 192.0.2.1),
@@ -106,8 +107,14 @@
 //!   config reads of every width, QueueNotify for a missing queue and before DRIVER_OK, a read
 //!   of QueueNotify; every access must be answered. Then a shorter `blk-verify` (40 writes).
 //! - `reset-storm`: per blk device, 3000 initialisations from reset to DRIVER_OK, each with
-//!   8 config-space writes; `hvisor-sim: zone Z blk@0xADDR: 3000 reset cycles done`; then a
-//!   shorter `blk-verify`.
+//!   8 config-space writes, every other one with a sector read and then the queue taken out
+//!   of use (QueueReady 0) before the reset; `hvisor-sim: zone Z blk@0xADDR: 3000 reset
+//!   cycles done`; then a shorter `blk-verify`.
+//! - `queue-stop`: per blk device, one initialisation, a sector read, queue 0 taken out of
+//!   use (QueueReady 0); `hvisor-sim: zone Z blk@0xADDR: queue 0 stopped`; then, once the
+//!   file `--resume-when FILE` names exists, the stopped queue's last chain offered again
+//!   and notified, a reset and a shorter `blk-verify`; check `stopped_queue_left_alone`
+//!   fails if anything moved that queue's used index.
 //! - `dead-device`: per blk device, one initialisation (for a test whose worker dies at
 //!   DRIVER_OK), a wait of up to 30 s for DEVICE_NEEDS_RESET, a reset and a second
 //!   initialisation: NEEDS_RESET must stay set and DRIVER_OK be refused.

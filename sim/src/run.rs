@@ -59,6 +59,9 @@ pub struct Args {
     /// Start the guests only once this file exists (the broker is connected meanwhile).
     #[arg(long)]
     pub wait_for: Option<PathBuf>,
+    /// `queue-stop`: with its queue stopped, the guest goes on only once this file exists.
+    #[arg(long)]
+    pub resume_when: Option<PathBuf>,
     /// `depth-bench`: the queue depths to measure, in order (at most 16 each).
     #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
     pub depths: Vec<usize>,
@@ -148,6 +151,7 @@ fn run(args: Args) -> Result<i32> {
         workload: args.guest,
         seed: args.seed,
         shadow_dir: args.shadow_dir.clone(),
+        resume_when: args.resume_when.clone(),
         irq_timeout: hv.watchdog,
         depths: args.depths.clone(),
         depth_secs: args.depth_secs,

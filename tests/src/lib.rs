@@ -851,8 +851,8 @@ impl Moments {
 
 /// Kills the worker of `broker` whose command name starts with `comm` (`hvisor-worker-c`;
 /// names are cut at 15 characters) `kills` times, each at a random moment once its
-/// predecessor was replaced, until `stop` is set; returns how many it killed. Meant for a
-/// thread beside a workload.
+/// predecessor was replaced, until `stop` is set; returns how many it killed, and keeps that
+/// count in `killed` as it goes. Meant for a thread beside a workload.
 pub fn kill_worker_repeatedly(
     broker: Pid,
     comm: &str,
@@ -860,6 +860,7 @@ pub fn kill_worker_repeatedly(
     within: Duration,
     seed: u64,
     stop: &std::sync::atomic::AtomicBool,
+    killed: &std::sync::atomic::AtomicUsize,
 ) -> usize {
     let mut moments = Moments(seed);
     let mut last = None;
@@ -884,6 +885,7 @@ pub fn kill_worker_repeatedly(
             return n;
         }
         let _ = kill(pid, Signal::SIGKILL);
+        killed.store(n + 1, std::sync::atomic::Ordering::SeqCst);
         last = Some(pid);
     }
     kills

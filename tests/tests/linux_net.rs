@@ -9,18 +9,19 @@
 
 #[path = "net/peer.rs"]
 mod peer;
+#[path = "net/tcp.rs"]
+mod tcp;
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use hvisor_tests::*;
 use serde_json::{json, Value};
 
 use peer::{skip_reason, Netns};
+use tcp::{listen, serve_one};
 
 const KERNEL: &str = "/usr/bin/linux";
 const MIB: u64 = 1 << 20;
@@ -82,89 +83,6 @@ fn sha256(data: &[u8]) -> String {
         .next()
         .unwrap()
         .to_string()
-}
-
-/// Accepts one connection within `timeout` (the listener is polled, so a guest that never
-/// comes leaves no thread blocked forever).
-fn accept_one(l: &TcpListener, timeout: Duration) -> std::io::Result<TcpStream> {
-    l.set_nonblocking(true)?;
-    let deadline = Instant::now() + timeout;
-    loop {
-        match l.accept() {
-            Ok((s, _)) => {
-                s.set_nonblocking(false)?;
-                s.set_read_timeout(Some(Duration::from_secs(60)))?;
-                s.set_write_timeout(Some(Duration::from_secs(60)))?;
-                return Ok(s);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if Instant::now() > deadline {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "nobody connected",
-                    ));
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// What one listener saw: the bytes read (kept if asked for) and its clock: from the first
-/// byte read to the last, or from accept to the end of its writes.
-struct Served {
-    bytes: usize,
-    data: Vec<u8>,
-    seconds: f64,
-}
-
-/// One connection: reads exactly `read` bytes (keeping them if `keep`), or writes `write`
-/// `repeat` times; then closes.
-fn serve_one(
-    l: TcpListener,
-    read: usize,
-    keep: bool,
-    write: Vec<u8>,
-    repeat: usize,
-    timeout: Duration,
-) -> JoinHandle<std::io::Result<Served>> {
-    std::thread::spawn(move || {
-        let mut s = accept_one(&l, timeout)?;
-        let mut t = Instant::now();
-        let mut data = Vec::new();
-        let mut got = 0;
-        if read > 0 {
-            let mut buf = vec![0u8; 1 << 20];
-            while got < read {
-                let n = s.read(&mut buf[..(read - got).min(1 << 20)])?;
-                if n == 0 {
-                    break;
-                }
-                if got == 0 {
-                    t = Instant::now();
-                }
-                if keep {
-                    data.extend_from_slice(&buf[..n]);
-                }
-                got += n;
-            }
-        } else {
-            for _ in 0..repeat {
-                s.write_all(&write)?;
-            }
-        }
-        drop(s);
-        Ok(Served {
-            bytes: got,
-            data,
-            seconds: t.elapsed().as_secs_f64(),
-        })
-    })
-}
-
-fn listen(addr: &str, port: u16) -> TcpListener {
-    TcpListener::bind((addr, port)).unwrap_or_else(|e| panic!("binding {addr}:{port}: {e}"))
 }
 
 fn check_detail<'a>(report: &'a Value, name: &str) -> &'a str {

@@ -77,9 +77,10 @@ fn blk_io_checked_against_a_shadow_survives_kills_at_random_moments() {
 }
 
 #[test]
-fn kills_during_start_up_activation_and_driver_resets_are_invisible_to_the_guest() {
-    // 3000 resets and initialisations, then verified I/O; kills land in all of them, and
-    // some right after a worker was started (before it is ready)
+fn kills_during_start_up_activation_queue_stops_and_driver_resets_are_invisible_to_the_guest() {
+    // 3000 resets and initialisations, half of them with a read and a queue stop (QueueReady
+    // 0) before the reset, then verified I/O; kills land in all of them, and some right after
+    // a worker was started (before it is ready)
     guest_with_kills(
         "reset-storm",
         20,
@@ -172,5 +173,42 @@ fn after_a_hundred_restarts_the_broker_holds_what_it_held_before() {
     std::fs::write(&go, b"").unwrap();
     let report = stack.wait_report(Duration::from_secs(120)).unwrap();
     assert_ok(&mut stack, &report);
+    let _ = stack.stop_broker();
+}
+
+#[test]
+fn a_worker_killed_while_its_queue_is_stopped_is_replaced_and_the_device_works_after_re_init() {
+    let s = Scratch::new();
+    let cfg = one_disk(&s, 2 * MIB);
+    let resume = s.path("resume");
+    let mut run = SimRun::new(&cfg, "queue-stop");
+    run.extra = vec![
+        "--resume-when".into(),
+        resume.to_str().unwrap().into(),
+        "--timeout".into(),
+        "120".into(),
+    ];
+    let mut stack = Stack::start(&s, run, &["--restart-budget", "10/60"]).unwrap();
+    stack
+        .sim
+        .wait_for("blk@0xa003c00: queue 0 stopped", START)
+        .unwrap();
+    // Whether the worker read the stop before it dies or not, its successor must leave the
+    // stopped queue alone and serve the device once the driver initialises it again.
+    let first = worker_pid(&mut stack.broker, LABEL, 0, START).unwrap();
+    kill(first, Signal::SIGKILL).unwrap();
+    let second = worker_pid(&mut stack.broker, LABEL, 1, START).unwrap();
+    let needle = format!("worker (pid {second}) sandboxed and ready");
+    stack.broker.wait_for(&needle, START).unwrap();
+    std::fs::write(&resume, b"").unwrap();
+    let report = stack.wait_report(Duration::from_secs(120)).unwrap();
+    assert_ok(&mut stack, &report);
+    assert!(
+        check_names(&report).contains(&"stopped_queue_left_alone".to_string()),
+        "{report:#}"
+    );
+    let log = stack.broker.text();
+    assert!(log.contains("starting a new worker (restart 1)"), "{log}");
+    assert!(!log.contains("the device fails"), "{log}");
     let _ = stack.stop_broker();
 }

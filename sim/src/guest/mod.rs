@@ -39,6 +39,8 @@ pub enum Workload {
     ResetStorm,
     /// The device after its worker died at DRIVER_OK (see `storm`).
     DeadDevice,
+    /// A queue taken out of use, a pause for the test, a reset, then blk-verify (see `storm`).
+    QueueStop,
     Bench,
     /// 4 KiB random reads at each of `--depths` queue depths (a slow disk's parallelism).
     DepthBench,
@@ -68,6 +70,7 @@ impl Workload {
             Workload::IrqWindow => "irq-window",
             Workload::ResetStorm => "reset-storm",
             Workload::DeadDevice => "dead-device",
+            Workload::QueueStop => "queue-stop",
             Workload::Bench => "bench",
             Workload::DepthBench => "depth-bench",
             Workload::NetVerify => "net-verify",
@@ -92,6 +95,7 @@ impl Workload {
             | Workload::IrqWindow
             | Workload::ResetStorm
             | Workload::DeadDevice
+            | Workload::QueueStop
             | Workload::Bench
             | Workload::DepthBench => {
                 matches!(kind, DevKind::Blk { .. })
@@ -115,6 +119,8 @@ pub struct GuestOptions {
     pub workload: Workload,
     pub seed: u64,
     pub shadow_dir: Option<PathBuf>,
+    /// `queue-stop`: the file whose existence ends its pause.
+    pub resume_when: Option<PathBuf>,
     /// How long a guest waits for a device interrupt.
     pub irq_timeout: Duration,
     /// `depth-bench`: queue depths, and seconds per depth.
@@ -337,6 +343,7 @@ fn run_devices<H: Hal>(
             Workload::IrqWindow => irq_window::run::<H>(&mut g, &mut dev_rep),
             Workload::ResetStorm => storm::reset_storm::<H>(&mut g, &mut dev_rep),
             Workload::DeadDevice => storm::dead_device::<H>(&mut g, &mut dev_rep),
+            Workload::QueueStop => storm::queue_stop::<H>(&mut g, &mut dev_rep),
             Workload::Bench => bench::run::<H>(&mut g, &mut dev_rep).map(|b| {
                 *bench = Some(b);
             }),

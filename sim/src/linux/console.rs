@@ -11,8 +11,10 @@
 //! exits (observed: it idles, its helper processes stay; with the dead device idle it exits
 //! normally), so the simulator kills it once `HVSIM done` is some seconds old.
 
-/// How long `/init` waits for the user to end the session before it kills the shell.
-pub const SESSION_S: u32 = 120;
+/// How long `/init` waits for the user to end the session before it kills the shell: long
+/// sessions (a soak with a hundred worker kills, a 1 MiB echo) take minutes; the run's
+/// `--timeout` ends a forgotten one first.
+pub const SESSION_S: u32 = 3600;
 
 /// The shell lines of the `linux-console` workload.
 pub fn script() -> String {

@@ -26,6 +26,7 @@
 //! - `--lose-wakeups N` (default 0, none): every N-th wakeup of the broker is not sent, as
 //!   hvisor's unfenced read of `need_wakeup` can lose one (hvisor-abi 2.5).
 //! - `--guest`: `demo`, `blk-demo`, `blk-verify`, `hostile`, `irq-window`, `reset-storm`,
+//!   `reset-storm-io`,
 //!   `dead-device`, `queue-stop`, `bench`, `net-verify`,
 //!   `net-bench`, `console-verify`, `console-bench`, `linux-boot`, `linux-blk`, `linux-net`,
 //!   `linux-console` or `linux-bench`
@@ -107,9 +108,9 @@
 //!   config reads of every width, QueueNotify for a missing queue and before DRIVER_OK, a read
 //!   of QueueNotify; every access must be answered. Then a shorter `blk-verify` (40 writes).
 //! - `reset-storm`: per blk device, 3000 initialisations from reset to DRIVER_OK, each with
-//!   8 config-space writes, every other one with a sector read and then the queue taken out
-//!   of use (QueueReady 0) before the reset; `hvisor-sim: zone Z blk@0xADDR: 3000 reset
-//!   cycles done`; then a shorter `blk-verify`.
+//!   8 config-space writes; `hvisor-sim: zone Z blk@0xADDR: 3000 reset cycles done`; then a
+//!   shorter `blk-verify`. `reset-storm-io`: the same, every other initialisation with a
+//!   sector read and then the queue taken out of use (QueueReady 0) before the reset.
 //! - `queue-stop`: per blk device, one initialisation, a sector read, queue 0 taken out of
 //!   use (QueueReady 0); `hvisor-sim: zone Z blk@0xADDR: queue 0 stopped`; then, once the
 //!   file `--resume-when FILE` names exists, the stopped queue's last chain offered again

@@ -82,7 +82,7 @@ fn kills_during_start_up_activation_queue_stops_and_driver_resets_are_invisible_
     // 0) before the reset, then verified I/O; kills land in all of them, and some right after
     // a worker was started (before it is ready)
     guest_with_kills(
-        "reset-storm",
+        "reset-storm-io",
         20,
         Duration::from_millis(20),
         0x2545_f491_4f6c_dd1d,

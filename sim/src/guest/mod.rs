@@ -37,6 +37,8 @@ pub enum Workload {
     IrqWindow,
     /// Thousands of reset / initialise / DRIVER_OK cycles with config writes, then blk-verify.
     ResetStorm,
+    /// The same, every other cycle with a read and the queue stopped before the reset.
+    ResetStormIo,
     /// The device after its worker died at DRIVER_OK (see `storm`).
     DeadDevice,
     /// A queue taken out of use, a pause for the test, a reset, then blk-verify (see `storm`).
@@ -69,6 +71,7 @@ impl Workload {
             Workload::Hostile => "hostile",
             Workload::IrqWindow => "irq-window",
             Workload::ResetStorm => "reset-storm",
+            Workload::ResetStormIo => "reset-storm-io",
             Workload::DeadDevice => "dead-device",
             Workload::QueueStop => "queue-stop",
             Workload::Bench => "bench",
@@ -94,6 +97,7 @@ impl Workload {
             | Workload::Hostile
             | Workload::IrqWindow
             | Workload::ResetStorm
+            | Workload::ResetStormIo
             | Workload::DeadDevice
             | Workload::QueueStop
             | Workload::Bench
@@ -341,7 +345,8 @@ fn run_devices<H: Hal>(
             Workload::BlkVerify => verify::run::<H>(&mut g, &mut dev_rep, true),
             Workload::Hostile => hostile::run::<H>(&mut g, &mut dev_rep),
             Workload::IrqWindow => irq_window::run::<H>(&mut g, &mut dev_rep),
-            Workload::ResetStorm => storm::reset_storm::<H>(&mut g, &mut dev_rep),
+            Workload::ResetStorm => storm::reset_storm::<H>(&mut g, &mut dev_rep, false),
+            Workload::ResetStormIo => storm::reset_storm::<H>(&mut g, &mut dev_rep, true),
             Workload::DeadDevice => storm::dead_device::<H>(&mut g, &mut dev_rep),
             Workload::QueueStop => storm::queue_stop::<H>(&mut g, &mut dev_rep),
             Workload::Bench => bench::run::<H>(&mut g, &mut dev_rep).map(|b| {

@@ -10,6 +10,8 @@ use std::fs::File;
 use std::io::{Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+pub use protocol::{Bucket, Flow, Limit};
+
 mod keys;
 mod number;
 pub mod paths;
@@ -58,6 +60,9 @@ pub struct Device {
     /// Where the device is in the file, e.g. `zones[0].devices[2]`, for messages.
     pub json_path: String,
     pub kind: DeviceConfig,
+    /// Our extension (`rate_limit`; net: `rx_rate_limit`, `tx_rate_limit`): the flows with a
+    /// limit, each once.
+    pub rate_limits: Vec<(Flow, Limit)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -211,10 +216,37 @@ impl Config {
                         }
                     }
                 }
+                for (flow, limit) in &d.rate_limits {
+                    out.push_str(&format!(" {}", describe_limit(*flow, limit)));
+                }
                 out.push('\n');
             }
         }
         out
+    }
+}
+
+/// `rate limit io: 20971520 bytes/s (burst 1048576), 1000 ops/s (burst 100)`
+pub fn describe_limit(flow: Flow, limit: &Limit) -> String {
+    let mut parts = Vec::new();
+    if let Some(b) = limit.bytes {
+        parts.push(format!("{} bytes/s (burst {})", b.rate, b.burst));
+    }
+    if let Some(b) = limit.ops {
+        parts.push(format!("{} ops/s (burst {})", b.rate, b.burst));
+    }
+    if parts.is_empty() {
+        parts.push("off".into());
+    }
+    format!("rate limit {}: {}", flow.name(), parts.join(", "))
+}
+
+/// The JSON key of `flow`'s limit in a device entry.
+pub fn rate_limit_key(flow: Flow) -> &'static str {
+    match flow {
+        Flow::Io => "rate_limit",
+        Flow::Rx => "rx_rate_limit",
+        Flow::Tx => "tx_rate_limit",
     }
 }
 

@@ -1147,3 +1147,109 @@ fn pty_link_places() {
         ok(&v);
     }
 }
+
+#[test]
+fn rate_limits_are_read_per_flow() {
+    let img = image();
+    let mut v = seed(&img);
+    dev(&mut v, 2)["rate_limit"] = json!({ "bytes_per_sec": 20971520, "burst_bytes": "0x100000" });
+    dev(&mut v, 0)["rx_rate_limit"] = json!({ "ops_per_sec": 1000 });
+    dev(&mut v, 0)["tx_rate_limit"] =
+        json!({ "bytes_per_sec": 1000000, "ops_per_sec": 500, "burst_ops": 50 });
+    let loaded = ok(&v);
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    let d = &loaded.config.zones[0].devices;
+    assert_eq!(
+        d[2].rate_limits,
+        [(
+            Flow::Io,
+            Limit {
+                bytes: Some(Bucket {
+                    rate: 20971520,
+                    burst: 1 << 20
+                }),
+                ops: None
+            }
+        )]
+    );
+    let rx = Limit {
+        bytes: None,
+        ops: Some(Bucket {
+            rate: 1000,
+            burst: 100,
+        }),
+    };
+    let tx = Limit {
+        bytes: Some(Bucket {
+            rate: 1_000_000,
+            burst: 100_000,
+        }),
+        ops: Some(Bucket {
+            rate: 500,
+            burst: 50,
+        }),
+    };
+    assert_eq!(d[0].rate_limits, [(Flow::Rx, rx), (Flow::Tx, tx)]);
+    assert!(d[1].rate_limits.is_empty());
+    assert!(loaded
+        .config
+        .describe()
+        .contains("rate limit io: 20971520 bytes/s (burst 1048576)"));
+}
+
+#[test]
+fn bad_rate_limits_name_the_device_and_key() {
+    let p = "zones[0].devices[2].rate_limit";
+    let set = |limit: Value| move |v: &mut Value| dev(v, 2)["rate_limit"] = limit;
+    has(&broken(set(json!(5))), p, "must be an object");
+    has(&broken(set(json!({}))), p, "sets no limit");
+    has(
+        &broken(set(json!({ "bytes_per_sec": 0 }))),
+        &format!("{p}.bytes_per_sec"),
+        "outside 1..=",
+    );
+    has(
+        &broken(set(json!({ "ops_per_sec": "1e9" }))),
+        &format!("{p}.ops_per_sec"),
+        "",
+    );
+    has(
+        &broken(set(json!({ "bytes_per_sec": 1u64 << 50 }))),
+        &format!("{p}.bytes_per_sec"),
+        "outside",
+    );
+    has(
+        &broken(set(json!({ "bytes_per_sec": 1000, "burst_bytes": 0 }))),
+        &format!("{p}.burst_bytes"),
+        "outside",
+    );
+    has(
+        &broken(set(json!({ "burst_ops": 10 }))),
+        &format!("{p}.burst_ops"),
+        "needs ops_per_sec",
+    );
+    has(
+        &broken(set(json!({ "bytes_per_sec": 1000, "bytes_per_second": 1 }))),
+        &format!("{p}.bytes_per_second"),
+        "unknown rate limit key",
+    );
+    // A net device's limits are per direction; `rate_limit` there is no key of ours.
+    let img = image();
+    let mut v = seed(&img);
+    dev(&mut v, 0)["rate_limit"] = json!({ "bytes_per_sec": 1000 });
+    let loaded = ok(&v);
+    assert!(loaded.config.zones[0].devices[0].rate_limits.is_empty());
+    assert!(
+        loaded
+            .warnings
+            .iter()
+            .any(|w| w.contains("devices[0].rate_limit: unknown key for a net device")),
+        "{:?}",
+        loaded.warnings
+    );
+    has(
+        &broken(|v| dev(v, 0)["tx_rate_limit"] = json!({ "ops_per_sec": -1 })),
+        "zones[0].devices[0].tx_rate_limit.ops_per_sec",
+        "",
+    );
+}

@@ -7,8 +7,8 @@ use serde_json::{Map, Value};
 
 use crate::number::{kind_of, parse_value, C_INT_MAX};
 use crate::{
-    Config, ConfigError, ConfigErrors, Device, DeviceConfig, Loaded, MemRegion, Zone, MAX_DEVS,
-    MAX_REGIONS, MAX_ZONES, PAGE_SIZE, PHYS_ADDR_BITS,
+    rate_limit_key, Bucket, Config, ConfigError, ConfigErrors, Device, DeviceConfig, Flow, Limit,
+    Loaded, MemRegion, Zone, MAX_DEVS, MAX_REGIONS, MAX_ZONES, PAGE_SIZE, PHYS_ADDR_BITS,
 };
 
 const TOP_KEYS: &[&str] = &["zones"];
@@ -56,8 +56,8 @@ impl Kind {
     /// Keys that matter for this type besides the common ones.
     fn keys(self) -> &'static [&'static str] {
         match self {
-            Kind::Blk => &["img", "readonly"],
-            Kind::Net => &["tap", "mac", "mtu"],
+            Kind::Blk => &["img", "readonly", "rate_limit"],
+            Kind::Net => &["tap", "mac", "mtu", "rx_rate_limit", "tx_rate_limit"],
             Kind::Console => &["pty_link", "cols", "rows"],
             Kind::Gpu => &["width", "height"],
             Kind::Scmi => &["clock_ids", "reset_ids", "power_ids"],
@@ -65,14 +65,17 @@ impl Kind {
     }
 }
 
-/// Keys hvisor-tool knows on some device type (`readonly`, `mtu`, `pty_link`, `cols` and
-/// `rows` are ours).
+/// Keys hvisor-tool knows on some device type (`readonly`, `mtu`, `pty_link`, `cols`, `rows`
+/// and the rate limits are ours).
 const ANY_DEVICE_KEYS: &[&str] = &[
     "img",
     "readonly",
+    "rate_limit",
     "tap",
     "mac",
     "mtu",
+    "rx_rate_limit",
+    "tx_rate_limit",
     "pty_link",
     "cols",
     "rows",
@@ -633,15 +636,24 @@ impl Checker {
             Some(Kind::Console) => self.console(obj, path),
             _ => None,
         };
-        let device = match (span, irq, config) {
-            (Some(s), Some(irq), Some(kind)) => u32::try_from(irq).ok().map(|irq| Device {
-                zone,
-                addr: s.start,
-                len: s.end - s.start,
-                irq,
-                json_path: path.to_string(),
-                kind,
-            }),
+        let flows = match kind {
+            Some(Kind::Blk) => &[Flow::Io][..],
+            Some(Kind::Net) => &[Flow::Rx, Flow::Tx][..],
+            _ => &[],
+        };
+        let rate_limits = self.rate_limits(obj, path, flows);
+        let device = match (span, irq, config, rate_limits) {
+            (Some(s), Some(irq), Some(kind), Some(rate_limits)) => {
+                u32::try_from(irq).ok().map(|irq| Device {
+                    zone,
+                    addr: s.start,
+                    len: s.end - s.start,
+                    irq,
+                    json_path: path.to_string(),
+                    kind,
+                    rate_limits,
+                })
+            }
             _ => None,
         };
         (span, device)
@@ -739,6 +751,101 @@ impl Checker {
         }
         self.pty_links.insert(place.path(), path.to_string());
         Some(link)
+    }
+
+    /// The rate limits of a device with these `flows`, each under its own key.
+    fn rate_limits(
+        &mut self,
+        obj: &Map<String, Value>,
+        path: &str,
+        flows: &[Flow],
+    ) -> Option<Vec<(Flow, Limit)>> {
+        let mut out = Vec::new();
+        let mut ok = true;
+        for &flow in flows {
+            let key = rate_limit_key(flow);
+            if let Some(v) = obj.get(key) {
+                match self.limit(v, &join(path, key)) {
+                    Some(limit) => out.push((flow, limit)),
+                    None => ok = false,
+                }
+            }
+        }
+        ok.then_some(out)
+    }
+
+    /// `{"bytes_per_sec": N, "burst_bytes": N, "ops_per_sec": N, "burst_ops": N}`: at least
+    /// one rate; a burst only beside its rate.
+    fn limit(&mut self, v: &Value, path: &str) -> Option<Limit> {
+        const KEYS: &[&str] = &["bytes_per_sec", "burst_bytes", "ops_per_sec", "burst_ops"];
+        let obj = self.object(v, path)?;
+        let mut ok = true;
+        for key in obj.keys().filter(|k| !KEYS.contains(&k.as_str())) {
+            self.err(
+                join(path, key),
+                format!(
+                    "unknown rate limit key (expected one of {})",
+                    KEYS.join(", ")
+                ),
+            );
+            ok = false;
+        }
+        let bytes = self.bucket(obj, path, "bytes_per_sec", "burst_bytes");
+        let ops = self.bucket(obj, path, "ops_per_sec", "burst_ops");
+        let limit = Limit {
+            bytes: bytes?,
+            ops: ops?,
+        };
+        if ok && limit.is_off() {
+            self.err(
+                path,
+                "sets no limit: give bytes_per_sec, ops_per_sec or both",
+            );
+            return None;
+        }
+        ok.then_some(limit)
+    }
+
+    /// One bucket of a rate limit, if its rate is given.
+    fn bucket(
+        &mut self,
+        obj: &Map<String, Value>,
+        path: &str,
+        rate_key: &str,
+        burst_key: &str,
+    ) -> Option<Option<Bucket>> {
+        // Not for hvisor-tool, which ignores these keys: no C int warnings.
+        let mut get = |key: &str| match obj.get(key).map(|v| parse_value(v, 64)) {
+            None => Ok(None),
+            Some(Ok(n)) => Ok(Some(n.value)),
+            Some(Err(reason)) => {
+                self.err(join(path, key), reason);
+                Err(())
+            }
+        };
+        let (rate, burst) = (get(rate_key), get(burst_key));
+        let (Ok(rate), Ok(burst)) = (rate, burst) else {
+            return None;
+        };
+        let Some(rate) = rate else {
+            if burst.is_some() {
+                self.err(join(path, burst_key), format!("needs {rate_key} beside it"));
+                return None;
+            }
+            return Some(None);
+        };
+        match Bucket::new(rate, burst) {
+            Ok(b) => Some(Some(b)),
+            Err(reason) => {
+                let key = if Bucket::new(rate, None).is_err() {
+                    rate_key
+                } else {
+                    burst_key
+                };
+                self.err(join(path, key), reason);
+                None
+            }
+        }
     }
 
     /// An optional 16-bit number within `range`, `default` when absent.

@@ -44,6 +44,11 @@ pub mod counter {
     pub const ERRORS: usize = 3;
     /// The most chains taken and not yet completed on one queue at once.
     pub const QUEUE_HIGH_WATER: usize = 4;
+    /// Times a rate limit held a queue back (each wait counted once).
+    pub const THROTTLED: usize = 5;
+    /// The requests (frames) and bytes that had to wait for a rate limit.
+    pub const DELAYED_OPS: usize = 6;
+    pub const DELAYED_BYTES: usize = 7;
 }
 pub const COUNTER_WORDS: usize = 8;
 

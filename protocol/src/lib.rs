@@ -13,4 +13,6 @@ pub mod msg;
 pub mod sim;
 
 pub use channel::{Channel, ChannelError};
-pub use msg::{BrokerMsg, DeviceKind, DeviceSetup, MemoryRegion, QueueConfig, WorkerMsg};
+pub use msg::{
+    BrokerMsg, Bucket, DeviceKind, DeviceSetup, Flow, Limit, MemoryRegion, QueueConfig, WorkerMsg,
+};

@@ -10,7 +10,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use crate::channel::ChannelError;
 
 /// Bumped on any incompatible change; the worker refuses a broker of another version.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// The fd number at which a worker finds its socket to the broker.
 pub const WORKER_SOCKET_FD: i32 = 3;
 /// The largest encoded message either side accepts.
@@ -160,6 +160,9 @@ pub enum BrokerMsg {
     StopQueue { index: u16 },
     /// A driver write to the device config space.
     ConfigWrite { offset: u32, data: Vec<u8> },
+    /// The rate limit of one of the device's flows from now on (sent after the Hello when
+    /// one is set, and whenever it changes).
+    RateLimit { flow: Flow, limit: Limit },
     /// Exit cleanly.
     Shutdown,
 }
@@ -172,6 +175,75 @@ impl FdCount for BrokerMsg {
             } => 2 + 2 * *num_queues as usize + setup.fd_count(),
             _ => 0,
         }
+    }
+}
+
+/// What a rate limit applies to.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Flow {
+    /// blk: every request, reads and writes alike.
+    Io,
+    /// net: frames to the guest.
+    Rx,
+    /// net: frames from the guest.
+    Tx,
+}
+
+impl Flow {
+    /// The flows of a device kind.
+    pub fn of(kind: DeviceKind) -> &'static [Flow] {
+        match kind {
+            DeviceKind::Blk => &[Flow::Io],
+            DeviceKind::Net => &[Flow::Rx, Flow::Tx],
+            DeviceKind::Console => &[],
+        }
+    }
+
+    /// The name in the JSON config and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Flow::Io => "io",
+            Flow::Rx => "rx",
+            Flow::Tx => "tx",
+        }
+    }
+}
+
+/// A token bucket: `rate` tokens a second, at most `burst` saved up while idle.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bucket {
+    pub rate: u64,
+    pub burst: u64,
+}
+
+impl Bucket {
+    /// The largest rate or burst accepted: far beyond any device, small enough that the
+    /// bucket's arithmetic cannot overflow.
+    pub const MAX: u64 = 1 << 48;
+
+    /// `burst` defaults to a tenth of a second's worth (at least one token).
+    pub fn new(rate: u64, burst: Option<u64>) -> Result<Bucket, String> {
+        if rate == 0 || rate > Self::MAX {
+            return Err(format!("a rate of {rate} is outside 1..={}", Self::MAX));
+        }
+        let burst = burst.unwrap_or((rate / 10).max(1));
+        if burst == 0 || burst > Self::MAX {
+            return Err(format!("a burst of {burst} is outside 1..={}", Self::MAX));
+        }
+        Ok(Bucket { rate, burst })
+    }
+}
+
+/// A flow's limit: bytes and operations (requests, frames) a second; `None` is unlimited.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Limit {
+    pub bytes: Option<Bucket>,
+    pub ops: Option<Bucket>,
+}
+
+impl Limit {
+    pub fn is_off(&self) -> bool {
+        self.bytes.is_none() && self.ops.is_none()
     }
 }
 

@@ -7,11 +7,12 @@ use std::io::IoSlice;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use log::{debug, warn};
 use nix::errno::Errno;
 use nix::fcntl::{fallocate, FallocateFlags};
-use protocol::DeviceSetup;
+use protocol::{DeviceSetup, Flow, Limit};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
@@ -19,6 +20,7 @@ use virtio_bindings::virtio_blk::{
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use worker::guest_io::{read_exact_at, read_now_at, write_all_at};
+use worker::rate_limit::Limiter;
 use worker::{counters, Device, Interest, TrackedQueue};
 
 use crate::pool::{Pool, THREADS};
@@ -285,6 +287,8 @@ pub struct Blk {
     /// Per queue: requests taken from its available ring and not yet in its used ring. At
     /// most the queue size, so a guest that re-offers buffers cannot queue up work without end.
     in_flight: Vec<usize>,
+    /// The device's rate limit, shared by its queues.
+    limit: Limiter,
 }
 
 impl Blk {
@@ -293,6 +297,7 @@ impl Blk {
         Ok(Blk {
             pool: Pool::new(disk)?,
             in_flight: Vec::new(),
+            limit: Limiter::default(),
         })
     }
 
@@ -333,14 +338,20 @@ impl Device for Blk {
         let mut added = self.publish(index, queue, mem);
         let room = usize::from(queue.size()).saturating_sub(*self.in_flight(index));
         let mut reqs = Vec::new();
+        let now = Instant::now();
         while reqs.len() < room {
             let Some(chain) = queue.pop(mem) else {
                 break;
             };
             let head = chain.head_index();
             // A malformed request, or a read the page cache holds, is answered here; the rest
-            // go to the pool.
+            // go to the pool. One the rate limit holds back goes back to the ring, and the
+            // queue waits (see `throttled_until`).
             let len = match Request::parse(chain, mem) {
+                Ok(req) if !self.limit.admit(1, req.data_len(), now) => {
+                    queue.put_back(head);
+                    break;
+                }
                 Ok(req) => match self.pool.disk().read_cached(&req, mem) {
                     Some(len) => len,
                     None => {
@@ -376,11 +387,24 @@ impl Device for Blk {
     fn reset(&mut self) {
         self.pool.cancel(|_| true);
         self.in_flight.clear();
+        self.limit.stop_waiting();
     }
 
     fn stop_queue(&mut self, index: usize) {
         self.pool.cancel(|q| q == index);
         *self.in_flight(index) = 0;
+        self.limit.stop_waiting();
+    }
+
+    fn set_rate_limit(&mut self, flow: Flow, limit: Limit, now: Instant) {
+        if flow == Flow::Io {
+            self.limit.set(limit, now);
+        }
+    }
+
+    /// (Its one queue.)
+    fn throttled_until(&self, _index: usize) -> Option<Instant> {
+        self.limit.until()
     }
 
     fn host_fds(&self) -> Vec<BorrowedFd<'_>> {

@@ -53,6 +53,12 @@ struct Range {
 }
 
 impl Request {
+    /// The bytes a rate limit counts: the data moved (for DISCARD and WRITE_ZEROES, their
+    /// segments).
+    pub fn data_len(&self) -> u64 {
+        self.readable.len + self.writable.len
+    }
+
     pub fn parse(
         chain: DescriptorChain<&GuestMemoryMmap>,
         mem: &GuestMemoryMmap,

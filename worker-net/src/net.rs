@@ -13,9 +13,10 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::time::Instant;
 
 use log::{error, warn};
-use protocol::DeviceSetup;
+use protocol::{DeviceSetup, Flow, Limit};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4,
@@ -25,6 +26,7 @@ use virtio_bindings::virtio_net::{
 };
 use virtio_queue::DescriptorChain;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
+use worker::rate_limit::Limiter;
 use worker::{counters, Device, Interest, TrackedQueue};
 
 use worker::guest_io::{self as iov, IOV_MAX};
@@ -99,6 +101,10 @@ pub struct Net {
     pending: Option<Vec<u8>>,
     /// Where a frame lands past the end of the guest's buffer.
     tail: Box<[u8]>,
+    /// The rate limits of the frames to the guest and from it. A received frame's size is
+    /// known once it is read: it is charged then, and the next read waits out any debt.
+    rx_limit: Limiter,
+    tx_limit: Limiter,
     pub stats: Stats,
 }
 
@@ -128,6 +134,8 @@ impl Net {
             tap_failed: false,
             pending: None,
             tail: vec![0u8; HDR_LEN + MAX_FRAME].into_boxed_slice(),
+            rx_limit: Limiter::default(),
+            tx_limit: Limiter::default(),
             stats: Stats::default(),
         })
     }
@@ -139,8 +147,10 @@ impl Net {
     /// Writes every available transmit chain to the tap. A frame the tap refuses is counted
     /// and dropped; every chain is completed either way, so the ring keeps moving. A chain
     /// taken before a restart is sent again (a frame sent twice is harmless; one lost is not).
+    /// A frame the rate limit holds back goes back to the ring, and the queue waits.
     fn transmit<'m>(&mut self, queue: &mut TrackedQueue<'m>, mem: &'m GuestMemoryMmap) -> bool {
         let mut added = false;
+        let now = Instant::now();
         while let Some(chain) = pop_or_arm(queue, mem, &mut added) {
             let head = chain.head_index();
             match gather(chain, mem, false) {
@@ -158,6 +168,9 @@ impl Net {
                     iov::copy_out(&b.slices, hdr);
                     if let Err(why) = self.tx_header_ok(hdr) {
                         self.tx_malformed(head, why);
+                    } else if !self.tx_limit.admit(1, (b.len - self.hdr_len) as u64, now) {
+                        queue.put_back(head);
+                        return added;
                     } else {
                         self.send(hdr, &iov::skip(&b.slices, self.hdr_len), b.len);
                     }
@@ -227,6 +240,7 @@ impl Net {
     /// Moves frames from the tap into receive buffers until either runs out.
     fn receive<'m>(&mut self, queue: &mut TrackedQueue<'m>, mem: &'m GuestMemoryMmap) -> bool {
         let mut added = false;
+        let now = Instant::now();
         loop {
             if let Some(frame) = self.pending.take() {
                 if !self.deliver_copy(&frame, queue, mem, &mut added) {
@@ -234,6 +248,10 @@ impl Net {
                     self.starved = true;
                     return added;
                 }
+            }
+            // The tap is not read (or watched) while the limit is in debt.
+            if !self.rx_limit.admit(0, 0, now) {
+                return added;
             }
             let Some(bufs) = self.next_rx_buffers(queue, mem, &mut added) else {
                 self.starved = true;
@@ -243,6 +261,8 @@ impl Net {
             let n = match iov::readv(self.tap.as_fd(), &bufs.slices, &mut self.tail) {
                 Ok(n) => {
                     counters::add(counters::BYTES_READ, n as u64);
+                    self.rx_limit
+                        .charge(1, n.saturating_sub(self.hdr_len) as u64);
                     n
                 }
                 Err(e) => {
@@ -447,6 +467,8 @@ impl Device for Net {
         self.active = false;
         self.pending = None;
         self.starved = true;
+        self.rx_limit.stop_waiting();
+        self.tx_limit.stop_waiting();
     }
 
     fn stop_queue(&mut self, index: usize) {
@@ -454,6 +476,26 @@ impl Device for Net {
         if index == RX {
             self.pending = None;
             self.starved = true;
+            self.rx_limit.stop_waiting();
+        }
+        if index == TX {
+            self.tx_limit.stop_waiting();
+        }
+    }
+
+    fn set_rate_limit(&mut self, flow: Flow, limit: Limit, now: Instant) {
+        match flow {
+            Flow::Rx => self.rx_limit.set(limit, now),
+            Flow::Tx => self.tx_limit.set(limit, now),
+            Flow::Io => {}
+        }
+    }
+
+    fn throttled_until(&self, index: usize) -> Option<Instant> {
+        match index {
+            RX if !self.tap_failed => self.rx_limit.until(),
+            TX => self.tx_limit.until(),
+            _ => None,
         }
     }
 
@@ -462,7 +504,8 @@ impl Device for Net {
     }
 
     fn host_interest(&self, index: usize) -> Interest {
-        if index == TAP && self.active && !self.starved && !self.tap_failed {
+        let waiting = self.rx_limit.until().is_some();
+        if index == TAP && self.active && !self.starved && !self.tap_failed && !waiting {
             Interest::READ
         } else {
             Interest::NONE

@@ -4,6 +4,7 @@ use std::collections::VecDeque;
 use std::os::fd::{AsFd, OwnedFd};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Instant;
 
 use log::{debug, error, info, warn};
 use nix::errno::Errno;
@@ -107,7 +108,7 @@ impl EventLoop {
     pub(crate) fn run(mut self) -> ExitCode {
         let mut events = [EpollEvent::empty(); 16];
         loop {
-            let n = match self.epoll.wait(&mut events, EpollTimeout::NONE) {
+            let n = match self.epoll.wait(&mut events, self.timeout(Instant::now())) {
                 Ok(n) => n,
                 Err(Errno::EINTR) => continue,
                 Err(e) => return self.fail(format!("epoll: {e}")),
@@ -126,8 +127,33 @@ impl EventLoop {
                     self.on_kick(event.data() as usize);
                 }
             }
+            self.release_throttled(Instant::now());
             if let Err(e) = self.update_interest() {
                 return self.fail(format!("epoll: {e}"));
+            }
+        }
+    }
+
+    /// When the first queue waiting for its rate limit may go on, as an epoll timeout (whole
+    /// milliseconds, rounded up and at least one, so a wait never comes back early and spins).
+    fn timeout(&self, now: Instant) -> EpollTimeout {
+        let Some(at) = (0..self.queues.len())
+            .filter_map(|i| self.device.throttled_until(i))
+            .min()
+        else {
+            return EpollTimeout::NONE;
+        };
+        let wait = at.saturating_duration_since(now);
+        let ms = wait.as_millis() + u128::from(wait.subsec_nanos() % 1_000_000 != 0);
+        let ms = u16::try_from(ms.max(1)).unwrap_or(u16::MAX);
+        EpollTimeout::from(ms)
+    }
+
+    /// Processes every queue whose rate-limit wait is over.
+    fn release_throttled(&mut self, now: Instant) {
+        for i in 0..self.queues.len() {
+            if self.device.throttled_until(i).is_some_and(|at| at <= now) {
+                self.process(i);
             }
         }
     }
@@ -181,6 +207,14 @@ impl EventLoop {
                 if let Some(q) = self.queues.get_mut(usize::from(index)) {
                     *q = None;
                     self.device.stop_queue(usize::from(index));
+                }
+            }
+            BrokerMsg::RateLimit { flow, limit } => {
+                info!("rate limit of {}: {limit:?}", flow.name());
+                self.device.set_rate_limit(flow, limit, Instant::now());
+                // A queue waiting for the old limit goes by the new one.
+                for i in 0..self.queues.len() {
+                    self.process(i);
                 }
             }
             BrokerMsg::Shutdown => return Some(ExitCode::SUCCESS),

@@ -11,6 +11,7 @@ pub mod guest_io;
 pub mod inflight;
 mod logger;
 pub mod memory;
+pub mod rate_limit;
 #[cfg(feature = "testing")]
 pub mod testing;
 
@@ -18,13 +19,13 @@ use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::{debug, error, info, LevelFilter};
 use nix::sys::socket::{getsockopt, sockopt, SockType};
 use nix::sys::stat::{fstat, SFlag};
 use protocol::msg::{PROTOCOL_VERSION, WORKER_SOCKET_FD};
-use protocol::{BrokerMsg, Channel, DeviceKind, DeviceSetup, WorkerMsg};
+use protocol::{BrokerMsg, Channel, DeviceKind, DeviceSetup, Flow, Limit, WorkerMsg};
 
 pub use inflight::TrackedQueue;
 pub use vm_memory::GuestMemoryMmap;
@@ -72,6 +73,16 @@ pub trait Device {
             "config write of {} bytes at {offset:#x} ignored",
             data.len()
         );
+    }
+
+    /// The broker set the rate limit of `flow` (see [`rate_limit`]); it applies from the next
+    /// chain on. A device without flows of that kind ignores it.
+    fn set_rate_limit(&mut self, _flow: Flow, _limit: Limit, _now: Instant) {}
+
+    /// While queue `index` waits for its rate limit: when it may go on. The loop then
+    /// processes it again (nothing else would: its chains wait in the ring or the tap).
+    fn throttled_until(&self, _index: usize) -> Option<Instant> {
+        None
     }
 
     /// The host fds this device waits on (a tap, a pty), by index; registered once, before the

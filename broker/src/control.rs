@@ -22,6 +22,7 @@ use nix::sys::socket::{
     SockFlag, SockType, UnixAddr,
 };
 use protocol::channel::{recv_raw, send_raw, seqpacket_socket, wait_readable};
+use protocol::{Bucket, Flow, Limit};
 
 use crate::budget::LogBudget;
 use crate::rundir::RunDir;
@@ -49,6 +50,36 @@ pub enum Request {
     Status,
     /// Replace the worker of DEVICE (`blk@0xa003c00`, or its address) of zone ZONE.
     RestartWorker { zone: u32, device: String },
+    /// Set the rate limit of a flow of DEVICE (`None`: the device's only flow).
+    RateLimit {
+        zone: u32,
+        device: String,
+        flow: Option<Flow>,
+        limit: Limit,
+    },
+}
+
+/// `rate 1000 burst 100`, or `-` for no bucket.
+fn bucket_text(b: Option<Bucket>) -> String {
+    b.map_or("-".into(), |b| format!("{} {}", b.rate, b.burst))
+}
+
+/// The reverse of [`bucket_text`], as two words or one `-`; checked like the config's.
+fn parse_bucket<'a>(words: &mut impl Iterator<Item = &'a str>) -> Option<Option<Bucket>> {
+    match words.next()? {
+        "-" => Some(None),
+        rate => {
+            let burst = words.next()?.parse().ok()?;
+            Bucket::new(rate.parse().ok()?, Some(burst)).ok().map(Some)
+        }
+    }
+}
+
+fn parse_flow(word: &str) -> Option<Option<Flow>> {
+    match word {
+        "-" => Some(None),
+        _ => Flow::from_name(word).map(Some),
+    }
 }
 
 impl Request {
@@ -59,6 +90,17 @@ impl Request {
             Request::RestartWorker { zone, device } => {
                 format!("{MAGIC} restart-worker {zone} {device}")
             }
+            Request::RateLimit {
+                zone,
+                device,
+                flow,
+                limit,
+            } => format!(
+                "{MAGIC} rate-limit {zone} {device} {} {} {}",
+                flow.map_or("-", Flow::name),
+                bucket_text(limit.bytes),
+                bucket_text(limit.ops)
+            ),
         }
     }
 
@@ -72,6 +114,22 @@ impl Request {
                 Some(Request::RestartWorker {
                     zone: zone.parse().ok()?,
                     device: device.to_string(),
+                })
+            }
+            ["rate-limit", zone, device, flow, rest @ ..] if device.len() <= 64 => {
+                let mut rest = rest.iter().copied();
+                let limit = Limit {
+                    bytes: parse_bucket(&mut rest)?,
+                    ops: parse_bucket(&mut rest)?,
+                };
+                if rest.next().is_some() {
+                    return None;
+                }
+                Some(Request::RateLimit {
+                    zone: zone.parse().ok()?,
+                    device: device.to_string(),
+                    flow: parse_flow(flow)?,
+                    limit,
                 })
             }
             _ => None,
@@ -304,7 +362,34 @@ pub fn request_restart(run_dir: &Path, driver: &Path, zone: u32, device: &str) -
         zone,
         device: device.to_string(),
     };
-    let answer: serde_json::Value = serde_json::from_str(&request(run_dir, driver, &req)?)?;
+    request_change(run_dir, driver, &req)
+}
+
+/// Asks the broker serving `driver` to set a rate limit; returns its answer, or its refusal
+/// as an error.
+pub fn request_rate_limit(
+    run_dir: &Path,
+    driver: &Path,
+    zone: u32,
+    device: &str,
+    flow: Option<Flow>,
+    limit: Limit,
+) -> Result<String> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("setting rate limits is for root only");
+    }
+    let req = Request::RateLimit {
+        zone,
+        device: device.to_string(),
+        flow,
+        limit,
+    };
+    request_change(run_dir, driver, &req)
+}
+
+/// Sends a request that changes something and reads its `{ok, message}` answer.
+fn request_change(run_dir: &Path, driver: &Path, req: &Request) -> Result<String> {
+    let answer: serde_json::Value = serde_json::from_str(&request(run_dir, driver, req)?)?;
     let message = answer["message"].as_str().unwrap_or_default().to_string();
     if answer["ok"] != true {
         bail!("{message}");
@@ -396,6 +481,24 @@ mod tests {
                 zone: 1,
                 device: "blk@0xa003c00".into(),
             },
+            Request::RateLimit {
+                zone: 1,
+                device: "net@0xa003600".into(),
+                flow: Some(Flow::Tx),
+                limit: Limit {
+                    bytes: Some(Bucket {
+                        rate: 20 << 20,
+                        burst: 1 << 20,
+                    }),
+                    ops: None,
+                },
+            },
+            Request::RateLimit {
+                zone: 1,
+                device: "0xa003c00".into(),
+                flow: None,
+                limit: Limit::default(),
+            },
         ] {
             assert_eq!(Request::parse(req.text().as_bytes()), Some(req));
         }
@@ -405,6 +508,14 @@ mod tests {
             "hvisor-broker control 1 restart-worker x blk",
             "hvisor-broker control 1 restart-worker 1",
             "hvisor-broker control 2 audit",
+            "hvisor-broker control 1 rate-limit 1 blk - -",
+            "hvisor-broker control 1 rate-limit 1 blk - - - -",
+            "hvisor-broker control 1 rate-limit 1 blk up - -",
+            "hvisor-broker control 1 rate-limit 1 blk - 0 10 -",
+            "hvisor-broker control 1 rate-limit 1 blk - 10 0 -",
+            "hvisor-broker control 1 rate-limit 1 blk - 10 -",
+            "hvisor-broker control 1 rate-limit 1 blk - 10 x -",
+            "hvisor-broker control 1 rate-limit 1 blk - 281474976710657 1 -",
         ] {
             assert_eq!(Request::parse(bad.as_bytes()), None, "{bad}");
         }

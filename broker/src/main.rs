@@ -126,6 +126,37 @@ enum Command {
         #[arg(long, default_value = hvisor_broker::rundir::DEFAULT)]
         run_dir: PathBuf,
     },
+    /// Set the rate limit of DEVICE (e.g. blk@0xa003c00, or 0xa003c00) of zone ZONE in the
+    /// running broker, replacing the flow's whole limit; the device's later workers keep it
+    /// (root only). Bursts default to a tenth of a second's worth.
+    RateLimit {
+        zone: u32,
+        device: String,
+        /// Which flow: io (blk, the default there), rx or tx (net: frames to or from the guest).
+        #[arg(long, value_parser = ["io", "rx", "tx"])]
+        flow: Option<String>,
+        /// Bytes a second.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=protocol::Bucket::MAX))]
+        bytes_per_sec: Option<u64>,
+        /// Bytes that may go at once after an idle spell.
+        #[arg(long, requires = "bytes_per_sec", value_parser = clap::value_parser!(u64).range(1..=protocol::Bucket::MAX))]
+        burst_bytes: Option<u64>,
+        /// Requests (blk) or frames (net) a second.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=protocol::Bucket::MAX))]
+        ops_per_sec: Option<u64>,
+        /// Requests or frames that may go at once after an idle spell.
+        #[arg(long, requires = "ops_per_sec", value_parser = clap::value_parser!(u64).range(1..=protocol::Bucket::MAX))]
+        burst_ops: Option<u64>,
+        /// Remove the flow's limit.
+        #[arg(long, conflicts_with_all = ["bytes_per_sec", "ops_per_sec"], required_unless_present_any = ["bytes_per_sec", "ops_per_sec"])]
+        off: bool,
+        /// The driver the broker serves.
+        #[arg(long, default_value = "/dev/hvisor")]
+        driver: PathBuf,
+        /// The broker's run directory.
+        #[arg(long, default_value = hvisor_broker::rundir::DEFAULT)]
+        run_dir: PathBuf,
+    },
     /// Validate CONFIG and print what would be served; starts nothing.
     Check { config: PathBuf },
     /// Ask the running broker what the kernel says about each worker's sandbox (root only).
@@ -208,6 +239,42 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::RateLimit {
+            zone,
+            device,
+            flow,
+            bytes_per_sec,
+            burst_bytes,
+            ops_per_sec,
+            burst_ops,
+            off: _,
+            driver,
+            run_dir,
+        } => {
+            let flow = flow.as_deref().and_then(protocol::Flow::from_name);
+            let bucket = |rate: Option<u64>, burst| {
+                rate.map(|r| protocol::Bucket::new(r, burst)).transpose()
+            };
+            let answer = bucket(bytes_per_sec, burst_bytes)
+                .and_then(|bytes| Ok((bytes, bucket(ops_per_sec, burst_ops)?)))
+                .map_err(anyhow::Error::msg)
+                .and_then(|(bytes, ops)| {
+                    let limit = protocol::Limit { bytes, ops };
+                    hvisor_broker::control::request_rate_limit(
+                        &run_dir, &driver, zone, &device, flow, limit,
+                    )
+                });
+            match answer {
+                Ok(message) => {
+                    println!("{message}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("hvisor-broker rate-limit: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Start {
             config,
             driver,

@@ -2,23 +2,25 @@
 //! state faster than a worker reads (a reset loop, a storm of config writes), so what waits
 //! is the state the worker must reach, not the history: a reset drops the activation and
 //! queue stops it overtakes, and the latest bytes written at a config offset win. What waits
-//! is bounded by the device (its config size, its queues) whatever the guest does.
+//! is bounded by the device (its config size, its queues) whatever the guest does. Rate
+//! limits set by the operator likewise: the latest per flow wins, and a reset keeps them.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use protocol::{BrokerMsg, QueueConfig};
+use protocol::{BrokerMsg, Flow, Limit, QueueConfig};
 
 #[derive(Default)]
 pub struct Outbox {
     reset: bool,
     config: BTreeMap<u32, Vec<u8>>,
+    limits: BTreeMap<Flow, Limit>,
     activate: Option<(u64, Vec<QueueConfig>, u64)>,
     stop: BTreeSet<u16>,
 }
 
 impl Outbox {
     /// Merges `msg` into what waits. Only control messages (reset, activate, config writes,
-    /// queue stops) are expected.
+    /// queue stops, rate limits) are expected.
     pub fn push(&mut self, msg: BrokerMsg) {
         match msg {
             BrokerMsg::Reset => {
@@ -37,11 +39,15 @@ impl Outbox {
             BrokerMsg::StopQueue { index } => {
                 self.stop.insert(index);
             }
+            BrokerMsg::RateLimit { flow, limit } => {
+                self.limits.insert(flow, limit);
+            }
             other => log::debug!("{other:?} is not a control message; not queued"),
         }
     }
 
-    /// The next message to send: the reset, config writes, the activation, then queue stops.
+    /// The next message to send: the reset, config writes, rate limits (so the activation's
+    /// first chains already go by them), the activation, then queue stops.
     pub fn front(&self) -> Option<BrokerMsg> {
         if self.reset {
             return Some(BrokerMsg::Reset);
@@ -51,6 +57,9 @@ impl Outbox {
                 offset,
                 data: data.clone(),
             });
+        }
+        if let Some((&flow, &limit)) = self.limits.first_key_value() {
+            return Some(BrokerMsg::RateLimit { flow, limit });
         }
         if let Some((features, queues, epoch)) = &self.activate {
             return Some(BrokerMsg::Activate {
@@ -70,6 +79,9 @@ impl Outbox {
             return;
         }
         if self.config.pop_first().is_some() {
+            return;
+        }
+        if self.limits.pop_first().is_some() {
             return;
         }
         if self.activate.take().is_some() {
@@ -129,6 +141,41 @@ mod tests {
             ]
         );
         assert!(o.is_empty());
+    }
+
+    #[test]
+    fn rate_limits_keep_the_latest_per_flow_and_survive_a_reset() {
+        let mut o = Outbox::default();
+        let limit = |rate| Limit {
+            bytes: protocol::Bucket::new(rate, None).ok(),
+            ops: None,
+        };
+        o.push(activate(1));
+        for rate in 1..1000 {
+            o.push(BrokerMsg::RateLimit {
+                flow: Flow::Tx,
+                limit: limit(rate),
+            });
+        }
+        o.push(BrokerMsg::RateLimit {
+            flow: Flow::Rx,
+            limit: Limit::default(),
+        });
+        o.push(BrokerMsg::Reset);
+        assert_eq!(
+            drain(&mut o),
+            [
+                BrokerMsg::Reset,
+                BrokerMsg::RateLimit {
+                    flow: Flow::Rx,
+                    limit: Limit::default()
+                },
+                BrokerMsg::RateLimit {
+                    flow: Flow::Tx,
+                    limit: limit(999)
+                },
+            ]
+        );
     }
 
     #[test]

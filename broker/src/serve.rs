@@ -3,6 +3,7 @@
 //! interrupts workers ask for. One thread, so the SIGUSR1 wakeup of old drivers (sent to the
 //! thread that made INIT_VIRTIO) always reaches the reader.
 
+use std::collections::BTreeMap;
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -17,7 +18,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use protocol::bridge::{DeviceReq, DeviceRes, MAX_DEVS};
-use protocol::{BrokerMsg, ChannelError, DeviceKind, MemoryRegion, WorkerMsg};
+use protocol::{BrokerMsg, ChannelError, DeviceKind, Flow, Limit, MemoryRegion, WorkerMsg};
 
 use crate::budget::{LogBudget, MessageBudget};
 use crate::devices::{self, Host, Prepared};
@@ -118,6 +119,9 @@ struct Slot {
     outbox: Outbox,
     /// The socket is watched for room (EPOLLOUT) while the outbox is not empty.
     watching_out: bool,
+    /// The rate limits of its flows, from the config or the control socket: every worker of
+    /// the device gets them.
+    rate_limits: BTreeMap<Flow, Limit>,
 }
 
 impl Slot {
@@ -170,12 +174,26 @@ fn statuses(slots: &[Slot]) -> status::Report {
             worker_pid: s.worker.as_ref().map(|w| w.pid.as_raw()),
             record: s.recipe.record.as_fd(),
             num_queues: s.kicks.len(),
+            rate_limits: (s.rate_limits.iter())
+                .filter(|(_, l)| !l.is_off())
+                .map(|(f, l)| (f.name().to_string(), *l))
+                .collect(),
         })
     });
     status::Report {
         broker_pid: std::process::id(),
         devices: devices.collect(),
     }
+}
+
+/// The answer to a request that changes something.
+fn changed((ok, message): (bool, String)) -> String {
+    serde_json::json!({
+        "broker_pid": std::process::id(),
+        "ok": ok,
+        "message": message,
+    })
+    .to_string()
 }
 
 /// The tap follows what the driver negotiated: the legacy 10-byte header for drivers without
@@ -360,6 +378,7 @@ impl Broker {
             guest_log: LogBudget::guest(),
             outbox: Outbox::default(),
             watching_out: false,
+            rate_limits: dev.rate_limits.iter().copied().collect(),
         });
         self.start_worker(self.slots.len() - 1)
     }
@@ -405,6 +424,9 @@ impl Broker {
         slot.worker = Some(w);
         slot.watching_out = false;
         slot.outbox = Outbox::default();
+        for (&flow, &limit) in slot.rate_limits.iter().filter(|(_, l)| !l.is_off()) {
+            slot.outbox.push(BrokerMsg::RateLimit { flow, limit });
+        }
         if let Some((features, queues)) = slot.transport.replay() {
             slot.outbox.push(BrokerMsg::Activate {
                 features,
@@ -703,14 +725,14 @@ impl Broker {
                     serde_json::to_string(&statuses(&self.slots)).unwrap_or_default()
                 }
                 control::Request::RestartWorker { zone, device } => {
-                    let (ok, message) = self.replace_worker(zone, &device);
-                    serde_json::json!({
-                        "broker_pid": std::process::id(),
-                        "ok": ok,
-                        "message": message,
-                    })
-                    .to_string()
+                    changed(self.replace_worker(zone, &device))
                 }
+                control::Request::RateLimit {
+                    zone,
+                    device,
+                    flow,
+                    limit,
+                } => changed(self.set_rate_limit(zone, &device, flow, limit)),
             };
             if let Some(c) = &self.control {
                 c.reply(conn, &answer);
@@ -718,19 +740,67 @@ impl Broker {
         }
     }
 
-    /// The operator asked for a new worker for `device` of `zone` (`blk@0xa003c00` or the
-    /// address): the live one is asked to stop (and killed if it does not) and replaced at
-    /// once, outside the restart budget; a failed device gets a worker and a fresh budget.
-    fn replace_worker(&mut self, zone: u32, device: &str) -> (bool, String) {
+    /// Device `device` of `zone` (`blk@0xa003c00` or the address), as the operator named it.
+    fn find_slot(&self, zone: u32, device: &str) -> Result<usize, String> {
         let addr = match device.strip_prefix("0x") {
             Some(hex) => u64::from_str_radix(hex, 16).ok(),
             None => device.parse().ok(),
         };
-        let Some(slot) = self.slots.iter_mut().find(|s| {
-            s.zone == zone
-                && (addr == Some(s.base) || format!("{}@{:#x}", s.kind, s.base) == device)
-        }) else {
-            return (false, format!("zone {zone} has no device {device:?}"));
+        self.slots
+            .iter()
+            .position(|s| {
+                s.zone == zone
+                    && (addr == Some(s.base) || format!("{}@{:#x}", s.kind, s.base) == device)
+            })
+            .ok_or_else(|| format!("zone {zone} has no device {device:?}"))
+    }
+
+    /// The operator set the rate limit of a flow of `device` (see [`Self::find_slot`]): kept
+    /// for the device's next workers, and sent to the live one.
+    fn set_rate_limit(
+        &mut self,
+        zone: u32,
+        device: &str,
+        flow: Option<Flow>,
+        limit: Limit,
+    ) -> (bool, String) {
+        let i = match self.find_slot(zone, device) {
+            Ok(i) => i,
+            Err(why) => return (false, why),
+        };
+        let slot = &mut self.slots[i];
+        let flows = Flow::of(slot.kind);
+        let flow = match (flow, flows) {
+            (Some(f), _) if flows.contains(&f) => f,
+            (None, [only]) => *only,
+            _ => {
+                let names: Vec<&str> = flows.iter().map(|f| f.name()).collect();
+                let why = match names.as_slice() {
+                    [] => "has no rate limits".to_string(),
+                    [only] => format!("has one flow, {only}"),
+                    _ => format!("has flows {}: name one", names.join(" and ")),
+                };
+                return (
+                    false,
+                    format!("{}: a {} device {why}", slot.label, slot.kind),
+                );
+            }
+        };
+        let what = config::describe_limit(flow, &limit);
+        log::warn!("{}: {what}, as asked on the control socket", slot.label);
+        slot.rate_limits.insert(flow, limit);
+        slot.outbox.push(BrokerMsg::RateLimit { flow, limit });
+        self.flush_outbox(i);
+        (true, format!("{}: {what}", self.slots[i].label))
+    }
+
+    /// The operator asked for a new worker for `device` of `zone` (see [`Self::find_slot`]):
+    /// the live one is asked to stop (and killed if it does not) and replaced at once, outside
+    /// the restart budget; a failed device gets a worker and a fresh budget.
+    fn replace_worker(&mut self, zone: u32, device: &str) -> (bool, String) {
+        let slot = match self.find_slot(zone, device) {
+            Ok(i) => &mut self.slots[i],
+            Err(why) => return (false, why),
         };
         let label = slot.label.clone();
         log::warn!("{label}: a new worker was asked for on the control socket");

@@ -4,10 +4,12 @@
 //! anything, so they are read only when asked, checked for what cannot be, and labelled
 //! worker-reported; they cannot say anything about another device.
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::os::fd::BorrowedFd;
 
 use protocol::inflight::{self, counter, COUNTER_WORDS, MAX_QUEUE_SIZE};
+use protocol::Limit;
 use serde::{Deserialize, Serialize};
 
 /// The answer to a status request.
@@ -33,6 +35,9 @@ pub struct DeviceStatus {
     pub worker_pid: Option<i32>,
     pub worker_cpu_seconds: Option<f64>,
     pub worker_memory_bytes: Option<u64>,
+    /// The rate limits in force, by flow (`io`, `rx`, `tx`); a flow without one is absent.
+    #[serde(default)]
+    pub rate_limits: BTreeMap<String, Limit>,
     /// Counted by the device's workers: believable only as far as they are.
     pub worker_reported: WorkerReported,
 }
@@ -45,6 +50,14 @@ pub struct WorkerReported {
     pub errors: u64,
     /// `None` if the worker wrote more than a queue can hold.
     pub queue_depth_high_water: Option<u64>,
+    /// Times a rate limit made a queue wait, and the requests (frames) and bytes held back
+    /// at the start of those waits (received frames: their bytes are not known yet).
+    #[serde(default)]
+    pub rate_limited: u64,
+    #[serde(default)]
+    pub rate_limit_delayed_requests: u64,
+    #[serde(default)]
+    pub rate_limit_delayed_bytes: u64,
 }
 
 /// What the broker keeps of a device, for [`device`].
@@ -59,6 +72,7 @@ pub struct Known<'a> {
     pub worker_pid: Option<i32>,
     pub record: BorrowedFd<'a>,
     pub num_queues: usize,
+    pub rate_limits: BTreeMap<String, Limit>,
 }
 
 /// The status of one device, completed from /proc and its record.
@@ -75,6 +89,7 @@ pub fn device(k: Known<'_>) -> DeviceStatus {
         worker_pid: k.worker_pid,
         worker_cpu_seconds: usage.map(|u| u.0),
         worker_memory_bytes: usage.map(|u| u.1),
+        rate_limits: k.rate_limits,
         worker_reported: worker_counters(k.record, k.num_queues),
     }
 }
@@ -95,6 +110,9 @@ fn worker_counters(record: BorrowedFd<'_>, num_queues: usize) -> WorkerReported 
         bytes_written: word(counter::BYTES_WRITTEN),
         errors: word(counter::ERRORS),
         queue_depth_high_water: (high <= MAX_QUEUE_SIZE as u64).then_some(high),
+        rate_limited: word(counter::THROTTLED),
+        rate_limit_delayed_requests: word(counter::DELAYED_OPS),
+        rate_limit_delayed_bytes: word(counter::DELAYED_BYTES),
     }
 }
 
@@ -156,6 +174,24 @@ const METRICS: &[Metric] = &[
         "gauge",
         "Most requests in flight on one queue at once (worker-reported).",
         |d| d.worker_reported.queue_depth_high_water.map(|v| v as f64),
+    ),
+    (
+        "worker_reported_rate_limited_total",
+        "counter",
+        "Times a rate limit made a queue wait (worker-reported).",
+        |d| Some(d.worker_reported.rate_limited as f64),
+    ),
+    (
+        "worker_reported_rate_limit_delayed_requests_total",
+        "counter",
+        "Requests or frames a rate limit held back (worker-reported).",
+        |d| Some(d.worker_reported.rate_limit_delayed_requests as f64),
+    ),
+    (
+        "worker_reported_rate_limit_delayed_bytes_total",
+        "counter",
+        "Bytes of the requests or sent frames a rate limit held back (worker-reported).",
+        |d| Some(d.worker_reported.rate_limit_delayed_bytes as f64),
     ),
     (
         "interrupts_injected_total",
@@ -239,6 +275,18 @@ pub fn render(r: &Report) -> String {
             w.queue_depth_high_water
                 .map_or("(not believable)".into(), |v| v.to_string())
         );
+        if w.rate_limited > 0 {
+            let _ = writeln!(
+                out,
+                "  worker-reported: rate-limited {} times, {} requests ({} bytes) held back",
+                w.rate_limited, w.rate_limit_delayed_requests, w.rate_limit_delayed_bytes
+            );
+        }
+        for (flow, limit) in &d.rate_limits {
+            if let Some(flow) = protocol::Flow::from_name(flow) {
+                let _ = writeln!(out, "  {}", config::describe_limit(flow, limit));
+            }
+        }
         let _ = writeln!(
             out,
             "  interrupts: {} injected ({} by retry); workers: {} restarts, {} exits",
@@ -269,7 +317,7 @@ mod tests {
     #[test]
     fn counters_that_cannot_be_are_not_believed() {
         let fd = crate::lifecycle::inflight_record(2).unwrap();
-        let words = [7u64, 4096, 512, 1, 99_999, 0, 0, 0];
+        let words = [7u64, 4096, 512, 1, 99_999, 3, 4, 5];
         let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
         let offset = (inflight::counters_offset(2) * 8) as libc::off_t;
         nix::sys::uio::pwrite(&fd, &bytes, offset).unwrap();
@@ -279,6 +327,14 @@ mod tests {
             (7, 4096, 512, 1)
         );
         assert_eq!(w.queue_depth_high_water, None);
+        assert_eq!(
+            (
+                w.rate_limited,
+                w.rate_limit_delayed_requests,
+                w.rate_limit_delayed_bytes
+            ),
+            (3, 4, 5)
+        );
     }
 
     #[test]

@@ -46,7 +46,8 @@ fn blk_allowlist_is_small_and_printable() {
     assert!(refusals()
         .iter()
         .any(|r| r.name == "clone3" && r.errno == libc::ENOSYS));
-    assert!(list.len() < 32, "{} syscalls", list.len());
+    // 32 since the rate limits read the clock (clock_gettime, where the vDSO cannot)
+    assert!(list.len() <= 32, "{} syscalls", list.len());
     let mmap = list.iter().find(|a| a.name == "mmap").unwrap();
     assert_eq!(
         mmap.to_string(),

@@ -199,6 +199,13 @@ impl Flow {
         }
     }
 
+    /// The flow called `name` (see [`Flow::name`]).
+    pub fn from_name(name: &str) -> Option<Flow> {
+        [Flow::Io, Flow::Rx, Flow::Tx]
+            .into_iter()
+            .find(|f| f.name() == name)
+    }
+
     /// The name in the JSON config and on the command line.
     pub fn name(self) -> &'static str {
         match self {

@@ -10,6 +10,7 @@
 //!            [--legacy-driver] [--gic hvisor|ideal] [--lose-wakeups N]
 //!            [--seed N] [--report FILE] [--shadow-dir DIR]
 //!            [--timeout SECS] [--stay] [--wait-for FILE] [--resume-when FILE]
+//!            [--zone-guest ZONE=WORKLOAD]... [--depths N,..] [--depth-secs S] [--depth-block B]
 //!            [--net-guest IP] [--net-host IP] [--net-port PORT] [--net-bench-secs SECS]
 //!            [--linux-kernel PATH] [--linux-modules DIR] [--busybox PATH] [--linux-trace]
 //! ```
@@ -31,6 +32,11 @@
 //!   `net-bench`, `console-verify`, `console-bench`, `linux-boot`, `linux-blk`, `linux-net`,
 //!   `linux-console` or `linux-bench`
 //!   (below).
+//! - `--zone-guest ZONE=WORKLOAD` (repeatable): that zone runs WORKLOAD instead of `--guest`
+//!   (not a linux one), at the same time as the others: a busy neighbour beside a benchmark.
+//! - `--depths`, `--depth-secs`, `--depth-block` (default 1,4,16; 2 s; 4096 bytes): what
+//!   `depth-bench` measures: random reads of that size at each depth, reported per depth in
+//!   the device's `depths` (`depth`, `block_bytes`, `ops`, `seconds`, `iops`).
 //! - `--seed` (default 1): seeds every random choice of the workloads.
 //! - `--report FILE`: the run report as JSON (below).
 //! - `--shadow-dir DIR`: `blk-verify` and `hostile` write, per blk device, the disk content

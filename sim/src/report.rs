@@ -128,10 +128,11 @@ pub struct Throughput {
     pub injections_per_op: f64,
 }
 
-/// 4 KiB random reads with `depth` requests kept in flight.
+/// Random reads of `block_bytes` with `depth` requests kept in flight.
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct DepthFigure {
     pub depth: usize,
+    pub block_bytes: u64,
     pub ops: u64,
     pub seconds: f64,
     pub iops: f64,

@@ -68,6 +68,13 @@ pub struct Args {
     /// `depth-bench`: how long each depth is measured, in seconds.
     #[arg(long, default_value_t = 2.0)]
     pub depth_secs: f64,
+    /// `depth-bench`: the size of each read (a multiple of 512, at most 1 MiB).
+    #[arg(long, default_value_t = 4096)]
+    pub depth_block: u64,
+    /// ZONE=WORKLOAD: that zone runs this workload instead (e.g. a busy neighbour beside a
+    /// benchmark); repeatable.
+    #[arg(long, value_parser = parse_zone_guest)]
+    pub zone_guest: Vec<(u32, Workload)>,
     #[command(flatten)]
     pub net: guest::net::NetArgs,
     /// linux guests: the User-Mode Linux kernel.
@@ -82,6 +89,17 @@ pub struct Args {
     /// linux guests: print every vhost-user message the adapter receives.
     #[arg(long)]
     pub linux_trace: bool,
+}
+
+/// `--zone-guest 2=blk-verify`
+fn parse_zone_guest(s: &str) -> Result<(u32, Workload), String> {
+    let (zone, name) = s.split_once('=').ok_or("expected ZONE=WORKLOAD")?;
+    let zone = zone.parse().map_err(|e| format!("zone {zone:?}: {e}"))?;
+    let w = <Workload as clap::ValueEnum>::from_str(name, false)?;
+    if crate::linux::job_of(w).is_some() {
+        return Err(format!("{name} runs a whole machine, not one zone"));
+    }
+    Ok((zone, w))
 }
 
 /// Exit status of a setup failure.
@@ -155,6 +173,7 @@ fn run(args: Args) -> Result<i32> {
         irq_timeout: hv.watchdog,
         depths: args.depths.clone(),
         depth_secs: args.depth_secs,
+        depth_block: args.depth_block,
     };
     let bench_zone = machine
         .zones
@@ -167,13 +186,17 @@ fn run(args: Args) -> Result<i32> {
         .map(|z| z.id);
     let mut threads = Vec::new();
     for (i, zone) in machine.zones.iter().enumerate() {
+        let mut opts = opts.clone();
+        if let Some((_, w)) = args.zone_guest.iter().find(|(z, _)| *z == zone.id) {
+            opts.workload = *w;
+        }
         let job = ZoneJob {
             hv: hv.clone(),
             mem: mem.clone(),
             zone: zone.clone(),
             cpu: i as u64 + 1,
             slot: i,
-            opts: opts.clone(),
+            opts,
             bench: Some(zone.id) == bench_zone,
         };
         threads.push(

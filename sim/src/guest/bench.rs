@@ -217,11 +217,17 @@ fn reap<H: Hal>(pipe: &mut Pipe<'_, H>, block: u64) -> Result<u64> {
     Ok(done.len() as u64)
 }
 
-/// `depth-bench`: 4 KiB random reads for `--depth-secs` at each of `--depths`, started cold
+/// `depth-bench`: random reads of `--depth-block` bytes (4 KiB) for `--depth-secs` at each
+/// of `--depths`, started cold
 /// (the first `depth` reads go out together), with nothing else read from the disk: a disk
 /// that answers only once N reads wait at once shows whether the device keeps them in flight.
 pub fn depths<H: Hal>(g: &mut GuestDev<'_>, rep: &mut DeviceReport) -> Result<()> {
     let run = Duration::from_secs_f64(g.opts.depth_secs.max(0.0));
+    let block = g.opts.depth_block;
+    anyhow::ensure!(
+        block > 0 && block % SECTOR == 0 && block <= 1 << 20,
+        "a read of {block} bytes: a multiple of {SECTOR}, at most 1 MiB"
+    );
     let mut rng = Rng::new(g.opts.seed);
     for &depth in &g.opts.depths.clone() {
         anyhow::ensure!(
@@ -230,14 +236,12 @@ pub fn depths<H: Hal>(g: &mut GuestDev<'_>, rep: &mut DeviceReport) -> Result<()
         );
         let t = SimTransport::new(g.vcpu, g.spec.addr, g.spec.len)?;
         let mut pipe = Pipe::<H>::open(t, g.mem, depth).context("driver initialisation")?;
-        let blocks = pipe.blk.capacity() * SECTOR / RAND_BLOCK;
+        let blocks = pipe.blk.capacity() * SECTOR / block;
         anyhow::ensure!(blocks > 0, "disk too small to benchmark");
         let offsets: Vec<u64> = (0..4096)
-            .map(|_| rng.range(0, blocks - 1) * RAND_BLOCK)
+            .map(|_| rng.range(0, blocks - 1) * block)
             .collect();
-        let m = measure(g, &mut pipe, RAND_BLOCK, run, |i| {
-            offsets[i % offsets.len()]
-        })?;
+        let m = measure(g, &mut pipe, block, run, |i| offsets[i % offsets.len()])?;
         rep.missed_interrupts += pipe.missed_interrupts;
         rep.reads += m.ops;
         let iops = m.ops as f64 / m.seconds;
@@ -249,6 +253,7 @@ pub fn depths<H: Hal>(g: &mut GuestDev<'_>, rep: &mut DeviceReport) -> Result<()
         println!("hvisor-sim: depth-bench QD{depth}: {iops:.0} IOPS");
         rep.depths.push(DepthFigure {
             depth,
+            block_bytes: block,
             ops: m.ops,
             seconds: m.seconds,
             iops,

@@ -130,6 +130,8 @@ pub struct GuestOptions {
     /// `depth-bench`: queue depths, and seconds per depth.
     pub depths: Vec<usize>,
     pub depth_secs: f64,
+    /// `depth-bench`: bytes per read.
+    pub depth_block: u64,
 }
 
 /// splitmix64: small, seedable, good enough for test patterns.

@@ -48,10 +48,16 @@ struct NetRun {
 /// Starts the simulator (guests held back) and the broker in a fresh namespace, gives the
 /// tap its host side once the broker has made it, starts the peer, then lets the guests go.
 fn start(guest: &str, mtu: u16) -> NetRun {
+    start_with(guest, net_zone(mtu), &[])
+}
+
+/// [`start`] with this configuration (one net device) and extra simulator arguments.
+fn start_with(guest: &str, config: Value, extra: &[&str]) -> NetRun {
+    let mtu = config["zones"][0]["devices"][0]["mtu"].as_u64().unwrap();
     let ns = Netns::create("net").unwrap();
     ns.enter().unwrap();
     let scratch = Scratch::new();
-    let cfg = scratch.write_json("net.json", &net_zone(mtu));
+    let cfg = scratch.write_json("net.json", &config);
     let go = scratch.path("go");
     let mut run = SimRun::new(&cfg, guest);
     run.stay = true;
@@ -69,6 +75,7 @@ fn start(guest: &str, mtu: u16) -> NetRun {
     ]
     .map(String::from)
     .to_vec();
+    run.extra.extend(extra.iter().map(|a| a.to_string()));
     let mut stack = Stack::start(&scratch, run, &[]).unwrap();
     if let Err(e) = ns.wait_for_link(TAP, Duration::from_secs(10)) {
         panic!("{e:#}\n{}", stack.diagnostics());
@@ -221,5 +228,49 @@ fn jumbo_frames_pass_whole_and_span_receive_buffers() {
         assert!(counted[key].as_u64().unwrap() > 9000, "{status:#}");
     }
     assert!(counted["requests"].as_u64().unwrap() > 0, "{status:#}");
+    run.finish();
+}
+
+/// Each direction limited to 200 kB/s: over the whole run (the test's own clock, which spans
+/// every frame), the frames each way came to at most that plus the burst and one frame, and
+/// the guest's bench, windowed, lost nothing to the limit.
+#[test]
+fn a_net_device_limited_each_way_moves_no_more_than_its_limits() {
+    if let Some(why) = skip_reason() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let (rate, burst) = (200_000u64, 64 * 1024u64);
+    let mut config = net_zone(1500);
+    let limit = json!({ "bytes_per_sec": rate, "burst_bytes": burst });
+    config["zones"][0]["devices"][0]["rx_rate_limit"] = limit.clone();
+    config["zones"][0]["devices"][0]["tx_rate_limit"] = limit;
+    let started = std::time::Instant::now();
+    let mut run = start_with("net-bench", config, &["--net-bench-secs", "1"]);
+    run.report();
+    let (ok, out) = run.stack.ask(&["status", "--json"]);
+    let secs = started.elapsed().as_secs_f64();
+    assert!(ok, "{out}");
+    let status: Value = serde_json::from_str(&out).unwrap();
+    let dev = &status["devices"][0];
+    for flow in ["rx", "tx"] {
+        assert_eq!(
+            dev["rate_limits"][flow]["bytes"]["rate"], rate,
+            "{status:#}"
+        );
+    }
+    let counted = &dev["worker_reported"];
+    // The tap's counts include each frame's 12-byte header, which the limit does not count.
+    let headers = 12 * counted["requests"].as_u64().unwrap();
+    let bound = rate as f64 * secs + (burst + 1514 + headers) as f64;
+    for key in ["bytes_read", "bytes_written"] {
+        let bytes = counted[key].as_u64().unwrap();
+        println!("{key}: {bytes} in at most {secs:.2} s, bound {bound:.0}");
+        assert!(
+            bytes as f64 <= bound,
+            "{key}: {bytes} > {bound:.0}\n{status:#}"
+        );
+    }
+    assert!(counted["rate_limited"].as_u64().unwrap() > 0, "{status:#}");
     run.finish();
 }

@@ -11,3 +11,6 @@ target/release/hvisor-flood-bench
 target/release/hvisor-slowdisk-bench 200 2 3
 # How long a device waits for a new worker when its worker is killed: median and max.
 target/release/hvisor-restart-bench 20
+# Rate limits: a disk limited to 20 MB/s at queue depth 1 and 16, delivered figure and ratio,
+# beside an unlimited neighbour's IOPS and the same neighbour alone.
+target/release/hvisor-ratelimit-bench 5

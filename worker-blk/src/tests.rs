@@ -481,3 +481,52 @@ fn chains_of_several_requests_and_bad_heads() {
     assert_eq!(r.guest(STATUS, 2), [OK, OK]);
     assert_eq!(queue.next_avail(), 3);
 }
+
+/// A request the rate limit holds back goes back to the ring, untaken: served once the limit
+/// allows, and every request completed exactly once.
+#[test]
+fn a_rate_limit_holds_requests_in_the_ring_and_loses_none() {
+    use protocol::{Bucket, Flow, Limit};
+    use std::time::Instant;
+    use worker::testing::Ring;
+
+    let mut r = rig(false);
+    let mut ring = Ring::new(0x10_0000, 16);
+    let heads: Vec<u16> = (0..5)
+        .map(|i| {
+            let (id, status) = (DATA + 32 * i, STATUS + i);
+            ring.add(
+                &r.mem,
+                &[(HDR, 16, false), (id, 20, true), (status, 1, true)],
+            )
+        })
+        .collect();
+    // GET_ID: no I/O, so the first call takes microseconds, far less than a token's second.
+    r.header(VIRTIO_BLK_T_GET_ID, 0);
+    let two_a_day = Limit {
+        bytes: None,
+        ops: Some(Bucket::new(1, Some(2)).unwrap()),
+    };
+    r.blk.set_rate_limit(Flow::Io, two_a_day, Instant::now());
+    let mut queue = ring.queue();
+    let mut records = Records::new(1);
+    r.blk
+        .process_queue(0, &mut records.tracked(0, &mut queue), &r.mem);
+    let first: Vec<u32> = ring.take_used(&r.mem).iter().map(|u| u.0).collect();
+    assert_eq!(first, [heads[0], heads[1]].map(u32::from));
+    // The third went back: not taken, and the queue waits for tokens.
+    assert_eq!(queue.next_avail(), 2);
+    assert!(r.blk.throttled_until(0).is_some());
+    // The limit lifted: the rest, once each.
+    r.blk
+        .set_rate_limit(Flow::Io, Limit::default(), Instant::now());
+    assert!(r.blk.throttled_until(0).is_none());
+    r.blk
+        .process_queue(0, &mut records.tracked(0, &mut queue), &r.mem);
+    let rest: Vec<u32> = ring.take_used(&r.mem).iter().map(|u| u.0).collect();
+    assert_eq!(
+        rest,
+        heads[2..].iter().map(|&h| u32::from(h)).collect::<Vec<_>>()
+    );
+    assert_eq!(r.guest(STATUS, 5), [OK; 5]);
+}

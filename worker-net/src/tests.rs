@@ -371,7 +371,9 @@ fn a_mergeable_frame_waits_for_enough_buffers() {
     assert_eq!(used.iter().map(|u| u.1).sum::<u32>(), f.len() as u32);
     assert_eq!(used.len(), 4);
     assert_eq!(r.net.stats.rx_dropped.0, 0);
-    assert!(r.reading());
+    r.post_rx(1, 2048);
+    assert!(!r.process_rx());
+    assert!(r.reading(), "a buffer, no limit: the tap is watched again");
 }
 
 #[test]
@@ -561,3 +563,63 @@ fn without_mergeable_buffers_a_gso_frame_fills_a_big_chain() {
 
 /// Where `num_buffers` starts in a 12-byte header.
 const NUM_BUFFERS: usize = 10;
+
+/// Each direction's limit holds frames where they are (the guest's transmit ring, the tap)
+/// and stops the device watching the tap; lifted, everything goes, once.
+#[test]
+fn rate_limits_hold_frames_in_the_ring_and_the_tap() {
+    use protocol::{Bucket, Flow, Limit};
+    use std::time::Instant;
+
+    let mut r = Rig::new(V1);
+    // One frame a second, one saved up: the first call takes microseconds.
+    let one = Limit {
+        bytes: None,
+        ops: Some(Bucket::new(1, Some(1)).unwrap()),
+    };
+    r.net.set_rate_limit(Flow::Tx, one, Instant::now());
+    r.net.set_rate_limit(Flow::Rx, one, Instant::now());
+    let frames: Vec<Vec<u8>> = (0..3).map(|i| frame(HDR_LEN, 100, i, 0)).collect();
+    let heads: Vec<u16> = (0..3)
+        .map(|i| {
+            let at = DATA + 0x1000 * i as u64;
+            r.mem.write_slice(&frames[i], GuestAddress(at)).unwrap();
+            r.tx.add(&r.mem, &[(at, frames[i].len() as u32, false)])
+        })
+        .collect();
+    assert!(r.process_tx());
+    assert_eq!(r.host_recv().unwrap(), frames[0]);
+    assert_eq!(r.host_recv(), None);
+    assert_eq!(r.tx.take_used(&r.mem), [(u32::from(heads[0]), 0)]);
+    assert_eq!(r.txq.next_avail(), 1, "the second frame went back");
+    assert!(r.net.throttled_until(TX).is_some());
+
+    for f in &frames {
+        r.host_send(f);
+    }
+    r.post_rx(3, 2048);
+    assert!(r.process_rx());
+    // A received frame is charged once read: the burst, then one frame into debt.
+    assert_eq!(r.rx.take_used(&r.mem).len(), 2);
+    assert!(r.net.throttled_until(RX).is_some());
+    assert!(!r.reading(), "the tap waits while the limit does");
+
+    r.net
+        .set_rate_limit(Flow::Tx, Limit::default(), Instant::now());
+    r.net
+        .set_rate_limit(Flow::Rx, Limit::default(), Instant::now());
+    assert!(r.process_tx());
+    assert_eq!(r.host_recv().unwrap(), frames[1]);
+    assert_eq!(r.host_recv().unwrap(), frames[2]);
+    let rest = heads[1..]
+        .iter()
+        .map(|&h| (u32::from(h), 0))
+        .collect::<Vec<_>>();
+    assert_eq!(r.tx.take_used(&r.mem), rest);
+    assert!(r.process_rx());
+    assert_eq!(r.rx.take_used(&r.mem).len(), 1);
+    assert_eq!(r.net.stats.rx_dropped.0, 0);
+    r.post_rx(1, 2048);
+    assert!(!r.process_rx());
+    assert!(r.reading(), "a buffer, no limit: the tap is watched again");
+}

@@ -228,17 +228,7 @@ impl Config {
 
 /// `rate limit io: 20971520 bytes/s (burst 1048576), 1000 ops/s (burst 100)`
 pub fn describe_limit(flow: Flow, limit: &Limit) -> String {
-    let mut parts = Vec::new();
-    if let Some(b) = limit.bytes {
-        parts.push(format!("{} bytes/s (burst {})", b.rate, b.burst));
-    }
-    if let Some(b) = limit.ops {
-        parts.push(format!("{} ops/s (burst {})", b.rate, b.burst));
-    }
-    if parts.is_empty() {
-        parts.push("off".into());
-    }
-    format!("rate limit {}: {}", flow.name(), parts.join(", "))
+    format!("rate limit {}: {limit}", flow.name())
 }
 
 /// The JSON key of `flow`'s limit in a device entry.

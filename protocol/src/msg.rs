@@ -254,6 +254,19 @@ impl Limit {
     }
 }
 
+/// `20971520 bytes/s (burst 1048576), 1000 ops/s (burst 100)`, or `off`.
+impl std::fmt::Display for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts = [(self.bytes, "bytes"), (self.ops, "ops")];
+        let mut parts = parts.iter().filter_map(|(b, unit)| b.map(|b| (b, unit)));
+        let Some((b, unit)) = parts.next() else {
+            return f.write_str("off");
+        };
+        write!(f, "{} {unit}/s (burst {})", b.rate, b.burst)?;
+        parts.try_for_each(|(b, unit)| write!(f, ", {} {unit}/s (burst {})", b.rate, b.burst))
+    }
+}
+
 /// Worker -> broker.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum WorkerMsg {

@@ -210,7 +210,7 @@ impl EventLoop {
                 }
             }
             BrokerMsg::RateLimit { flow, limit } => {
-                info!("rate limit of {}: {limit:?}", flow.name());
+                info!("rate limit {}: {limit}", flow.name());
                 self.device.set_rate_limit(flow, limit, Instant::now());
                 // A queue waiting for the old limit goes by the new one.
                 for i in 0..self.queues.len() {

@@ -218,3 +218,56 @@ fn a_limit_set_at_run_time_holds_and_survives_a_worker_restart() {
     );
     let _ = stack.stop_broker();
 }
+
+/// Requests the limit holds back go back to the ring: a worker killed at any moment, while
+/// requests wait, leaves its successor nothing lost and nothing done twice. The guest checks
+/// every read against what it wrote, and the image must hold exactly that.
+#[test]
+fn a_throttled_disk_survives_worker_kills_and_the_image_holds_what_the_guest_wrote() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+
+    let s = Scratch::new();
+    let img = s.image("disk.img", 8 * MIB);
+    let limit = json!({ "ops_per_sec": 400, "burst_ops": 8, "bytes_per_sec": 4_000_000 });
+    let cfg = s.write_json(
+        "zone1.json",
+        &json!({ "zones": [disk_zone(1, &img, Some(limit))] }),
+    );
+    let mut run = SimRun::new(&cfg, "blk-verify");
+    run.extra = ["--timeout", "600"].map(String::from).to_vec();
+    let mut stack = Stack::start(&s, run, &["--restart-budget", "1000/60"]).unwrap();
+    let (stop, killed) = (AtomicBool::new(false), AtomicUsize::new(0));
+    let broker = stack.broker.pid();
+    let report = std::thread::scope(|scope| {
+        let killer = scope.spawn(|| {
+            kill_worker_repeatedly(
+                broker,
+                "hvisor-worker-b",
+                10,
+                Duration::from_millis(300),
+                0x5851_f42d_4c95_7f2d,
+                &stop,
+                &killed,
+            )
+        });
+        let report = stack.wait_report(Duration::from_secs(600));
+        stop.store(true, SeqCst);
+        killer.join().unwrap();
+        report.unwrap()
+    });
+    let failed = failed_checks(&report);
+    assert!(failed.is_empty(), "{failed:#?}\n{}", stack.diagnostics());
+    assert!(
+        killed.load(SeqCst) > 0,
+        "the guest finished before the first kill"
+    );
+    // The broker leaves with the simulator; the image is complete then.
+    let st = stack.broker.wait_exit(Duration::from_secs(30)).unwrap();
+    assert!(st.success(), "broker: {st}\n{}", stack.diagnostics());
+    let shadow = std::fs::read(stack.shadow_dir.join("zone1-0xa003c00.img")).unwrap();
+    let disk = std::fs::read(&img).unwrap();
+    assert!(
+        disk == shadow,
+        "the image differs from what the guest wrote"
+    );
+}

@@ -10,7 +10,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use crate::channel::ChannelError;
 
 /// Bumped on any incompatible change; the worker refuses a broker of another version.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// The fd number at which a worker finds its socket to the broker.
 pub const WORKER_SOCKET_FD: i32 = 3;
 /// The largest encoded message either side accepts.
@@ -109,7 +109,8 @@ pub enum DeviceSetup {
         /// Largest IP packet the guest may send (the MTU in the config space).
         mtu: u16,
     },
-    /// fds: the pty master, non-blocking, raw.
+    /// fds: the receive pipe's read end and the transmit pipe's write end; the broker relays
+    /// them to and from the pty.
     Console,
 }
 
@@ -124,7 +125,8 @@ impl DeviceSetup {
 
     fn fd_count(&self) -> usize {
         match self {
-            DeviceSetup::Blk { .. } | DeviceSetup::Net { .. } | DeviceSetup::Console => 1,
+            DeviceSetup::Blk { .. } | DeviceSetup::Net { .. } => 1,
+            DeviceSetup::Console => 2,
         }
     }
 }

@@ -49,7 +49,7 @@ fn ns(pid: i32, name: &str) -> String {
 }
 
 /// Every fd a worker may hold: stdio, its socket, epoll, the queue eventfds, its image or its
-/// pty master.
+/// console pipes.
 fn expected_fd(target: &str) -> bool {
     target == "/dev/null"
         || target == "/dev/ptmx"

@@ -326,9 +326,10 @@ fn each_worker_has_a_cgroup_of_its_own_with_its_kinds_limits() {
     assert_eq!(workers.len(), 3, "{}", stack.diagnostics());
     let mut dirs = std::collections::BTreeSet::new();
     for &w in &workers {
-        let console = std::fs::read_to_string(format!("/proc/{w}/cmdline"))
+        // By its name (comm), not its command line, whose path may contain any word.
+        let console = std::fs::read_to_string(format!("/proc/{w}/comm"))
             .unwrap()
-            .contains("console");
+            .starts_with("hvisor-worker-c");
         for controller in ["memory", "pids", "cpu"] {
             let dir = cgroup_dir(w, controller);
             assert_ne!(

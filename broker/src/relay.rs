@@ -21,7 +21,7 @@ use nix::fcntl::OFlag;
 use nix::sys::epoll::EpollFlags;
 
 /// Bytes moved each way per call.
-const CHUNK: usize = 4096;
+const CHUNK: usize = 16384;
 
 /// The relay's fds, in [`Relay::fds`] order.
 pub const PTY: usize = 0;

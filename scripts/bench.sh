@@ -9,6 +9,9 @@ target/release/hvisor-flood-bench
 # depth 1, 4 and 16 beside the ideal and the worker held to one request at a time; PSS of each
 # process.
 target/release/hvisor-slowdisk-bench 200 2 3
+# CPU time, read/write-family system calls and context switches per request of the broker and
+# the blk worker at queue depth 1, 4 and 16.
+target/release/hvisor-cost-bench 3 3
 # How long a device waits for a new worker when its worker is killed: median and max.
 target/release/hvisor-restart-bench 20
 # Rate limits: a disk limited to 20 MB/s at queue depth 1 and 16, delivered figure and ratio,

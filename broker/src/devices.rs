@@ -13,6 +13,7 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
 use crate::host::{Pty, Tap};
+use crate::relay::Relay;
 use crate::rundir::{self, RunDir};
 use crate::transport::DeviceModel;
 
@@ -37,6 +38,8 @@ pub struct Prepared {
     pub fds: Vec<OwnedFd>,
     /// What the broker keeps of the host side.
     pub host: Host,
+    /// A console's pipes to its pty, which the broker pumps.
+    pub relay: Option<Relay>,
 }
 
 /// The host side the broker keeps controlling while a worker serves the device.
@@ -84,6 +87,7 @@ pub fn prepare(dev: &Device, run: &RunDir) -> Result<Prepared> {
                 },
                 fds: vec![file.into()],
                 host: Host::Image(guard),
+                relay: None,
             })
         }
         DeviceConfig::Net { tap, mac, mtu } => {
@@ -94,6 +98,7 @@ pub fn prepare(dev: &Device, run: &RunDir) -> Result<Prepared> {
                 setup: DeviceSetup::Net { mtu: *mtu },
                 fds: vec![tap.frames_fd()?],
                 host: Host::Tap(tap),
+                relay: None,
             })
         }
         DeviceConfig::Console {
@@ -111,12 +116,15 @@ pub fn prepare(dev: &Device, run: &RunDir) -> Result<Prepared> {
                     .map(|l| format!(" (linked at {})", l.display()))
                     .unwrap_or_default()
             );
+            let (relay, fds) = Relay::new(pty.master.try_clone()?)
+                .with_context(|| format!("{}: console pipes", dev.json_path))?;
             Ok(Prepared {
                 kind: DeviceKind::Console,
                 model: console_model(*cols, *rows),
                 setup: DeviceSetup::Console,
-                fds: vec![pty.master.try_clone()?],
+                fds,
                 host: Host::Pty(pty),
+                relay: Some(relay),
             })
         }
     }

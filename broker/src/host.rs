@@ -127,7 +127,7 @@ fn ifreq(name: &str) -> Result<libc::ifreq> {
     Ok(req)
 }
 
-/// A pty pair: the worker gets the master; the slave is where users attach.
+/// A pty pair: the broker relays the master to the worker; the slave is where users attach.
 pub struct Pty {
     pub master: OwnedFd,
     /// Held open so the master never sees a hang-up while no reader is attached.

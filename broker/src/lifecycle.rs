@@ -245,6 +245,18 @@ pub fn inflight_record(num_queues: usize) -> Result<OwnedFd> {
     Ok(fd)
 }
 
+/// Writes the host stream totals (see `protocol::inflight`) into a device's record; done
+/// while no worker of the device runs.
+pub fn set_stream_totals(record: &OwnedFd, totals: [u64; 2]) -> Result<()> {
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&totals[0].to_ne_bytes());
+    bytes[8..].copy_from_slice(&totals[1].to_ne_bytes());
+    let at = (protocol::inflight::STREAM_TOTALS * 8) as libc::off_t;
+    let n = nix::sys::uio::pwrite(record, &bytes, at).context("writing the in-flight record")?;
+    anyhow::ensure!(n == bytes.len(), "short write to the in-flight record");
+    Ok(())
+}
+
 /// A live worker process.
 pub struct Worker {
     pub pid: Pid,

@@ -28,6 +28,7 @@ use crate::irq::{retry_delay, Inject};
 use crate::lifecycle::{self, Life, Next, Plumbing, Recipe, Worker};
 use crate::notify::Readiness;
 use crate::outbox::Outbox;
+use crate::relay::Relay;
 use crate::rundir::RunDir;
 use crate::supervisor;
 use crate::transport::{Effect, MmioTransport};
@@ -78,9 +79,11 @@ const TOKEN_WAKEUP: u64 = 0;
 const TOKEN_SIGNALS: u64 = 1;
 const TOKEN_SIM: u64 = 2;
 const TOKEN_CONTROL: u64 = 3;
-/// Device `i` owns tokens `DEV_BASE + i * DEV_STRIDE + k`: k = 0 its socket, 1 + q its call fds.
+/// Device `i` owns tokens `DEV_BASE + i * DEV_STRIDE + k`: k = 0 its socket, 1 + q its call
+/// fds (no device has `RELAY - 1` queues), `RELAY + j` a console's relay fd `j`.
 const DEV_BASE: u64 = 0x100;
 const DEV_STRIDE: u64 = 0x100;
+const RELAY: u64 = 0xf0;
 /// The most messages taken from one worker per wakeup, so the bridge ring (every other
 /// zone's register accesses) is served between batches.
 const MAX_BATCH: usize = 16;
@@ -111,6 +114,8 @@ struct Slot {
     irq_injected: u64,
     irq_reinjected: u64,
     host: Host,
+    /// A console's pipes to its pty.
+    relay: Option<Relay>,
     /// Everything its worker makes the broker log.
     worker_log: LogBudget,
     /// What its guest makes the broker log.
@@ -374,13 +379,47 @@ impl Broker {
             irq_injected: 0,
             irq_reinjected: 0,
             host: prep.host,
+            relay: prep.relay,
             worker_log: LogBudget::worker(),
             guest_log: LogBudget::guest(),
             outbox: Outbox::default(),
             watching_out: false,
             rate_limits: dev.rate_limits.iter().copied().collect(),
         });
-        self.start_worker(self.slots.len() - 1)
+        let i = self.slots.len() - 1;
+        if let Some(relay) = &self.slots[i].relay {
+            let token = DEV_BASE + i as u64 * DEV_STRIDE + RELAY;
+            for (j, fd) in relay.fds().into_iter().enumerate() {
+                self.epoll
+                    .add(fd, EpollEvent::new(EpollFlags::empty(), token + j as u64))?;
+            }
+            self.watch_relay(i);
+        }
+        self.start_worker(i)
+    }
+
+    /// Moves a console's bytes as far as they go now, then watches for what they wait on.
+    fn on_relay(&mut self, i: usize) {
+        if let Some(relay) = &mut self.slots[i].relay {
+            relay.pump();
+        }
+        self.watch_relay(i);
+    }
+
+    fn watch_relay(&mut self, i: usize) {
+        let Some(relay) = &mut self.slots[i].relay else {
+            return;
+        };
+        let token = DEV_BASE + i as u64 * DEV_STRIDE + RELAY;
+        let want = relay.interest();
+        let mut now = relay.registered;
+        for (j, fd) in relay.fds().into_iter().enumerate() {
+            let mut ev = EpollEvent::new(want[j], token + j as u64);
+            if now[j] != want[j] && self.epoll.modify(fd, &mut ev).is_ok() {
+                now[j] = want[j];
+            }
+        }
+        relay.registered = now;
     }
 
     /// Starts a worker for device `i` and, if the driver had activated the device, activates
@@ -388,6 +427,11 @@ impl Broker {
     /// its predecessor published. Does not wait for the worker.
     fn start_worker(&mut self, i: usize) -> Result<()> {
         let slot = &mut self.slots[i];
+        if let Some(relay) = &slot.relay {
+            // No worker runs now: the counts are exact, and the new worker goes on from them.
+            lifecycle::set_stream_totals(&slot.recipe.record, relay.totals())
+                .with_context(|| slot.label.clone())?;
+        }
         let fds = Plumbing {
             memory: self.driver.memory_fd(),
             kicks: &slot.kicks,
@@ -700,6 +744,8 @@ impl Broker {
                 if k == 0 {
                     self.flush_outbox(i);
                     self.on_worker_message(i)?;
+                } else if k >= RELAY {
+                    self.on_relay(i);
                 } else {
                     self.on_call(i, (k - 1) as usize);
                 }

@@ -265,9 +265,10 @@ fn net() -> Vec<Allowed> {
     vec![host_fd_events(), sys!(SYS_readv), sys!(SYS_writev)]
 }
 
-/// virtio-console: a chain's guest buffers are written to, or filled from, the pty master in
-/// one `writev`/`readv`, straight from guest memory; the loop watches the pty for writability
-/// only while output is held, for readability only while the guest has receive buffers.
+/// virtio-console: a chain's guest buffers are written to, or filled from, the broker's pipes
+/// in one `writev`/`readv`, straight from guest memory; the loop watches the transmit pipe for
+/// writability only while output is held, the receive pipe for readability only while the
+/// guest has receive buffers.
 fn console() -> Vec<Allowed> {
     vec![host_fd_events(), sys!(SYS_readv), sys!(SYS_writev)]
 }

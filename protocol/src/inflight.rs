@@ -11,11 +11,16 @@
 //! published used index plus the heads in flight, which no death can make disagree.
 //!
 //! Layout, in native-endian u64 words (broker and workers run on the same machine):
-//! - header: [`MAGIC`], the activation epoch the record belongs to, two reserved words;
+//! - header: [`MAGIC`], the activation epoch the record belongs to, and the host stream
+//!   totals of queues 0 and 1 ([`STREAM_TOTALS`]): the bytes every worker before this one
+//!   took from (queue 0) or gave to (queue 1) the broker's pipes of a console, counted by the
+//!   broker and written here before it starts each worker;
 //! - per queue, [`QUEUE_WORDS`] words: the published used index, the head being published,
-//!   then per head `i < MAX_QUEUE_SIZE` two words: its state ([`TAKEN`] | its available ring
-//!   position, or 0) and its progress ([`PROGRESS`] | position << 32 | bytes, or 0): the bytes
-//!   a console or net chain got, or sent, before its used entry was published;
+//!   the chain being streamed ([`TAKEN`] | its available ring position << 16 | its head) and
+//!   where in the queue's host stream its first byte is, then per head `i < MAX_QUEUE_SIZE`
+//!   two words: its state ([`TAKEN`] | its available ring position, or 0) and its progress
+//!   ([`PROGRESS`] | position << 32 | bytes, or 0): the bytes a console or net chain got, or
+//!   sent, before its used entry was published;
 //! - after the queues, [`COUNTER_WORDS`] words of counters the worker keeps for
 //!   `hvisor-broker status` (indices in [`counter`]): never emptied, so they add up over the
 //!   device's workers. The broker reads them on a status request only, as worker-reported.
@@ -25,7 +30,9 @@ pub const MAGIC: u64 = u64::from_le_bytes(*b"hvinflt1");
 /// The largest queue a record has room for; every device model's maximum fits.
 pub const MAX_QUEUE_SIZE: usize = 1024;
 pub const HEADER_WORDS: usize = 4;
-pub const QUEUE_HEADER_WORDS: usize = 2;
+/// The word index of queue 0's host stream total; queue 1's follows.
+pub const STREAM_TOTALS: usize = 2;
+pub const QUEUE_HEADER_WORDS: usize = 4;
 pub const QUEUE_WORDS: usize = QUEUE_HEADER_WORDS + 2 * MAX_QUEUE_SIZE;
 /// The state word of a taken head: this bit, and its available ring position.
 pub const TAKEN: u64 = 1 << 63;
@@ -73,7 +80,7 @@ mod tests {
 
     #[test]
     fn sizes() {
-        assert_eq!(bytes(1), (4 + 2 + 2048 + COUNTER_WORDS) * 8);
+        assert_eq!(bytes(1), (4 + 4 + 2048 + COUNTER_WORDS) * 8);
         assert_eq!(words(2), 4 + 2 * QUEUE_WORDS);
     }
 }

@@ -109,7 +109,8 @@ pub enum DeviceSetup {
         /// Largest IP packet the guest may send (the MTU in the config space).
         mtu: u16,
     },
-    /// fds: the pty master, non-blocking, raw.
+    /// fds: the receive pipe's read end and the transmit pipe's write end; the broker relays
+    /// them to and from the pty.
     Console,
 }
 
@@ -124,7 +125,8 @@ impl DeviceSetup {
 
     fn fd_count(&self) -> usize {
         match self {
-            DeviceSetup::Blk { .. } | DeviceSetup::Net { .. } | DeviceSetup::Console => 1,
+            DeviceSetup::Blk { .. } | DeviceSetup::Net { .. } => 1,
+            DeviceSetup::Console => 2,
         }
     }
 }

@@ -49,7 +49,7 @@ fn ns(pid: i32, name: &str) -> String {
 }
 
 /// Every fd a worker may hold: stdio, its socket, epoll, the queue eventfds, its image or its
-/// pty master.
+/// console pipes.
 fn expected_fd(target: &str) -> bool {
     target == "/dev/null"
         || target == "/dev/ptmx"
@@ -326,9 +326,10 @@ fn each_worker_has_a_cgroup_of_its_own_with_its_kinds_limits() {
     assert_eq!(workers.len(), 3, "{}", stack.diagnostics());
     let mut dirs = std::collections::BTreeSet::new();
     for &w in &workers {
-        let console = std::fs::read_to_string(format!("/proc/{w}/cmdline"))
+        // By its name (comm), not its command line, whose path may contain any word.
+        let console = std::fs::read_to_string(format!("/proc/{w}/comm"))
             .unwrap()
-            .contains("console");
+            .starts_with("hvisor-worker-c");
         for controller in ["memory", "pids", "cpu"] {
             let dir = cgroup_dir(w, controller);
             assert_ne!(

@@ -1,6 +1,6 @@
 //! hvisor-worker-console: the sandboxed virtio-console backend of one device, started by
-//! hvisor-broker with its socket at fd 3. The broker opens the pty pair and keeps the slave;
-//! this process only moves bytes between the guest's buffers and the pty master.
+//! hvisor-broker with its socket at fd 3. The broker opens the pty pair and relays it through
+//! two pipes; this process only moves bytes between the guest's buffers and those pipes.
 
 mod console;
 

@@ -1,6 +1,7 @@
 //! The console device driven through split queues in guest memory, as a driver would fill
-//! them, over a real pty pair. The tests play the event loop: they wait on the master the way
-//! `host_interest` asks and feed `host_ready`'s answer back into `process_queue`.
+//! them, over real pipes. The tests play the event loop: they wait on the worker's ends the way
+//! `host_interest` asks and feed `host_ready`'s answer back into `process_queue`; and the
+//! broker: they read and write the other ends, counting what they moved.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -8,9 +9,9 @@ use worker::testing::{Part, Records, Ring};
 
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::pty::openpty;
-use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+use nix::unistd::pipe2;
 use protocol::DeviceSetup;
+use std::cell::Cell;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT};
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -26,10 +27,14 @@ const DATA: u64 = 0x10_0000;
 struct Rig {
     mem: GuestMemoryMmap,
     console: Console,
-    /// The host's end: where a user attaches.
-    slave: OwnedFd,
-    /// The test's own handle on the master, to wait on it as the event loop would.
-    master: OwnedFd,
+    /// The broker's ends: the transmit pipe's read end and the receive pipe's write end.
+    output: OwnedFd,
+    input: OwnedFd,
+    /// The worker's ends, as the broker keeps them for the next worker.
+    worker_fds: [OwnedFd; 2],
+    /// What the broker read from the transmit pipe and wrote into the receive pipe.
+    took: Cell<u64>,
+    gave: Cell<u64>,
     rx: Ring,
     tx: Ring,
     rxq: Queue,
@@ -38,21 +43,21 @@ struct Rig {
 }
 
 fn rig() -> Rig {
-    let pair = openpty(None, None).unwrap();
-    let mut t = tcgetattr(&pair.slave).unwrap();
-    cfmakeraw(&mut t);
-    tcsetattr(&pair.slave, SetArg::TCSANOW, &t).unwrap();
-    nonblocking(&pair.slave);
-    let master = pair.master.try_clone().unwrap();
-    let console = Console::new(&DeviceSetup::Console, vec![pair.master]).unwrap();
+    let (from_host, input) = pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC).unwrap();
+    let (output, to_host) = pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC).unwrap();
+    let worker_fds = [from_host, to_host];
+    let console = Console::new(&DeviceSetup::Console, clone_fds(&worker_fds)).unwrap();
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
     let (rx, tx) = (Ring::new(0x1_0000, QSIZE), Ring::new(0x2_0000, QSIZE));
     let (rxq, txq) = (rx.queue(), tx.queue());
     Rig {
         mem,
         console,
-        slave: pair.slave,
-        master,
+        output,
+        input,
+        worker_fds,
+        took: Cell::new(0),
+        gave: Cell::new(0),
         rx,
         tx,
         rxq,
@@ -61,9 +66,20 @@ fn rig() -> Rig {
     }
 }
 
-fn nonblocking(fd: &OwnedFd) {
-    let fl = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL).unwrap());
-    fcntl(fd, FcntlArg::F_SETFL(fl | OFlag::O_NONBLOCK)).unwrap();
+fn clone_fds(fds: &[OwnedFd]) -> Vec<OwnedFd> {
+    fds.iter().map(|f| f.try_clone().unwrap()).collect()
+}
+
+/// Bytes in a pipe, as the broker asks.
+fn in_pipe(fd: &OwnedFd) -> u64 {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int to the pointer given.
+    assert_eq!(
+        unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) },
+        0
+    );
+    n as u64
 }
 
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
@@ -99,34 +115,54 @@ impl Rig {
         self.console.process_queue(RXQ, &mut q, &self.mem)
     }
 
+    /// What the device waits for on the host side, both pipes together.
     fn interest(&self) -> Interest {
-        self.console.host_interest(0)
+        Interest {
+            read: self.console.host_interest(0).read,
+            write: self.console.host_interest(1).write,
+        }
     }
 
-    /// One round of the event loop over the master: waits for what the device asked for, then
-    /// processes the queues `host_ready` names. False if nothing became ready within `ms`.
+    /// Waits until the typed input reached the worker's end.
+    fn input_arrived(&self) -> bool {
+        wait_fd(&self.worker_fds[0], PollFlags::POLLIN, 2000)
+    }
+
+    /// One round of the event loop over the worker's pipe ends: waits for what the device
+    /// asked for, then processes the queues `host_ready` names. False if nothing became ready
+    /// within `ms`.
     fn host_round(&mut self, ms: u16) -> bool {
-        let want = self.interest();
-        let mut events = PollFlags::empty();
-        if want.read {
-            events |= PollFlags::POLLIN;
-        }
-        if want.write {
-            events |= PollFlags::POLLOUT;
-        }
-        if events.is_empty() {
+        let events = |j| {
+            let want = self.console.host_interest(j);
+            let mut events = PollFlags::empty();
+            if want.read {
+                events |= PollFlags::POLLIN;
+            }
+            if want.write {
+                events |= PollFlags::POLLOUT;
+            }
+            events
+        };
+        let (rx, tx) = (events(0), events(1));
+        if rx.is_empty() && tx.is_empty() {
             return false;
         }
-        let mut fds = [PollFd::new(self.master.as_fd(), events)];
+        let mut fds = [
+            PollFd::new(self.worker_fds[0].as_fd(), rx),
+            PollFd::new(self.worker_fds[1].as_fd(), tx),
+        ];
         if poll(&mut fds, PollTimeout::from(ms)).unwrap() == 0 {
             return false;
         }
-        let got = fds[0].revents().unwrap();
-        let mask = self.console.host_ready(
-            0,
-            got.contains(PollFlags::POLLIN),
-            got.contains(PollFlags::POLLOUT),
-        );
+        let mut mask = 0;
+        for (j, fd) in fds.iter().enumerate() {
+            let got = fd.revents().unwrap();
+            mask |= self.console.host_ready(
+                j,
+                got.contains(PollFlags::POLLIN),
+                got.contains(PollFlags::POLLOUT),
+            );
+        }
         if mask & (1 << RXQ) != 0 {
             self.kick_rx();
         }
@@ -136,37 +172,68 @@ impl Rig {
         true
     }
 
-    /// What a reader on the slave gets now (non-blocking).
-    fn read_slave(&self) -> Vec<u8> {
+    /// What the guest sent that the host gets now (non-blocking).
+    fn read_output(&self) -> Vec<u8> {
         let mut out = Vec::new();
         let mut buf = [0u8; 8192];
         loop {
-            match nix::unistd::read(&self.slave, &mut buf) {
+            match nix::unistd::read(&self.output, &mut buf) {
                 Ok(0) | Err(nix::errno::Errno::EAGAIN) => return out,
-                Ok(n) => out.extend_from_slice(&buf[..n]),
-                Err(e) => panic!("reading the slave: {e}"),
+                Ok(n) => {
+                    self.took.set(self.took.get() + n as u64);
+                    out.extend_from_slice(&buf[..n]);
+                }
+                Err(e) => panic!("reading the output: {e}"),
             }
         }
     }
 
-    /// Reads the slave until `len` bytes came or nothing arrives for a while.
-    fn read_slave_exact(&self, len: usize) -> Vec<u8> {
+    /// Reads the output until `len` bytes came or nothing arrives for a while.
+    fn read_output_exact(&self, len: usize) -> Vec<u8> {
         let mut out = Vec::new();
-        while out.len() < len && wait_fd(&self.slave, PollFlags::POLLIN, 2000) {
-            out.extend(self.read_slave());
+        while out.len() < len && wait_fd(&self.output, PollFlags::POLLIN, 2000) {
+            out.extend(self.read_output());
         }
         out
     }
 
-    fn write_slave(&self, data: &[u8]) {
+    /// Types as much of `data` as the receive pipe takes now.
+    fn type_some(&self, data: &[u8]) -> usize {
+        match nix::unistd::write(&self.input, data) {
+            Ok(n) => {
+                self.gave.set(self.gave.get() + n as u64);
+                n
+            }
+            Err(nix::errno::Errno::EAGAIN) => 0,
+            Err(e) => panic!("typing: {e}"),
+        }
+    }
+
+    /// The worker dies the moment the host read or write in `kick` returns; a new one takes
+    /// over the same host side and record, as the broker starts it after a kill.
+    fn die_after_host_io(&mut self, kick: fn(&mut Rig) -> bool) {
+        self.console.die_after_host_io = true;
+        let died = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| kick(self)));
+        assert!(died.is_err(), "no host I/O to die after");
+        // The broker's counts: what the pipes hold belongs to the dead worker's side.
+        let rx_total = self.gave.get() - in_pipe(&self.input);
+        let tx_total = self.took.get() + in_pipe(&self.output);
+        self.records
+            .record()
+            .set_stream_totals([rx_total, tx_total]);
+        let fds = clone_fds(&self.worker_fds);
+        self.console = Console::new(&DeviceSetup::Console, fds).unwrap();
+        (self.rxq, self.txq) = (self.rx.queue(), self.tx.queue());
+        self.records.resume(RXQ, &mut self.rxq, &self.mem);
+        self.records.resume(TXQ, &mut self.txq, &self.mem);
+    }
+
+    fn type_all(&self, data: &[u8]) {
         let mut at = 0;
         while at < data.len() {
-            match nix::unistd::write(&self.slave, &data[at..]) {
-                Ok(n) => at += n,
-                Err(nix::errno::Errno::EAGAIN) => {
-                    assert!(wait_fd(&self.slave, PollFlags::POLLOUT, 2000));
-                }
-                Err(e) => panic!("writing the slave: {e}"),
+            at += self.type_some(&data[at..]);
+            if at < data.len() {
+                assert!(wait_fd(&self.input, PollFlags::POLLOUT, 2000));
             }
         }
     }
@@ -197,14 +264,72 @@ fn transmit_sends_each_chains_readable_bytes_in_order() {
     want.extend_from_slice(&b);
     want.push(b'!');
     want.extend_from_slice(&b[..10]);
-    assert_eq!(r.read_slave_exact(want.len()), want);
+    assert_eq!(r.read_output_exact(want.len()), want);
     assert_eq!(r.interest(), Interest::NONE);
     // nothing new: no work, no interrupt
     assert!(!r.kick_tx());
 }
 
 #[test]
-fn a_full_pty_holds_the_chains_and_nothing_is_lost_or_reordered() {
+fn a_worker_killed_as_its_host_write_returns_sends_no_byte_twice() {
+    let mut r = rig();
+    r.put(DATA, b"ECHO line-0343\r\n");
+    r.tx.add(&r.mem, &[(DATA, 16, false)]);
+    r.put(DATA + 0x1000, b"next");
+    r.tx.add(&r.mem, &[(DATA + 0x1000, 4, false)]);
+    r.die_after_host_io(Rig::kick_tx);
+    assert!(r.kick_tx());
+    assert_eq!(r.tx.take_used(&r.mem), [(0, 0), (1, 0)]);
+    let got = r.read_output_exact(20);
+    assert!(r.read_output().is_empty());
+    assert_eq!(String::from_utf8_lossy(&got), "ECHO line-0343\r\nnext");
+}
+
+#[test]
+fn a_worker_killed_as_its_host_read_returns_loses_no_byte() {
+    let mut r = rig();
+    r.type_all(b"line-0343");
+    assert!(r.input_arrived());
+    r.rx.add(&r.mem, &[(DATA, 64, true)]);
+    r.die_after_host_io(Rig::kick_rx);
+    assert!(r.kick_rx());
+    assert_eq!(r.rx.take_used(&r.mem), [(0, 9)]);
+    assert_eq!(r.get(DATA, 9), b"line-0343");
+}
+
+#[test]
+fn a_worker_killed_while_a_long_chain_drains_sends_each_byte_once() {
+    let mut r = rig();
+    let data = pattern(9, 300_000);
+    r.put(DATA, &data);
+    r.tx.add(
+        &r.mem,
+        &[(DATA, 150_000, false), (DATA + 150_000, 150_000, false)],
+    );
+    // the pipe takes part of it and the chain waits
+    assert!(!r.kick_tx());
+    assert_eq!(r.interest(), Interest::WRITE);
+    let mut got = r.read_output();
+    // room again: the worker dies as its next write returns
+    r.die_after_host_io(|r| r.host_round(2000));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got.len() < data.len() {
+        assert!(Instant::now() < deadline, "stalled at {} bytes", got.len());
+        r.kick_tx();
+        got.extend(r.read_output());
+        r.host_round(10);
+    }
+    assert_eq!(r.tx.take_used(&r.mem), [(0, 0)]);
+    assert!(r.read_output().is_empty());
+    assert!(
+        got == data,
+        "first difference at {:?}",
+        first_diff(&got, &data)
+    );
+}
+
+#[test]
+fn a_full_pipe_holds_the_chains_and_nothing_is_lost_or_reordered() {
     let mut r = rig();
     // far more than a pty buffers, in chains of several sizes
     let sizes = [65536usize, 1, 4096, 100_000, 7, 65536, 30_000, 200_000];
@@ -239,7 +364,7 @@ fn a_full_pty_holds_the_chains_and_nothing_is_lost_or_reordered() {
     let deadline = Instant::now() + Duration::from_secs(20);
     while got.len() < want.len() {
         assert!(Instant::now() < deadline, "stalled at {} bytes", got.len());
-        got.extend(r.read_slave());
+        got.extend(r.read_output());
         r.host_round(10);
         used += r.tx.take_used(&r.mem).len();
     }
@@ -258,11 +383,11 @@ fn first_diff(a: &[u8], b: &[u8]) -> Option<usize> {
 }
 
 #[test]
-fn receive_waits_for_buffers_and_input_stays_in_the_pty() {
+fn receive_waits_for_buffers_and_input_stays_in_the_pipe() {
     let mut r = rig();
     let input = pattern(7, 3000);
-    r.write_slave(&input);
-    assert!(wait_fd(&r.master, PollFlags::POLLIN, 2000));
+    r.type_all(&input);
+    assert!(r.input_arrived());
     // no receive buffers: the pty is not read, not even watched
     assert!(!r.kick_rx());
     assert_eq!(r.interest(), Interest::NONE);
@@ -315,7 +440,7 @@ fn receive_waits_for_buffers_and_input_stays_in_the_pty() {
     r.rx.add(&r.mem, &[(DATA + 0x4000, 4096, true)]);
     assert!(!r.kick_rx());
     assert_eq!(r.interest(), Interest::READ);
-    r.write_slave(b"late");
+    r.type_all(b"late");
     assert!(r.host_round(2000));
     let used = r.rx.take_used(&r.mem);
     assert_eq!(used.len(), 1);
@@ -354,11 +479,9 @@ fn a_megabyte_each_way_with_few_buffers() {
         r.kick_tx();
         r.kick_rx();
         if fed < inp.len() {
-            if let Ok(n) = nix::unistd::write(&r.slave, &inp[fed..]) {
-                fed += n;
-            }
+            fed += r.type_some(&inp[fed..]);
         }
-        got_out.extend(r.read_slave());
+        got_out.extend(r.read_output());
         r.host_round(1);
         for _ in r.tx.take_used(&r.mem) {
             tx_busy.pop_front();
@@ -421,13 +544,13 @@ fn malformed_chains_are_returned_and_never_crash() {
     assert_eq!(used.len(), 6);
     assert!(used.iter().all(|&(_, len)| len == 0));
     // only the well-formed output reached the pty (the loop's bytes included: it is bounded)
-    let got = r.read_slave_exact(2);
+    let got = r.read_output_exact(2);
     assert!(got.ends_with(b"ok"), "{got:?}");
     assert!(got.len() <= 2 + usize::from(QSIZE), "{}", got.len());
 
     // receive: outside memory, no writable room: returned empty, the input kept for later
-    r.write_slave(b"input");
-    assert!(wait_fd(&r.master, PollFlags::POLLIN, 2000));
+    r.type_all(b"input");
+    assert!(r.input_arrived());
     r.rx.add(&r.mem, &[(outside, 64, true)]);
     r.rx.add(&r.mem, &[(DATA, 64, false)]);
     r.rx.add(&r.mem, &[(DATA + 0x1000, 0, true)]);
@@ -461,7 +584,7 @@ fn reset_forgets_a_blocked_chain_and_interest() {
     assert_eq!(r.interest(), Interest::NONE);
     assert_eq!(r.console.host_ready(0, true, true), 0);
     // a new driver, new rings: its first chain starts from its first byte
-    r.read_slave();
+    r.read_output();
     let mut tx = Ring::new(0x3_0000, QSIZE);
     r.txq = tx.queue();
     // its activation starts a new in-flight record, as the event loop's does
@@ -472,7 +595,7 @@ fn reset_forgets_a_blocked_chain_and_interest() {
     let mut got = Vec::new();
     while !got.ends_with(b"fresh") {
         r.kick_tx();
-        got.extend(r.read_slave_exact(1));
+        got.extend(r.read_output_exact(1));
         r.host_round(10);
     }
     assert_eq!(tx.take_used(&r.mem), [(0, 0)]);
@@ -480,26 +603,27 @@ fn reset_forgets_a_blocked_chain_and_interest() {
 
 #[test]
 fn setup_and_fds_are_checked() {
-    let pair = openpty(None, None).unwrap();
+    let (a, b) = nix::unistd::pipe().unwrap();
     let blk = DeviceSetup::Blk {
         readonly: false,
         size: 512,
         serial: String::new(),
     };
-    assert!(Console::new(&blk, vec![pair.master.try_clone().unwrap()]).is_err());
+    let both = || clone_fds(&[a.try_clone().unwrap(), b.try_clone().unwrap()]);
+    assert!(Console::new(&blk, both()).is_err());
     assert!(Console::new(&DeviceSetup::Console, vec![]).is_err());
-    let two = vec![pair.master.try_clone().unwrap(), pair.slave];
-    assert!(Console::new(&DeviceSetup::Console, two).is_err());
-    // a blocking master is made non-blocking
-    let fl = OFlag::from_bits_truncate(fcntl(&pair.master, FcntlArg::F_GETFL).unwrap());
+    assert!(Console::new(&DeviceSetup::Console, clone_fds(&[a.try_clone().unwrap()])).is_err());
+    // a pty is no pipe
+    let pair = nix::pty::openpty(None, None).unwrap();
+    assert!(Console::new(&DeviceSetup::Console, vec![pair.master, pair.slave]).is_err());
+    // blocking pipe ends are made non-blocking
+    let fl = OFlag::from_bits_truncate(fcntl(&a, FcntlArg::F_GETFL).unwrap());
     assert!(!fl.contains(OFlag::O_NONBLOCK));
-    let c = Console::new(
-        &DeviceSetup::Console,
-        vec![pair.master.try_clone().unwrap()],
-    )
-    .unwrap();
-    let fl = OFlag::from_bits_truncate(fcntl(&pair.master, FcntlArg::F_GETFL).unwrap());
-    assert!(fl.contains(OFlag::O_NONBLOCK));
-    assert_eq!(c.host_fds().len(), 1);
-    assert_eq!(c.host_interest(1), Interest::NONE);
+    let c = Console::new(&DeviceSetup::Console, both()).unwrap();
+    for fd in [&a, &b] {
+        let fl = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL).unwrap());
+        assert!(fl.contains(OFlag::O_NONBLOCK));
+    }
+    assert_eq!(c.host_fds().len(), 2);
+    assert_eq!(c.host_interest(2), Interest::NONE);
 }

@@ -108,7 +108,15 @@ impl Record {
     pub fn queue(&self, index: usize) -> Option<QueueRecord<'_>> {
         let start = layout::HEADER_WORDS + index * layout::QUEUE_WORDS;
         let words = self.words().get(start..start + layout::QUEUE_WORDS)?;
-        Some(QueueRecord { words })
+        let total = (index < 2).then(|| &self.words()[layout::STREAM_TOTALS + index]);
+        Some(QueueRecord { words, total })
+    }
+
+    /// Sets the host stream totals of queues 0 and 1, as the broker does before a worker starts.
+    pub fn set_stream_totals(&self, totals: [u64; 2]) {
+        for (i, t) in totals.into_iter().enumerate() {
+            self.words()[layout::STREAM_TOTALS + i].store(t, SeqCst);
+        }
     }
 }
 
@@ -116,11 +124,17 @@ impl Record {
 #[derive(Clone, Copy)]
 pub struct QueueRecord<'r> {
     words: &'r [AtomicU64],
+    /// The broker's count of this queue's host stream, for queues 0 and 1.
+    total: Option<&'r AtomicU64>,
 }
 
 impl QueueRecord<'_> {
     const USED: usize = 0;
     const LAST: usize = 1;
+    /// The chain being streamed: TAKEN | position << 16 | head.
+    const STREAMING: usize = 2;
+    /// Where that chain starts in the queue's host stream.
+    const STREAM_START: usize = 3;
 
     fn state(&self, head: u16) -> &AtomicU64 {
         &self.words[layout::QUEUE_HEADER_WORDS + 2 * (usize::from(head) % MAX_QUEUE_SIZE)]
@@ -198,6 +212,8 @@ pub struct TrackedQueue<'m> {
     /// Heads a dead worker had taken, oldest first: taken again before any new chain.
     again: &'m mut VecDeque<u16>,
     recovery: Option<&'m Recovery>,
+    /// The head and available ring position of the chain [`pop`](Self::pop) returned last.
+    popped: Option<(u16, u16)>,
 }
 
 impl<'m> TrackedQueue<'m> {
@@ -212,6 +228,7 @@ impl<'m> TrackedQueue<'m> {
             record,
             again,
             recovery,
+            popped: None,
         }
     }
 
@@ -222,6 +239,7 @@ impl<'m> TrackedQueue<'m> {
     ) -> Option<DescriptorChain<&'m GuestMemoryMmap>> {
         while let Some(head) = self.again.pop_front() {
             if let Some(chain) = self.recovery.and_then(|r| r.chain(self.queue, head)) {
+                self.popped = self.record.position(head).map(|pos| (head, pos));
                 return Some(chain);
             }
             warn!("chain {head}, taken before a restart, cannot be read again; returned empty");
@@ -230,6 +248,7 @@ impl<'m> TrackedQueue<'m> {
         let chain = self.queue.pop_descriptor_chain(mem)?;
         let pos = self.queue.next_avail().wrapping_sub(1);
         self.record.take(chain.head_index(), pos);
+        self.popped = Some((chain.head_index(), pos));
         let depth = pos.wrapping_sub(self.queue.next_used()).wrapping_add(1);
         counters::raise(counters::QUEUE_HIGH_WATER, depth.into());
         Some(chain)
@@ -283,6 +302,35 @@ impl<'m> TrackedQueue<'m> {
             let word = PROGRESS | (u64::from(pos) << 32) | u64::from(bytes);
             self.record.progress_word(head).store(word, SeqCst);
         }
+    }
+
+    /// How many bytes of this queue's host stream the workers before this one moved, as the
+    /// broker counted them (0 where it counts none).
+    pub fn stream_total(&self) -> u64 {
+        self.record.total.map_or(0, |t| t.load(SeqCst))
+    }
+
+    /// Where in the queue's host stream chain `head`, the one popped last, starts, if this
+    /// worker or a dead one noted it with [`set_stream_start`](Self::set_stream_start).
+    pub fn stream_start(&self, head: u16) -> Option<u64> {
+        let tag = self.stream_tag(head)?;
+        (self.record.words[QueueRecord::STREAMING].load(SeqCst) == tag)
+            .then(|| self.record.words[QueueRecord::STREAM_START].load(SeqCst))
+    }
+
+    /// Notes that chain `head`, the one popped last, starts at byte `at` of the queue's host
+    /// stream; done before any of its bytes move, one chain at a time per queue.
+    pub fn set_stream_start(&mut self, head: u16, at: u64) {
+        if let Some(tag) = self.stream_tag(head) {
+            // The start first: a death in between leaves the tag of an earlier chain.
+            self.record.words[QueueRecord::STREAM_START].store(at, SeqCst);
+            self.record.words[QueueRecord::STREAMING].store(tag, SeqCst);
+        }
+    }
+
+    fn stream_tag(&self, head: u16) -> Option<u64> {
+        let (h, pos) = self.popped.filter(|&(h, _)| h == head)?;
+        Some(TAKEN | u64::from(pos) << 16 | u64::from(h))
     }
 
     /// Whether the next [`pop`](Self::pop) serves a chain a dead worker had taken.

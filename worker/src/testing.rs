@@ -130,6 +130,7 @@ impl Ring {
 pub struct Records {
     record: crate::inflight::Record,
     again: Vec<std::collections::VecDeque<u16>>,
+    recovery: Option<crate::inflight::Recovery>,
 }
 
 impl Records {
@@ -139,7 +140,23 @@ impl Records {
         Records {
             record,
             again: vec![Default::default(); num_queues],
+            recovery: None,
         }
+    }
+
+    /// What a replacement worker does at activation: `queue` (new) goes on where the dead
+    /// worker's record says, and the chains it had taken are served again.
+    pub fn resume(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) {
+        let record = self.record.queue(index).expect("a queue of the record");
+        self.again[index] = crate::inflight::resume(queue, record, mem);
+        if self.recovery.is_none() {
+            self.recovery = crate::inflight::Recovery::new(mem);
+        }
+    }
+
+    /// The whole record, as the broker's memfd holds it.
+    pub fn record(&self) -> &crate::inflight::Record {
+        &self.record
     }
 
     /// Queue `index` as a device sees it.
@@ -152,7 +169,7 @@ impl Records {
             queue,
             self.record.queue(index).expect("a queue of the record"),
             &mut self.again[index],
-            None,
+            self.recovery.as_ref(),
         )
     }
 }

@@ -23,3 +23,4 @@ pub mod startup;
 pub mod status;
 pub mod supervisor;
 pub mod transport;
+pub mod zones;

@@ -400,6 +400,9 @@ fn request(run_dir: &Path, driver: &Path, req: &Request) -> Result<String> {
     let (n, _) = recv_raw(sock.as_fd(), &mut buf, MsgFlags::empty())
         .context("the broker hung up without answering")?;
     buf.truncate(n);
+    // The broker closes its end right after answering. Waiting for that means whoever asked
+    // next (say, counting the broker's fds) finds nothing left of this connection.
+    let _ = wait_readable(sock.as_fd(), Duration::from_secs(1));
     let text = String::from_utf8_lossy(&buf);
     let Some(report) = text.strip_prefix(&format!("{MAGIC}\n")) else {
         bail!(

@@ -8,6 +8,7 @@
 //! ```text
 //! hvisor-sim --config zone.json --socket PATH --guest WORKLOAD
 //!            [--legacy-driver] [--gic hvisor|ideal] [--lose-wakeups N]
+//!            [--zone-guest ZONE=WORKLOAD]... [--rounds-dir DIR] [--repeat-until FILE]
 //!            [--seed N] [--report FILE] [--shadow-dir DIR]
 //!            [--timeout SECS] [--stay] [--wait-for FILE] [--resume-when FILE]
 //!            [--net-guest IP] [--net-host IP] [--net-port PORT] [--net-bench-secs SECS]
@@ -26,11 +27,15 @@
 //! - `--lose-wakeups N` (default 0, none): every N-th wakeup of the broker is not sent, as
 //!   hvisor's unfenced read of `need_wakeup` can lose one (hvisor-abi 2.5).
 //! - `--guest`: `demo`, `blk-demo`, `blk-verify`, `hostile`, `irq-window`, `reset-storm`,
-//!   `reset-storm-io`,
+//!   `reset-storm-io`, `rounds`,
 //!   `dead-device`, `queue-stop`, `bench`, `net-verify`,
 //!   `net-bench`, `console-verify`, `console-bench`, `linux-boot`, `linux-blk`, `linux-net`,
 //!   `linux-console` or `linux-bench`
 //!   (below).
+//! - `--zone-guest ZONE=WORKLOAD` (repeatable): zone ZONE runs WORKLOAD instead of `--guest`.
+//! - `--rounds-dir DIR`: where `rounds` finds its go and end files and writes its done files.
+//! - `--repeat-until FILE`: `blk-verify` runs again and again (each run reading the disk into
+//!   a fresh shadow) until FILE exists.
 //! - `--seed` (default 1): seeds every random choice of the workloads.
 //! - `--report FILE`: the run report as JSON (below).
 //! - `--shadow-dir DIR`: `blk-verify` and `hostile` write, per blk device, the disk content
@@ -111,6 +116,13 @@
 //!   8 config-space writes; `hvisor-sim: zone Z blk@0xADDR: 3000 reset cycles done`; then a
 //!   shorter `blk-verify`. `reset-storm-io`: the same, every other initialisation with a
 //!   sector read and then the queue taken out of use (QueueReady 0) before the reset.
+//! - `rounds`: per blk device, a zone as `hvisor zone start` and `shutdown` make it: round N
+//!   starts once `DIR/zone<Z>-go<N>` exists (`DIR/zone<Z>-end` ends the workload). The
+//!   device is reset and initialised from scratch, round N - 1's sector must still hold its
+//!   pattern, round N's is written and read back; the device is left running (a shutdown
+//!   resets nothing), and `DIR/zone<Z>-done<N>` says `ok` or `error: WHY`. Check `rounds`
+//!   fails if any round did. Accesses while the zone is not served read 0, so a round then
+//!   fails rather than hangs.
 //! - `queue-stop`: per blk device, one initialisation, a sector read, queue 0 taken out of
 //!   use (QueueReady 0); `hvisor-sim: zone Z blk@0xADDR: queue 0 stopped`; then, once the
 //!   file `--resume-when FILE` names exists, the stopped queue's last chain offered again

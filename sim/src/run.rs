@@ -41,6 +41,15 @@ pub struct Args {
     /// The guest workload.
     #[arg(long, value_enum)]
     pub guest: Workload,
+    /// Run WORKLOAD in zone ZONE instead of `--guest`, as ZONE=WORKLOAD (repeatable).
+    #[arg(long = "zone-guest", value_parser = parse_zone_guest)]
+    pub zone_guests: Vec<(u32, Workload)>,
+    /// `blk-verify`: run it again and again until this file exists.
+    #[arg(long)]
+    pub repeat_until: Option<PathBuf>,
+    /// `rounds`: the directory of its go, done and end files.
+    #[arg(long)]
+    pub rounds_dir: Option<PathBuf>,
     /// Seed of every random choice.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -152,6 +161,8 @@ fn run(args: Args) -> Result<i32> {
         seed: args.seed,
         shadow_dir: args.shadow_dir.clone(),
         resume_when: args.resume_when.clone(),
+        rounds_dir: args.rounds_dir.clone(),
+        repeat_until: args.repeat_until.clone(),
         irq_timeout: hv.watchdog,
         depths: args.depths.clone(),
         depth_secs: args.depth_secs,
@@ -173,7 +184,12 @@ fn run(args: Args) -> Result<i32> {
             zone: zone.clone(),
             cpu: i as u64 + 1,
             slot: i,
-            opts: opts.clone(),
+            opts: GuestOptions {
+                workload: (args.zone_guests.iter())
+                    .find(|(z, _)| *z == zone.id)
+                    .map_or(args.guest, |(_, w)| *w),
+                ..opts.clone()
+            },
             bench: Some(zone.id) == bench_zone,
         };
         threads.push(
@@ -214,6 +230,16 @@ fn run(args: Args) -> Result<i32> {
         hv.wait_broker_gone();
     }
     Ok(code)
+}
+
+/// `2=rounds`
+fn parse_zone_guest(s: &str) -> Result<(u32, Workload), String> {
+    use clap::ValueEnum;
+    let (zone, workload) = s.split_once('=').ok_or("expected ZONE=WORKLOAD")?;
+    let zone = zone
+        .parse()
+        .map_err(|_| format!("{zone:?} is not a zone id"))?;
+    Ok((zone, Workload::from_str(workload, false)?))
 }
 
 /// Writes the report where `--report` says, if it does.

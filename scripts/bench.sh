@@ -11,3 +11,6 @@ target/release/hvisor-flood-bench
 target/release/hvisor-slowdisk-bench 200 2 3
 # How long a device waits for a new worker when its worker is killed: median and max.
 target/release/hvisor-restart-bench 20
+# A zone added and removed again and again: another zone's register read latency (p50, p99)
+# beside the same run's figure without.
+target/release/hvisor-zones-bench

@@ -116,6 +116,9 @@ impl Broker {
             log::warn!("{}: {w}", path.display());
         }
         let zones = loaded.config.zones;
+        if let Some(r) = (self.retiring.iter()).find(|r| zones.iter().any(|z| z.id == r.zone)) {
+            bail!("zone {} is still being removed; nothing changed", r.zone);
+        }
         let devices: usize = zones.iter().map(|z| z.devices.len()).sum();
         self.add_zones(&zones)
             .with_context(|| format!("{}: nothing changed", path.display()))?;

@@ -7,7 +7,6 @@
 //! until the test is done.
 
 #[path = "net/peer.rs"]
-#[allow(dead_code)]
 mod peer;
 
 use std::path::{Path, PathBuf};

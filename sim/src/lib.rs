@@ -118,8 +118,8 @@
 //!   sector read and then the queue taken out of use (QueueReady 0) before the reset.
 //! - `rounds`: per blk device, a zone as `hvisor zone start` and `shutdown` make it: round N
 //!   starts once `DIR/zone<Z>-go<N>` exists (`DIR/zone<Z>-end` ends the workload). The
-//!   device is reset and initialised from scratch, round N - 1's sector must still hold its
-//!   pattern, round N's is written and read back; the device is left running (a shutdown
+//!   device is reset and initialised from scratch, the last passed round's sector must still
+//!   hold its pattern, round N's is written and read back; the device is left running (a shutdown
 //!   resets nothing), and `DIR/zone<Z>-done<N>` says `ok` or `error: WHY`. Check `rounds`
 //!   fails if any round did. Accesses while the zone is not served read 0, so a round then
 //!   fails rather than hangs.

@@ -434,4 +434,19 @@ mod tests {
         let none = diff(&running, &running);
         assert!(none.removed.is_empty() && none.changed.is_empty() && none.added.is_empty());
     }
+
+    #[test]
+    fn the_list_reads_as_text() {
+        let list = json!({ "zones": [
+            { "zone": 1, "state": "served", "devices": [
+                { "device": "blk@0xa003c00", "irq": 78, "worker_pid": 42, "state": "serving" }] },
+            { "zone": 2, "state": "removing", "devices": [
+                { "device": "console@0xa003800", "irq": 76, "worker_pid": null, "state": "failed" }] },
+        ]});
+        assert_eq!(
+            render_list(&list),
+            "zone 1: served\n  blk@0xa003c00        irq 78   serving, worker pid 42\n\
+             zone 2: removing\n  console@0xa003800    irq 76   failed\n"
+        );
+    }
 }

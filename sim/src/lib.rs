@@ -9,6 +9,7 @@
 //! hvisor-sim --config zone.json --socket PATH --guest WORKLOAD
 //!            [--legacy-driver] [--gic hvisor|ideal] [--lose-wakeups N]
 //!            [--zone-guest ZONE=WORKLOAD]... [--rounds-dir DIR] [--repeat-until FILE]
+//!            [--bench-reads N]
 //!            [--seed N] [--report FILE] [--shadow-dir DIR]
 //!            [--timeout SECS] [--stay] [--wait-for FILE] [--resume-when FILE]
 //!            [--net-guest IP] [--net-host IP] [--net-port PORT] [--net-bench-secs SECS]
@@ -131,7 +132,8 @@
 //! - `dead-device`: per blk device, one initialisation (for a test whose worker dies at
 //!   DRIVER_OK), a wait of up to 30 s for DEVICE_NEEDS_RESET, a reset and a second
 //!   initialisation: NEEDS_RESET must stay set and DRIVER_OK be refused.
-//! - `bench`: on the first blk device only: 200000 MagicValue reads (mean, p50, p99 in us),
+//! - `bench`: on the first blk device only: 200000 (`--bench-reads N`) MagicValue reads
+//!   (mean, p50, p99 in us),
 //!   4 KiB random reads at queue depth 1 for about 2 s, 128 KiB sequential reads for about
 //!   2 s, each beside `pread`s of the same offsets on the image file (page cache warmed by an
 //!   untimed pass), printed as a table with ratios.

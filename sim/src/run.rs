@@ -44,6 +44,10 @@ pub struct Args {
     /// Run WORKLOAD in zone ZONE instead of `--guest`, as ZONE=WORKLOAD (repeatable).
     #[arg(long = "zone-guest", value_parser = parse_zone_guest)]
     pub zone_guests: Vec<(u32, Workload)>,
+    /// `bench`: how many synchronous register reads it times.
+    #[arg(long, default_value_t = 200_000,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub bench_reads: usize,
     /// `blk-verify`: run it again and again until this file exists.
     #[arg(long)]
     pub repeat_until: Option<PathBuf>,
@@ -163,6 +167,7 @@ fn run(args: Args) -> Result<i32> {
         resume_when: args.resume_when.clone(),
         rounds_dir: args.rounds_dir.clone(),
         repeat_until: args.repeat_until.clone(),
+        bench_reads: args.bench_reads,
         irq_timeout: hv.watchdog,
         depths: args.depths.clone(),
         depth_secs: args.depth_secs,

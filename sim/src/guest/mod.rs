@@ -130,6 +130,8 @@ pub struct GuestOptions {
     pub shadow_dir: Option<PathBuf>,
     /// `queue-stop`: the file whose existence ends its pause.
     pub resume_when: Option<PathBuf>,
+    /// `bench`: how many synchronous register reads it times.
+    pub bench_reads: usize,
     /// `blk-verify`: run again and again until this file exists.
     pub repeat_until: Option<PathBuf>,
     /// `rounds`: where its go, done and end files are.

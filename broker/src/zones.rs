@@ -387,7 +387,7 @@ pub fn render_list(list: &Value) -> String {
             out.push_str(&format!(
                 "  {:<20} irq {:<4} {}{pid}\n",
                 str_of(&d["device"]),
-                d["irq"],
+                d["irq"].to_string(),
                 str_of(&d["state"])
             ));
         }

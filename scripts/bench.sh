@@ -17,3 +17,6 @@ target/release/hvisor-restart-bench 20
 # Rate limits: a disk limited to 20 MB/s at queue depth 1 and 16, delivered figure and ratio,
 # beside an unlimited neighbour's IOPS and the same neighbour alone.
 target/release/hvisor-ratelimit-bench 5
+# A zone added and removed again and again: another zone's register read latency (p50, p99)
+# beside the same run's figure without.
+target/release/hvisor-zones-bench

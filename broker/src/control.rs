@@ -1,7 +1,7 @@
 //! The control socket and the single-instance lock, both in the root-only run directory
 //! ([`crate::rundir`]) under a name derived from the driver: the lock is a `flock` (released by
-//! the kernel whenever the broker exits), the socket answers `hvisor-broker audit`, `status`
-//! and `restart-worker` for root.
+//! the kernel whenever the broker exits), the socket answers `hvisor-broker audit`, `status`,
+//! `restart-worker` and `zone add|remove|list` for root.
 //!
 //! Nothing here waits inside the bridge loop: connections are accepted a few per wakeup and
 //! kept (a few at most) until their request arrives, and refusals reach the log within a
@@ -38,8 +38,10 @@ const MAX_PENDING: usize = 4;
 /// How long a connection may take to send its request.
 const REQUEST_TIME: Duration = Duration::from_secs(1);
 
-/// The longest request.
-const MAX_REQUEST: usize = 256;
+/// The longest request: a zone file's path fits.
+const MAX_REQUEST: usize = 4352;
+/// How long a client waits for the answer (a zone removal waits for its workers to end).
+const ANSWER_TIME: Duration = Duration::from_secs(30);
 
 /// What a control client may ask.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +59,13 @@ pub enum Request {
         flow: Option<Flow>,
         limit: Limit,
     },
+    /// Serve the zones of the file at PATH (absolute) beside the running ones.
+    ZoneAdd { path: PathBuf },
+    /// Stop serving zone ZONE; answered once its workers have ended and its resources are
+    /// released.
+    ZoneRemove { zone: u32 },
+    /// The zones served, their devices and state (JSON).
+    ZoneList,
 }
 
 /// `rate 1000 burst 100`, or `-` for no bucket.
@@ -101,11 +110,19 @@ impl Request {
                 bucket_text(limit.bytes),
                 bucket_text(limit.ops)
             ),
+            Request::ZoneAdd { path } => format!("{MAGIC} zone-add {}", path.display()),
+            Request::ZoneRemove { zone } => format!("{MAGIC} zone-remove {zone}"),
+            Request::ZoneList => format!("{MAGIC} zone-list"),
         }
     }
 
     fn parse(bytes: &[u8]) -> Option<Request> {
         let text = std::str::from_utf8(bytes).ok()?.strip_prefix(MAGIC)?;
+        // The path is the rest of the line: it may hold spaces.
+        if let Some(path) = text.strip_prefix(" zone-add /") {
+            let path = PathBuf::from(format!("/{path}"));
+            return (!path.as_os_str().is_empty()).then_some(Request::ZoneAdd { path });
+        }
         let words: Vec<&str> = text.split(' ').skip(1).collect();
         match words.as_slice() {
             ["audit"] => Some(Request::Audit),
@@ -132,6 +149,10 @@ impl Request {
                     limit,
                 })
             }
+            ["zone-remove", zone] => Some(Request::ZoneRemove {
+                zone: zone.parse().ok()?,
+            }),
+            ["zone-list"] => Some(Request::ZoneList),
             _ => None,
         }
     }
@@ -278,6 +299,9 @@ impl Control {
             match recv_raw(conn.as_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
                 Ok((n, _)) => match Request::parse(&buf[..n]) {
                     Some(req) => {
+                        // Its answer may wait (a zone removal): a hang-up meanwhile must not
+                        // keep the loop awake.
+                        let _ = self.wakeup.delete(&conn);
                         out.push((conn, req));
                         continue;
                     }
@@ -355,14 +379,11 @@ pub fn request_status(run_dir: &Path, driver: &Path) -> Result<crate::status::Re
 /// Asks the broker serving `driver` to replace a worker; returns its answer, or its refusal
 /// as an error.
 pub fn request_restart(run_dir: &Path, driver: &Path, zone: u32, device: &str) -> Result<String> {
-    if !nix::unistd::geteuid().is_root() {
-        bail!("restarting workers is for root only");
-    }
     let req = Request::RestartWorker {
         zone,
         device: device.to_string(),
     };
-    request_change(run_dir, driver, &req)
+    request_action(run_dir, driver, &req)
 }
 
 /// Asks the broker serving `driver` to set a rate limit; returns its answer, or its refusal
@@ -375,20 +396,53 @@ pub fn request_rate_limit(
     flow: Option<Flow>,
     limit: Limit,
 ) -> Result<String> {
-    if !nix::unistd::geteuid().is_root() {
-        bail!("setting rate limits is for root only");
-    }
     let req = Request::RateLimit {
         zone,
         device: device.to_string(),
         flow,
         limit,
     };
-    request_change(run_dir, driver, &req)
+    request_action(run_dir, driver, &req)
 }
 
-/// Sends a request that changes something and reads its `{ok, message}` answer.
-fn request_change(run_dir: &Path, driver: &Path, req: &Request) -> Result<String> {
+/// Asks the broker serving `driver` to add the zones of `file`, or to remove a zone.
+pub fn request_zone_change(run_dir: &Path, driver: &Path, req: &Request) -> Result<String> {
+    let req = match req {
+        Request::ZoneAdd { path } => Request::ZoneAdd {
+            // The broker reads the file: relative to where the client is.
+            path: std::path::absolute(path)
+                .with_context(|| format!("{}: no absolute path", path.display()))?,
+        },
+        other => other.clone(),
+    };
+    request_action(run_dir, driver, &req)
+}
+
+/// Asks the broker serving `driver` for its zones (JSON).
+pub fn request_zone_list(run_dir: &Path, driver: &Path) -> Result<serde_json::Value> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("zone lists are for root only");
+    }
+    let text = request(run_dir, driver, &Request::ZoneList)?;
+    serde_json::from_str(&text).context("unreadable answer")
+}
+
+/// The answer to a request for a change: whether it was made, and what was done or wrong.
+pub fn action_answer(ok: bool, message: &str) -> String {
+    serde_json::json!({
+        "broker_pid": std::process::id(),
+        "ok": ok,
+        "message": message,
+    })
+    .to_string()
+}
+
+/// Sends a request answered with `ok` and `message`; returns the message, or a refusal as an
+/// error.
+fn request_action(run_dir: &Path, driver: &Path, req: &Request) -> Result<String> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("only root may ask the broker for changes");
+    }
     let answer: serde_json::Value = serde_json::from_str(&request(run_dir, driver, req)?)?;
     let message = answer["message"].as_str().unwrap_or_default().to_string();
     if answer["ok"] != true {
@@ -418,12 +472,14 @@ fn request(run_dir: &Path, driver: &Path, req: &Request) -> Result<String> {
         &[],
         MsgFlags::MSG_NOSIGNAL,
     )?;
-    wait_readable(sock.as_fd(), Duration::from_secs(5))
-        .context("waiting for the broker's answer")?;
+    wait_readable(sock.as_fd(), ANSWER_TIME).context("waiting for the broker's answer")?;
     let mut buf = vec![0u8; MAX_ANSWER + 1];
     let (n, _) = recv_raw(sock.as_fd(), &mut buf, MsgFlags::empty())
         .context("the broker hung up without answering")?;
     buf.truncate(n);
+    // The broker closes its end right after answering. Waiting for that means whoever asked
+    // next (say, counting the broker's fds) finds nothing left of this connection.
+    let _ = wait_readable(sock.as_fd(), Duration::from_secs(1));
     let text = String::from_utf8_lossy(&buf);
     let Some(report) = text.strip_prefix(&format!("{MAGIC}\n")) else {
         bail!(
@@ -499,6 +555,11 @@ mod tests {
                 flow: None,
                 limit: Limit::default(),
             },
+            Request::ZoneAdd {
+                path: "/etc/hvisor/zone 2.json".into(),
+            },
+            Request::ZoneRemove { zone: 2 },
+            Request::ZoneList,
         ] {
             assert_eq!(Request::parse(req.text().as_bytes()), Some(req));
         }
@@ -516,6 +577,8 @@ mod tests {
             "hvisor-broker control 1 rate-limit 1 blk - 10 -",
             "hvisor-broker control 1 rate-limit 1 blk - 10 x -",
             "hvisor-broker control 1 rate-limit 1 blk - 281474976710657 1 -",
+            "hvisor-broker control 1 zone-add zone2.json",
+            "hvisor-broker control 1 zone-remove two",
         ] {
             assert_eq!(Request::parse(bad.as_bytes()), None, "{bad}");
         }

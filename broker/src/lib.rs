@@ -24,3 +24,4 @@ pub mod startup;
 pub mod status;
 pub mod supervisor;
 pub mod transport;
+pub mod zones;

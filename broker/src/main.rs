@@ -1,5 +1,6 @@
 //! `hvisor-broker start CONFIG` serves the virtio devices of an hvisor-tool JSON config;
-//! `hvisor-broker check CONFIG` validates it and prints what would be served.
+//! `hvisor-broker check CONFIG` validates it and prints what would be served; `zone add`,
+//! `zone remove` and `zone list` change and show the zones a running broker serves.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -39,7 +40,8 @@ struct Cli {
 // parsed once: the size of the options does not matter
 #[allow(clippy::large_enum_variant)]
 enum Command {
-    /// Serve the devices of CONFIG (the JSON `hvisor virtio start` takes) until SIGTERM/SIGINT.
+    /// Serve the devices of CONFIG (the JSON `hvisor virtio start` takes) until SIGTERM/SIGINT;
+    /// SIGHUP reads CONFIG again and adds, removes or replaces the zones that changed.
     Start {
         config: PathBuf,
         /// The hvisor driver: the /dev/hvisor character device, or a simulator socket.
@@ -157,6 +159,17 @@ enum Command {
         #[arg(long, default_value = hvisor_broker::rundir::DEFAULT)]
         run_dir: PathBuf,
     },
+    /// Add, remove or list the zones the running broker serves (root only).
+    Zone {
+        #[command(subcommand)]
+        action: ZoneAction,
+        /// The driver the broker serves.
+        #[arg(long, global = true, default_value = "/dev/hvisor")]
+        driver: PathBuf,
+        /// The broker's run directory.
+        #[arg(long, global = true, default_value = hvisor_broker::rundir::DEFAULT)]
+        run_dir: PathBuf,
+    },
     /// Validate CONFIG and print what would be served; starts nothing.
     Check { config: PathBuf },
     /// Ask the running broker what the kernel says about each worker's sandbox (root only).
@@ -201,6 +214,22 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum ZoneAction {
+    /// Serve the zones of CONFIG (an hvisor-tool virtio JSON) beside the running ones, once
+    /// checked against them; an error changes nothing.
+    Add { config: PathBuf },
+    /// Stop serving zone ZONE: its workers end and its images, taps and ptys are released;
+    /// returns once they are.
+    Remove { zone: u32 },
+    /// The zones served, their devices and their workers' state.
+    List {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -224,6 +253,11 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Zone {
+            action,
+            driver,
+            run_dir,
+        } => zone(&run_dir, &driver, action),
         Command::RestartWorker {
             zone,
             device,
@@ -338,12 +372,44 @@ fn main() -> ExitCode {
                     budget: restart_budget,
                     on_violation,
                 },
+                config_path: std::path::absolute(&config).ok(),
                 ..Options::default()
             };
             match start(&config, &driver, &run_dir, worker_dir, opts) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => failed(e),
             }
+        }
+    }
+}
+
+fn zone(run_dir: &Path, driver: &Path, action: ZoneAction) -> ExitCode {
+    use hvisor_broker::control::{self, Request};
+    let answer = match action {
+        ZoneAction::Add { config } => {
+            control::request_zone_change(run_dir, driver, &Request::ZoneAdd { path: config })
+        }
+        ZoneAction::Remove { zone } => {
+            control::request_zone_change(run_dir, driver, &Request::ZoneRemove { zone })
+        }
+        ZoneAction::List { json } => control::request_zone_list(run_dir, driver).map(|list| {
+            if json {
+                serde_json::to_string_pretty(&list).unwrap_or_default()
+            } else {
+                hvisor_broker::zones::render_list(&list)
+                    .trim_end()
+                    .to_string()
+            }
+        }),
+    };
+    match answer {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("hvisor-broker zone: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -17,7 +17,7 @@ use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
-use protocol::bridge::{DeviceReq, DeviceRes, MAX_DEVS};
+use protocol::bridge::{DeviceReq, DeviceRes};
 use protocol::{BrokerMsg, ChannelError, DeviceKind, Flow, Limit, MemoryRegion, WorkerMsg};
 
 use crate::budget::{LogBudget, MessageBudget};
@@ -32,7 +32,7 @@ use crate::relay::Relay;
 use crate::rundir::RunDir;
 use crate::supervisor;
 use crate::transport::{Effect, MmioTransport};
-use crate::{audit, control, status};
+use crate::{audit, control, status, zones};
 
 pub struct Options {
     /// Where `hvisor-worker-<kind>` binaries live.
@@ -56,6 +56,8 @@ pub struct Options {
     pub readiness: Readiness,
     /// What a worker's death leads to.
     pub restart: lifecycle::Policy,
+    /// The start configuration, read again on SIGHUP.
+    pub config_path: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -71,6 +73,7 @@ impl Default for Options {
             irq_first_retry: crate::irq::FIRST_RETRY,
             readiness: Readiness::default(),
             restart: lifecycle::Policy::default(),
+            config_path: None,
         }
     }
 }
@@ -87,20 +90,26 @@ const RELAY: u64 = 0xf0;
 /// The most messages taken from one worker per wakeup, so the bridge ring (every other
 /// zone's register accesses) is served between batches.
 const MAX_BATCH: usize = 16;
-struct Slot {
-    zone: u32,
-    base: u64,
+
+/// The epoll token of device `i`'s worker socket; its queue `q`'s call fd is `+ 1 + q`.
+pub(crate) fn dev_token(i: usize) -> u64 {
+    DEV_BASE + i as u64 * DEV_STRIDE
+}
+
+pub(crate) struct Slot {
+    pub(crate) zone: u32,
+    pub(crate) base: u64,
     len: u64,
-    irq: u32,
-    label: String,
-    kind: DeviceKind,
+    pub(crate) irq: u32,
+    pub(crate) label: String,
+    pub(crate) kind: DeviceKind,
     transport: MmioTransport,
     kicks: Vec<EventFd>,
-    calls: Vec<EventFd>,
-    worker: Option<Worker>,
+    pub(crate) calls: Vec<EventFd>,
+    pub(crate) worker: Option<Worker>,
     /// How to start its worker again, and its restarts.
     recipe: Recipe,
-    life: Life,
+    pub(crate) life: Life,
     /// Counts the driver's activations; a replacement worker is activated with the same one.
     epoch: u64,
     /// The interrupt is to be pushed to `res_list` in this round.
@@ -123,7 +132,7 @@ struct Slot {
     /// Control messages waiting for room in the worker's socket.
     outbox: Outbox,
     /// The socket is watched for room (EPOLLOUT) while the outbox is not empty.
-    watching_out: bool,
+    pub(crate) watching_out: bool,
     /// The rate limits of its flows, from the config or the control socket: every worker of
     /// the device gets them.
     rate_limits: BTreeMap<Flow, Limit>,
@@ -191,16 +200,6 @@ fn statuses(slots: &[Slot]) -> status::Report {
     }
 }
 
-/// The answer to a request that changes something.
-fn changed((ok, message): (bool, String)) -> String {
-    serde_json::json!({
-        "broker_pid": std::process::id(),
-        "ok": ok,
-        "message": message,
-    })
-    .to_string()
-}
-
 /// The tap follows what the driver negotiated: the legacy 10-byte header for drivers without
 /// VERSION_1 or MRG_RXBUF (RuxOS), and only the receive offloads the guest accepts.
 fn configure_tap(tap: &Tap, features: u64) -> Result<()> {
@@ -241,14 +240,35 @@ fn stop_worker(epoll: &Epoll, w: &mut Worker, label: &str, why: &str) {
 }
 
 pub struct Broker {
-    driver: Driver,
-    slots: Vec<Slot>,
-    epoll: Epoll,
+    pub(crate) driver: Driver,
+    pub(crate) slots: Vec<Slot>,
+    pub(crate) epoll: Epoll,
     signals: SignalFd,
-    opts: Options,
+    pub(crate) opts: Options,
     stop: bool,
     /// The single-instance lock and the socket answering audits.
-    control: Option<control::Control>,
+    pub(crate) control: Option<control::Control>,
+    /// The zones served, as configured.
+    pub(crate) config: Config,
+    /// Removed zones whose workers are still ending.
+    pub(crate) retiring: Vec<zones::Retiring>,
+    /// The control socket woke the loop: requests are taken after the batch, since a zone
+    /// removal renumbers the devices the batch's tokens name.
+    control_due: bool,
+    /// SIGHUP arrived: the start configuration is applied after the batch.
+    reload_due: bool,
+}
+
+/// Where a zone's RAM is, as its workers map it.
+pub(crate) fn regions(zone: &config::Zone) -> Vec<MemoryRegion> {
+    zone.memory
+        .iter()
+        .map(|r| MemoryRegion {
+            guest_addr: r.zonex_ipa,
+            size: r.size,
+            file_offset: r.zone0_ipa,
+        })
+        .collect()
 }
 
 /// Opens every device's resources (nothing is started if one fails), then the driver is used
@@ -307,6 +327,10 @@ impl Broker {
             opts,
             stop: false,
             control,
+            config: config.clone(),
+            retiring: Vec::new(),
+            control_due: false,
+            reload_due: false,
         };
         for (dev, prep) in prepared {
             let zone = config
@@ -314,29 +338,23 @@ impl Broker {
                 .iter()
                 .find(|z| z.id == dev.zone)
                 .context("device of an unknown zone")?;
-            let regions: Vec<MemoryRegion> = zone
-                .memory
-                .iter()
-                .map(|r| MemoryRegion {
-                    guest_addr: r.zonex_ipa,
-                    size: r.size,
-                    file_offset: r.zone0_ipa,
-                })
-                .collect();
-            broker.add_device(&dev, prep, regions)?;
+            broker.add_device(&dev, prep, regions(zone))?;
         }
-        // Legacy hint some hypervisor builds still read.
-        let bridge = broker.driver.bridge();
-        for (i, s) in broker.slots.iter().take(MAX_DEVS).enumerate() {
-            bridge.mmio_addrs[i].store(s.base, std::sync::atomic::Ordering::Relaxed);
-        }
-        bridge
-            .mmio_avail
-            .store(1, std::sync::atomic::Ordering::Release);
+        broker.publish_addresses();
         Ok(broker)
     }
 
-    fn add_device(
+    /// The legacy hint some hypervisor builds still read: the devices' addresses.
+    pub(crate) fn publish_addresses(&self) {
+        use std::sync::atomic::Ordering;
+        let bridge = self.driver.bridge();
+        for (i, a) in bridge.mmio_addrs.iter().enumerate() {
+            a.store(self.slots.get(i).map_or(0, |s| s.base), Ordering::Relaxed);
+        }
+        bridge.mmio_avail.store(1, Ordering::Release);
+    }
+
+    pub(crate) fn add_device(
         &mut self,
         dev: &Device,
         prep: Prepared,
@@ -447,7 +465,7 @@ impl Broker {
             fds,
             generation,
         )?;
-        let token = DEV_BASE + i as u64 * DEV_STRIDE;
+        let token = dev_token(i);
         self.epoll.add(
             w.channel.as_fd(),
             EpollEvent::new(EpollFlags::EPOLLIN, token),
@@ -579,6 +597,12 @@ impl Broker {
             }
             for ev in &events[..n] {
                 self.dispatch(ev.data())?;
+            }
+            if std::mem::take(&mut self.control_due) {
+                self.on_control();
+            }
+            if std::mem::take(&mut self.reload_due) {
+                self.reload();
             }
             self.retry_interrupts();
             self.flush_interrupts()?;
@@ -718,8 +742,7 @@ impl Broker {
             if want_out {
                 flags |= EpollFlags::EPOLLOUT;
             }
-            let token = DEV_BASE + i as u64 * DEV_STRIDE;
-            let mut ev = EpollEvent::new(flags, token);
+            let mut ev = EpollEvent::new(flags, dev_token(i));
             if self.epoll.modify(w.channel.as_fd(), &mut ev).is_ok() {
                 slot.watching_out = want_out;
             }
@@ -730,7 +753,7 @@ impl Broker {
         match token {
             TOKEN_WAKEUP => self.driver.clear_wakeup(),
             TOKEN_SIGNALS => self.on_signals(),
-            TOKEN_CONTROL => self.on_control(),
+            TOKEN_CONTROL => self.control_due = true,
             TOKEN_SIM => {
                 log::warn!("the simulator closed its connection; stopping");
                 self.stop = true;
@@ -771,14 +794,33 @@ impl Broker {
                     serde_json::to_string(&statuses(&self.slots)).unwrap_or_default()
                 }
                 control::Request::RestartWorker { zone, device } => {
-                    changed(self.replace_worker(zone, &device))
+                    let (ok, message) = self.replace_worker(zone, &device);
+                    control::action_answer(ok, &message)
                 }
                 control::Request::RateLimit {
                     zone,
                     device,
                     flow,
                     limit,
-                } => changed(self.set_rate_limit(zone, &device, flow, limit)),
+                } => {
+                    let (ok, message) = self.set_rate_limit(zone, &device, flow, limit);
+                    control::action_answer(ok, &message)
+                }
+                control::Request::ZoneAdd { path } => match self.add_zones_from(&path) {
+                    Ok(message) => control::action_answer(true, &message),
+                    Err(e) => control::action_answer(false, &format!("{e:#}")),
+                },
+                control::Request::ZoneRemove { zone } => {
+                    // Answered once its workers have ended.
+                    if let Err(conn) = self.remove_zone(zone, zones::Then::Reply(conn)) {
+                        let message = format!("no zone {zone} is served");
+                        if let Some(c) = &self.control {
+                            c.reply(conn, &control::action_answer(false, &message));
+                        }
+                    }
+                    continue;
+                }
+                control::Request::ZoneList => self.zone_list().to_string(),
             };
             if let Some(c) = &self.control {
                 c.reply(conn, &answer);
@@ -932,9 +974,7 @@ impl Broker {
                     self.stop = true;
                 }
                 Ok(Signal::SIGCHLD) => self.reap(),
-                Ok(Signal::SIGHUP) => {
-                    log::warn!("SIGHUP: reloading the configuration is not supported yet; ignored")
-                }
+                Ok(Signal::SIGHUP) => self.reload_due = true,
                 _ => {}
             }
         }
@@ -952,6 +992,7 @@ impl Broker {
             let Some(i) =
                 (self.slots.iter()).position(|s| s.worker.as_ref().is_some_and(|w| w.pid == pid))
             else {
+                self.retired_exit(pid, &status);
                 continue;
             };
             let slot = &mut self.slots[i];
@@ -984,6 +1025,7 @@ impl Broker {
 
     fn check_deadlines(&mut self) {
         let now = Instant::now();
+        zones::tick(&mut self.retiring, now);
         for i in 0..self.slots.len() {
             self.restart_due(i, now);
         }
@@ -1074,6 +1116,7 @@ impl Broker {
     }
 
     fn shutdown(&mut self) {
+        zones::tick(&mut self.retiring, Instant::now() + zones::STOP_TIME);
         for slot in &self.slots {
             if let Some(w) = &slot.worker {
                 let _ = w.channel.send(&BrokerMsg::Shutdown, &[], true);
@@ -1099,6 +1142,7 @@ impl Broker {
             self.reap();
             std::thread::sleep(Duration::from_millis(5));
         }
+        self.reap();
         for slot in &mut self.slots {
             slot.worker_log.flush(&slot.label);
             slot.guest_log.flush(&slot.label);

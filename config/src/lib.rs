@@ -140,23 +140,34 @@ impl ConfigErrors {
 
 /// Reads and validates the file at `path`. Errors about the file as a whole name the file.
 pub fn load(path: &Path) -> Result<Loaded, ConfigErrors> {
+    read_and_parse(path, None)
+}
+
+/// Reads and validates the file at `path` as zones to be added beside `running`: besides
+/// everything [`load`] checks, no zone id, RAM region, `pty_link` or bridge device slot may
+/// be one a running zone has.
+pub fn load_addition(path: &Path, running: &Config) -> Result<Loaded, ConfigErrors> {
+    read_and_parse(path, Some(running))
+}
+
+fn read_and_parse(path: &Path, running: Option<&Config>) -> Result<Loaded, ConfigErrors> {
     let name = path.display().to_string();
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigErrors::one(&name, format!("cannot read: {e}")))?;
-    parse_named(&text, &name)
+    parse_named(&text, &name, running)
 }
 
 /// Validates JSON text. Syntax errors are reported against `<input>`.
 pub fn parse(text: &str) -> Result<Loaded, ConfigErrors> {
-    parse_named(text, "<input>")
+    parse_named(text, "<input>", None)
 }
 
-fn parse_named(text: &str, name: &str) -> Result<Loaded, ConfigErrors> {
+fn parse_named(text: &str, name: &str, running: Option<&Config>) -> Result<Loaded, ConfigErrors> {
     // serde_json's message ends with "at line L column C".
     let value: serde_json::Value = serde_json::from_str(text)
         .map_err(|e| ConfigErrors::one(name, format!("not valid JSON: {e}")))?;
     let mut errors = keys::duplicates(text);
-    match validate::validate(&value) {
+    match validate::validate(&value, running) {
         Ok(loaded) if errors.is_empty() => Ok(loaded),
         Ok(_) => Err(ConfigErrors(errors)),
         Err(more) => {

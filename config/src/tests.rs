@@ -1253,3 +1253,55 @@ fn bad_rate_limits_name_the_device_and_key() {
         "",
     );
 }
+
+/// Zones added beside running ones share ids, RAM, pty links and the bridge's device slots.
+#[test]
+fn additions_are_checked_against_the_running_zones() {
+    let img = image();
+    let running = ok(&seed(&img)).config;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("add.json");
+    let addition = |edit: &dyn Fn(&mut Value)| {
+        let mut z = json!({
+            "id": 2,
+            "memory_region": [{ "zone0_ipa": "0x90000000", "zonex_ipa": "0x50000000", "size": "0x1000000" }],
+            "devices": [{ "type": "console", "addr": "0xa003800", "len": "0x200", "irq": 76, "status": "enable" }]
+        });
+        edit(&mut z);
+        std::fs::write(&file, json!({ "zones": [z] }).to_string()).unwrap();
+        load_addition(&file, &running)
+    };
+    let added = addition(&|_| {}).expect("a zone apart from the running one");
+    assert_eq!(added.config.zones[0].id, 2);
+    let e = addition(&|z| z["id"] = json!(1)).unwrap_err().0;
+    has(
+        &e,
+        "zones[0].id",
+        "duplicate zone id 1 (also running zone 1)",
+    );
+    let e = addition(&|z| z["memory_region"][0]["zone0_ipa"] = json!("0x60000000"))
+        .unwrap_err()
+        .0;
+    has(
+        &e,
+        "zones[0].memory_region[0]",
+        "overlaps running zone 1 memory_region[0] in zone0_ipa space",
+    );
+    let e = addition(&|z| {
+        let one = z["devices"][0].clone();
+        z["devices"] = json!((0..6)
+            .map(|i| {
+                let mut d = one.clone();
+                d["addr"] = json!(format!("{:#x}", 0xa00_0000 + i * 0x200));
+                d
+            })
+            .collect::<Vec<_>>());
+    })
+    .unwrap_err()
+    .0;
+    has(
+        &e,
+        "zones[0].devices[5]",
+        "more than 8 enabled devices in total",
+    );
+}

@@ -86,8 +86,13 @@ const ANY_DEVICE_KEYS: &[&str] = &[
     "power_ids",
 ];
 
-pub fn validate(root: &Value) -> Result<Loaded, ConfigErrors> {
+/// Validates `root`; with `running`, as zones to be added beside those (ids, RAM, pty links
+/// and the bridge page's device slots are shared with them).
+pub fn validate(root: &Value, running: Option<&Config>) -> Result<Loaded, ConfigErrors> {
     let mut c = Checker::default();
+    if let Some(running) = running {
+        c.seed(running);
+    }
     let zones = c.config(root);
     if c.errors.is_empty() {
         Ok(Loaded {
@@ -161,8 +166,8 @@ fn overlapping(spans: &[Span]) -> Vec<(Span, Span)> {
 struct Checker {
     errors: Vec<ConfigError>,
     warnings: Vec<String>,
-    /// Zone id -> index of the zone that has it.
-    zone_ids: HashMap<u32, usize>,
+    /// Zone id -> where the zone that has it is (`zones[1]`, or a running zone).
+    zone_ids: HashMap<u32, String>,
     /// Devices with `"status": "enable"` and a known type, across all zones.
     enabled: usize,
     /// Every valid region of every zone, with the zone's index and the region's path: RAM of
@@ -173,6 +178,33 @@ struct Checker {
 }
 
 impl Checker {
+    /// Takes in what running zones already hold. Their indices follow any the file can have,
+    /// and their regions come first, so an overlap is reported at the new zone's path.
+    fn seed(&mut self, running: &Config) {
+        for (k, zone) in running.zones.iter().enumerate() {
+            let name = format!("running zone {}", zone.id);
+            self.zone_ids.insert(zone.id, name.clone());
+            self.enabled += zone.devices.len();
+            let index = usize::MAX - k;
+            for (i, r) in zone.memory.iter().enumerate() {
+                let path = format!("{name} memory_region[{i}]");
+                self.all_ram.push((index, path, *r));
+            }
+            for d in &zone.devices {
+                if let DeviceConfig::Console {
+                    pty_link: Some(link),
+                    ..
+                } = &d.kind
+                {
+                    if let Ok(place) = crate::paths::link_place(link) {
+                        let path = format!("{name} {}", d.json_path);
+                        self.pty_links.insert(place.path(), path);
+                    }
+                }
+            }
+        }
+    }
+
     fn err(&mut self, path: impl Into<String>, reason: impl Into<String>) {
         self.errors.push(ConfigError {
             path: path.into(),
@@ -357,10 +389,11 @@ impl Checker {
             }
             let id = u32::try_from(id).ok()?;
             if let Some(first) = self.zone_ids.get(&id) {
-                self.err(p, format!("duplicate zone id {id} (also zones[{first}])"));
+                let reason = format!("duplicate zone id {id} (also {first})");
+                self.err(p, reason);
                 return None;
             }
-            self.zone_ids.insert(id, index);
+            self.zone_ids.insert(id, path.to_string());
             Some(id)
         });
         let memory = self.regions(obj, path);

@@ -8,6 +8,7 @@
 //! ```text
 //! hvisor-sim --config zone.json --socket PATH --guest WORKLOAD
 //!            [--legacy-driver] [--gic hvisor|ideal] [--lose-wakeups N]
+//!            [--rounds-dir DIR] [--repeat-until FILE] [--bench-reads N]
 //!            [--seed N] [--report FILE] [--shadow-dir DIR]
 //!            [--timeout SECS] [--stay] [--wait-for FILE] [--resume-when FILE]
 //!            [--zone-guest ZONE=WORKLOAD]... [--depths N,..] [--depth-secs S] [--depth-block B]
@@ -27,7 +28,7 @@
 //! - `--lose-wakeups N` (default 0, none): every N-th wakeup of the broker is not sent, as
 //!   hvisor's unfenced read of `need_wakeup` can lose one (hvisor-abi 2.5).
 //! - `--guest`: `demo`, `blk-demo`, `blk-verify`, `hostile`, `irq-window`, `reset-storm`,
-//!   `reset-storm-io`,
+//!   `reset-storm-io`, `rounds`,
 //!   `dead-device`, `queue-stop`, `bench`, `net-verify`,
 //!   `net-bench`, `console-verify`, `console-bench`, `linux-boot`, `linux-blk`, `linux-net`,
 //!   `linux-console` or `linux-bench`
@@ -37,6 +38,9 @@
 //! - `--depths`, `--depth-secs`, `--depth-block` (default 1,4,16; 2 s; 4096 bytes): what
 //!   `depth-bench` measures: random reads of that size at each depth, reported per depth in
 //!   the device's `depths` (`depth`, `block_bytes`, `ops`, `seconds`, `iops`).
+//! - `--rounds-dir DIR`: where `rounds` finds its go and end files and writes its done files.
+//! - `--repeat-until FILE`: `blk-verify` runs again and again (each run reading the disk into
+//!   a fresh shadow) until FILE exists.
 //! - `--seed` (default 1): seeds every random choice of the workloads.
 //! - `--report FILE`: the run report as JSON (below).
 //! - `--shadow-dir DIR`: `blk-verify` and `hostile` write, per blk device, the disk content
@@ -117,6 +121,13 @@
 //!   8 config-space writes; `hvisor-sim: zone Z blk@0xADDR: 3000 reset cycles done`; then a
 //!   shorter `blk-verify`. `reset-storm-io`: the same, every other initialisation with a
 //!   sector read and then the queue taken out of use (QueueReady 0) before the reset.
+//! - `rounds`: per blk device, a zone as `hvisor zone start` and `shutdown` make it: round N
+//!   starts once `DIR/zone<Z>-go<N>` exists (`DIR/zone<Z>-end` ends the workload). The
+//!   device is reset and initialised from scratch, the last passed round's sector must still
+//!   hold its pattern, round N's is written and read back; the device is left running (a shutdown
+//!   resets nothing), and `DIR/zone<Z>-done<N>` says `ok` or `error: WHY`. Check `rounds`
+//!   fails if any round did. Accesses while the zone is not served read 0, so a round then
+//!   fails rather than hangs.
 //! - `queue-stop`: per blk device, one initialisation, a sector read, queue 0 taken out of
 //!   use (QueueReady 0); `hvisor-sim: zone Z blk@0xADDR: queue 0 stopped`; then, once the
 //!   file `--resume-when FILE` names exists, the stopped queue's last chain offered again
@@ -125,7 +136,8 @@
 //! - `dead-device`: per blk device, one initialisation (for a test whose worker dies at
 //!   DRIVER_OK), a wait of up to 30 s for DEVICE_NEEDS_RESET, a reset and a second
 //!   initialisation: NEEDS_RESET must stay set and DRIVER_OK be refused.
-//! - `bench`: on the first blk device only: 200000 MagicValue reads (mean, p50, p99 in us),
+//! - `bench`: on the first blk device only: 200000 (`--bench-reads N`) MagicValue reads
+//!   (mean, p50, p99 in us),
 //!   4 KiB random reads at queue depth 1 for about 2 s, 128 KiB sequential reads for about
 //!   2 s, each beside `pread`s of the same offsets on the image file (page cache warmed by an
 //!   untimed pass), printed as a table with ratios.

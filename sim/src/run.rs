@@ -41,6 +41,16 @@ pub struct Args {
     /// The guest workload.
     #[arg(long, value_enum)]
     pub guest: Workload,
+    /// `bench`: how many synchronous register reads it times.
+    #[arg(long, default_value_t = 200_000,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub bench_reads: usize,
+    /// `blk-verify`: run it again and again until this file exists.
+    #[arg(long)]
+    pub repeat_until: Option<PathBuf>,
+    /// `rounds`: the directory of its go, done and end files.
+    #[arg(long)]
+    pub rounds_dir: Option<PathBuf>,
     /// Seed of every random choice.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -170,6 +180,9 @@ fn run(args: Args) -> Result<i32> {
         seed: args.seed,
         shadow_dir: args.shadow_dir.clone(),
         resume_when: args.resume_when.clone(),
+        rounds_dir: args.rounds_dir.clone(),
+        repeat_until: args.repeat_until.clone(),
+        bench_reads: args.bench_reads,
         irq_timeout: hv.watchdog,
         depths: args.depths.clone(),
         depth_secs: args.depth_secs,

@@ -266,13 +266,16 @@ fn the_unit_file_passes_systemd_analyze_verify() {
         eprintln!("skipped: no systemd-analyze (systemd is not installed)");
         return;
     }
-    // A root holding the system's own units, the unit and an executable where it expects it.
+    // A root holding the system's own units, the unit and the executables where it expects
+    // them (the broker, and kill for ExecReload).
     let s = Scratch::new();
     let root = s.path("root");
-    let sbin = root.join("usr/sbin");
-    std::fs::create_dir_all(&sbin).unwrap();
-    std::fs::write(sbin.join("hvisor-broker"), "#!/bin/sh\n").unwrap();
-    std::fs::set_permissions(sbin.join("hvisor-broker"), PermissionsExt::from_mode(0o755)).unwrap();
+    for exe in ["usr/sbin/hvisor-broker", "bin/kill"] {
+        let path = root.join(exe);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&path, PermissionsExt::from_mode(0o755)).unwrap();
+    }
     let units = root.join("usr/lib/systemd");
     std::fs::create_dir_all(&units).unwrap();
     let copied = Command::new("cp")

@@ -13,7 +13,6 @@ use super::{GuestDev, Rng};
 use crate::report::{BenchReport, DepthFigure, DeviceReport, Latency, Throughput};
 use crate::transport::{reg, SimTransport};
 
-const LATENCY_READS: usize = 200_000;
 const RUN: Duration = Duration::from_secs(2);
 const RAND_BLOCK: u64 = 4096;
 const SEQ_BLOCK: u64 = 128 * 1024;
@@ -91,8 +90,9 @@ fn latency(g: &GuestDev<'_>) -> Result<Latency> {
     for _ in 0..1000 {
         g.vcpu.read(addr, 4)?;
     }
-    let mut ns = Vec::with_capacity(LATENCY_READS);
-    for _ in 0..LATENCY_READS {
+    let reads = g.opts.bench_reads;
+    let mut ns = Vec::with_capacity(reads);
+    for _ in 0..reads {
         let t = Instant::now();
         let v = g.vcpu.read(addr, 4)?;
         ns.push(t.elapsed().as_nanos() as u64);

@@ -8,6 +8,7 @@ pub mod hostile;
 pub mod irq_window;
 pub mod net;
 pub mod rawblk;
+pub mod rounds;
 pub mod stock;
 pub mod storm;
 pub mod verify;
@@ -39,6 +40,8 @@ pub enum Workload {
     ResetStorm,
     /// The same, every other cycle with a read and the queue stopped before the reset.
     ResetStormIo,
+    /// A zone started, stopped and started again, one round per go file (see `rounds`).
+    Rounds,
     /// The device after its worker died at DRIVER_OK (see `storm`).
     DeadDevice,
     /// A queue taken out of use, a pause for the test, a reset, then blk-verify (see `storm`).
@@ -72,6 +75,7 @@ impl Workload {
             Workload::IrqWindow => "irq-window",
             Workload::ResetStorm => "reset-storm",
             Workload::ResetStormIo => "reset-storm-io",
+            Workload::Rounds => "rounds",
             Workload::DeadDevice => "dead-device",
             Workload::QueueStop => "queue-stop",
             Workload::Bench => "bench",
@@ -98,6 +102,7 @@ impl Workload {
             | Workload::IrqWindow
             | Workload::ResetStorm
             | Workload::ResetStormIo
+            | Workload::Rounds
             | Workload::DeadDevice
             | Workload::QueueStop
             | Workload::Bench
@@ -125,6 +130,12 @@ pub struct GuestOptions {
     pub shadow_dir: Option<PathBuf>,
     /// `queue-stop`: the file whose existence ends its pause.
     pub resume_when: Option<PathBuf>,
+    /// `bench`: how many synchronous register reads it times.
+    pub bench_reads: usize,
+    /// `blk-verify`: run again and again until this file exists.
+    pub repeat_until: Option<PathBuf>,
+    /// `rounds`: where its go, done and end files are.
+    pub rounds_dir: Option<PathBuf>,
     /// How long a guest waits for a device interrupt.
     pub irq_timeout: Duration,
     /// `depth-bench`: queue depths, and seconds per depth.
@@ -263,6 +274,16 @@ impl GuestDev<'_> {
     }
 }
 
+/// Runs `f` once, or again and again until the file `until` exists.
+fn repeat(until: Option<&std::path::Path>, mut f: impl FnMut() -> Result<()>) -> Result<()> {
+    loop {
+        f()?;
+        if until.is_none_or(|u| u.exists()) {
+            return Ok(());
+        }
+    }
+}
+
 /// What a zone thread needs.
 pub struct ZoneJob {
     pub hv: Arc<Hypervisor>,
@@ -344,12 +365,15 @@ fn run_devices<H: Hal>(
                 DevKind::Console { .. } => console::demo::<H>(&mut g, &mut dev_rep),
             },
             Workload::BlkDemo => demo::run::<H>(&mut g, &mut dev_rep),
-            Workload::BlkVerify => verify::run::<H>(&mut g, &mut dev_rep, true),
+            Workload::BlkVerify => repeat(job.opts.repeat_until.as_deref(), || {
+                verify::run::<H>(&mut g, &mut dev_rep, true)
+            }),
             Workload::Hostile => hostile::run::<H>(&mut g, &mut dev_rep),
             Workload::IrqWindow => irq_window::run::<H>(&mut g, &mut dev_rep),
             Workload::ResetStorm => storm::reset_storm::<H>(&mut g, &mut dev_rep, false),
             Workload::ResetStormIo => storm::reset_storm::<H>(&mut g, &mut dev_rep, true),
             Workload::DeadDevice => storm::dead_device::<H>(&mut g, &mut dev_rep),
+            Workload::Rounds => rounds::run::<H>(&mut g, &mut dev_rep),
             Workload::QueueStop => storm::queue_stop::<H>(&mut g, &mut dev_rep),
             Workload::Bench => bench::run::<H>(&mut g, &mut dev_rep).map(|b| {
                 *bench = Some(b);

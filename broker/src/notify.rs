@@ -53,13 +53,18 @@ fn parse_addr(name: &[u8]) -> Result<SocketAddr> {
     }
 }
 
+/// A device: its zone and its MMIO address.
+pub type Device = (u32, u64);
+
 /// Which devices' workers are ready, and whom to tell when all are.
 #[derive(Default)]
 pub struct Readiness {
     notifier: Option<Notifier>,
     ready_file: Option<PathBuf>,
     devices: usize,
-    ready: BTreeSet<usize>,
+    /// The start config's devices (zone, address) whose first worker is not ready yet: an
+    /// address, unlike an index, stays the same when zones come and go.
+    waiting: BTreeSet<Device>,
     told: bool,
 }
 
@@ -76,29 +81,39 @@ impl Readiness {
     /// Serving starts with `devices` workers to wait for. A ready file left by an earlier
     /// broker is removed now that this one holds the driver's lock (not before: a second
     /// broker, refused, must not remove the running one's).
-    pub fn starting(&mut self, devices: usize) {
+    pub fn starting(&mut self, devices: impl IntoIterator<Item = Device>) {
         if let Some(f) = &self.ready_file {
             if let Err(e) = remove(f) {
                 log::error!("{e:#}");
             }
         }
+        self.waiting = devices.into_iter().collect();
+        let devices = self.waiting.len();
         self.devices = devices;
         self.status(&format!("STATUS=starting {devices} worker(s)"));
         self.check();
     }
 
-    /// Device `index`'s worker reported itself sandboxed and ready (again, after a restart,
-    /// changes nothing).
-    pub fn worker_ready(&mut self, index: usize) {
-        if self.told || !self.ready.insert(index) {
+    /// `device`'s worker reported itself sandboxed and ready (again, after a restart, or a
+    /// device added at run time, changes nothing).
+    pub fn worker_ready(&mut self, device: Device) {
+        if self.told || !self.waiting.remove(&device) {
             return;
         }
         self.status(&format!(
             "STATUS={} of {} worker(s) sandboxed and ready",
-            self.ready.len(),
+            self.devices - self.waiting.len(),
             self.devices
         ));
         self.check();
+    }
+
+    /// `device` is no longer served (its zone was removed): nothing to wait for.
+    pub fn device_gone(&mut self, device: Device) {
+        if self.waiting.remove(&device) {
+            self.devices -= 1;
+            self.check();
+        }
     }
 
     /// The broker is stopping.
@@ -112,7 +127,7 @@ impl Readiness {
     }
 
     fn check(&mut self) {
-        if self.told || self.ready.len() < self.devices {
+        if self.told || !self.waiting.is_empty() {
             return;
         }
         self.told = true;
@@ -187,12 +202,13 @@ mod tests {
         let file = dir.path().join("ready");
         std::fs::write(&file, "stale").unwrap();
         let mut r = Readiness::new(Some(file.clone())).unwrap();
-        r.starting(2);
+        r.starting([(1, 0xa003c00), (2, 0xa003c00)]);
         assert!(!file.exists(), "a stale ready file is removed");
-        r.worker_ready(1);
-        r.worker_ready(1);
+        r.worker_ready((2, 0xa003c00));
+        r.worker_ready((2, 0xa003c00));
+        r.worker_ready((3, 0xa003c00));
         assert!(!file.exists(), "one of two is not all");
-        r.worker_ready(0);
+        r.worker_ready((1, 0xa003c00));
         let pid = std::fs::read_to_string(&file).unwrap();
         assert_eq!(pid.trim(), std::process::id().to_string());
         r.stopping();
@@ -204,7 +220,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("ready");
         let mut r = Readiness::new(Some(file.clone())).unwrap();
-        r.starting(0);
+        r.starting([]);
+        assert!(file.exists());
+    }
+
+    #[test]
+    fn a_device_removed_before_its_worker_was_ready_is_not_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ready");
+        let mut r = Readiness::new(Some(file.clone())).unwrap();
+        r.starting([(1, 0xa003c00), (2, 0xa003c00)]);
+        r.worker_ready((1, 0xa003c00));
+        assert!(!file.exists());
+        r.device_gone((2, 0xa003c00));
         assert!(file.exists());
     }
 }

@@ -87,6 +87,11 @@ const TOKEN_CONTROL: u64 = 3;
 const DEV_BASE: u64 = 0x100;
 const DEV_STRIDE: u64 = 0x100;
 const RELAY: u64 = 0xf0;
+
+/// The token of device `i`'s first relay fd.
+pub(crate) fn relay_token(i: usize) -> u64 {
+    dev_token(i) + RELAY
+}
 /// The most messages taken from one worker per wakeup, so the bridge ring (every other
 /// zone's register accesses) is served between batches.
 const MAX_BATCH: usize = 16;
@@ -124,7 +129,7 @@ pub(crate) struct Slot {
     irq_reinjected: u64,
     host: Host,
     /// A console's pipes to its pty.
-    relay: Option<Relay>,
+    pub(crate) relay: Option<Relay>,
     /// Everything its worker makes the broker log.
     worker_log: LogBudget,
     /// What its guest makes the broker log.
@@ -406,7 +411,7 @@ impl Broker {
         });
         let i = self.slots.len() - 1;
         if let Some(relay) = &self.slots[i].relay {
-            let token = DEV_BASE + i as u64 * DEV_STRIDE + RELAY;
+            let token = relay_token(i);
             for (j, fd) in relay.fds().into_iter().enumerate() {
                 self.epoll
                     .add(fd, EpollEvent::new(EpollFlags::empty(), token + j as u64))?;
@@ -428,7 +433,7 @@ impl Broker {
         let Some(relay) = &mut self.slots[i].relay else {
             return;
         };
-        let token = DEV_BASE + i as u64 * DEV_STRIDE + RELAY;
+        let token = relay_token(i);
         let want = relay.interest();
         let mut now = relay.registered;
         for (j, fd) in relay.fds().into_iter().enumerate() {
@@ -565,7 +570,9 @@ impl Broker {
                 "eventfd"
             }
         );
-        self.opts.readiness.starting(self.slots.len());
+        self.opts
+            .readiness
+            .starting(self.slots.iter().map(|s| (s.zone, s.base)));
         while !self.stop {
             // Requests already waiting (even from before we started) are served first.
             if self.drain_bridge() {
@@ -955,7 +962,7 @@ impl Broker {
                 return Ok(());
             }
             if w.ready {
-                self.opts.readiness.worker_ready(i);
+                self.opts.readiness.worker_ready((slot.zone, slot.base));
             }
         }
         Ok(())

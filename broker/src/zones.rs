@@ -28,7 +28,7 @@ use nix::unistd::Pid;
 use protocol::BrokerMsg;
 use serde_json::{json, Value};
 
-use crate::serve::{dev_token, regions, Broker, Slot};
+use crate::serve::{dev_token, regions, relay_token, Broker, Slot};
 use crate::{control, devices, supervisor};
 
 /// How long a removed zone's workers have to stop before they are killed.
@@ -188,6 +188,7 @@ impl Broker {
             .partition(|s| s.zone == zone);
         self.slots = kept;
         for slot in &gone {
+            self.opts.readiness.device_gone((slot.zone, slot.base));
             self.unwatch(slot);
             if let Some(w) = slot.worker.as_ref().filter(|w| w.gone_since.is_none()) {
                 let _ = w.channel.send(&BrokerMsg::Shutdown, &[], true);
@@ -215,6 +216,9 @@ impl Broker {
         for c in &slot.calls {
             self.epoll.delete(c.as_fd()).ok();
         }
+        for fd in slot.relay.iter().flat_map(|r| r.fds()) {
+            self.epoll.delete(fd).ok();
+        }
     }
 
     /// Device `i` moved to index `i`: its fds get the tokens of that index (those not
@@ -233,6 +237,12 @@ impl Broker {
         for (q, c) in slot.calls.iter().enumerate() {
             let mut ev = EpollEvent::new(EpollFlags::EPOLLIN, token + 1 + q as u64);
             self.epoll.modify(c.as_fd(), &mut ev).ok();
+        }
+        if let Some(relay) = &slot.relay {
+            for (j, fd) in relay.fds().into_iter().enumerate() {
+                let mut ev = EpollEvent::new(relay.registered[j], relay_token(i) + j as u64);
+                self.epoll.modify(fd, &mut ev).ok();
+            }
         }
     }
 

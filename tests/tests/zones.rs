@@ -440,3 +440,19 @@ fn a_zone_that_resets_its_devices_and_starts_over_is_served_again() {
     assert_eq!(run.round(12), "ok", "{}", run.stack.diagnostics());
     run.finish_with_failures(11, 1);
 }
+
+#[test]
+fn removing_a_zone_renumbers_the_devices_after_it_and_they_go_on_serving() {
+    let mut run = start(false);
+    let (ok, out) = run.add(&run.zone2_cfg);
+    assert!(ok, "{out}");
+    // Zone 1's devices come first: taking them out moves zone 2's down, and their fds are
+    // watched under their new numbers. (Zone 1's guest then fails, as a zone's guest does
+    // whose devices are gone.)
+    let (ok, out) = run.zone(&["remove", "1"]);
+    assert!(ok, "{out}");
+    assert_eq!(run.served_ids(), [2]);
+    assert_eq!(run.round(1), "ok", "{}", run.stack.diagnostics());
+    assert!(run.stack.broker.alive(), "{}", run.stack.diagnostics());
+    assert_eq!(run.served_ids(), [2]);
+}

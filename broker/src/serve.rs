@@ -182,7 +182,7 @@ fn known(slots: &[Slot]) -> Vec<audit::Known> {
 /// What the broker knows of each device, for the status report.
 fn statuses(slots: &[Slot]) -> status::Report {
     let devices = slots.iter().map(|s| {
-        status::device(status::Known {
+        let counted = status::BrokerCounted {
             zone: s.zone,
             device: format!("{}@{:#x}", s.kind, s.base),
             kind: s.kind.to_string(),
@@ -191,13 +191,12 @@ fn statuses(slots: &[Slot]) -> status::Report {
             worker_restarts: s.life.restarts,
             worker_exits: s.life.exit_count,
             worker_pid: s.worker.as_ref().map(|w| w.pid.as_raw()),
-            record: s.recipe.record.as_fd(),
-            num_queues: s.kicks.len(),
             rate_limits: (s.rate_limits.iter())
                 .filter(|(_, l)| !l.is_off())
                 .map(|(f, l)| (f.name().to_string(), *l))
                 .collect(),
-        })
+        };
+        status::device(counted, s.recipe.record.as_fd(), s.kicks.len())
     });
     status::Report {
         broker_pid: std::process::id(),

@@ -21,6 +21,19 @@ pub struct Report {
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct DeviceStatus {
+    /// What the broker itself keeps of the device.
+    #[serde(flatten)]
+    pub broker: BrokerCounted,
+    /// What /proc says of the live worker, if any.
+    pub worker_cpu_seconds: Option<f64>,
+    pub worker_memory_bytes: Option<u64>,
+    /// Counted by the device's workers: believable only as far as they are.
+    pub worker_reported: WorkerReported,
+}
+
+/// What the broker knows of a device without asking anyone.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BrokerCounted {
     pub zone: u32,
     /// `blk@0xa003c00`: what `restart-worker` takes.
     pub device: String,
@@ -31,15 +44,10 @@ pub struct DeviceStatus {
     pub interrupts_reinjected: u64,
     pub worker_restarts: u32,
     pub worker_exits: u64,
-    /// The live worker, if any, and what /proc says of it.
     pub worker_pid: Option<i32>,
-    pub worker_cpu_seconds: Option<f64>,
-    pub worker_memory_bytes: Option<u64>,
     /// The rate limits in force, by flow (`io`, `rx`, `tx`); a flow without one is absent.
     #[serde(default)]
     pub rate_limits: BTreeMap<String, Limit>,
-    /// Counted by the device's workers: believable only as far as they are.
-    pub worker_reported: WorkerReported,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -60,37 +68,15 @@ pub struct WorkerReported {
     pub rate_limit_delayed_bytes: u64,
 }
 
-/// What the broker keeps of a device, for [`device`].
-pub struct Known<'a> {
-    pub zone: u32,
-    pub device: String,
-    pub kind: String,
-    pub interrupts_injected: u64,
-    pub interrupts_reinjected: u64,
-    pub worker_restarts: u32,
-    pub worker_exits: u64,
-    pub worker_pid: Option<i32>,
-    pub record: BorrowedFd<'a>,
-    pub num_queues: usize,
-    pub rate_limits: BTreeMap<String, Limit>,
-}
-
-/// The status of one device, completed from /proc and its record.
-pub fn device(k: Known<'_>) -> DeviceStatus {
-    let usage = k.worker_pid.and_then(proc_usage);
+/// The status of one device: what the broker counted, completed from /proc and from the
+/// counter words of its in-flight `record` (of `num_queues` queues).
+pub fn device(broker: BrokerCounted, record: BorrowedFd<'_>, num_queues: usize) -> DeviceStatus {
+    let usage = broker.worker_pid.and_then(proc_usage);
     DeviceStatus {
-        zone: k.zone,
-        device: k.device,
-        kind: k.kind,
-        interrupts_injected: k.interrupts_injected,
-        interrupts_reinjected: k.interrupts_reinjected,
-        worker_restarts: k.worker_restarts,
-        worker_exits: k.worker_exits,
-        worker_pid: k.worker_pid,
+        broker,
         worker_cpu_seconds: usage.map(|u| u.0),
         worker_memory_bytes: usage.map(|u| u.1),
-        rate_limits: k.rate_limits,
-        worker_reported: worker_counters(k.record, k.num_queues),
+        worker_reported: worker_counters(record, num_queues),
     }
 }
 
@@ -197,25 +183,25 @@ const METRICS: &[Metric] = &[
         "interrupts_injected_total",
         "counter",
         "Interrupts the broker injected, retries included.",
-        |d| Some(d.interrupts_injected as f64),
+        |d| Some(d.broker.interrupts_injected as f64),
     ),
     (
         "interrupts_reinjected_total",
         "counter",
         "Interrupts injected again because the guest had not acknowledged them.",
-        |d| Some(d.interrupts_reinjected as f64),
+        |d| Some(d.broker.interrupts_reinjected as f64),
     ),
     (
         "worker_restarts_total",
         "counter",
         "Workers started after the device's first.",
-        |d| Some(d.worker_restarts.into()),
+        |d| Some(d.broker.worker_restarts.into()),
     ),
     (
         "worker_exits_total",
         "counter",
         "Workers of the device that ended.",
-        |d| Some(d.worker_exits as f64),
+        |d| Some(d.broker.worker_exits as f64),
     ),
     (
         "worker_cpu_seconds_total",
@@ -242,9 +228,9 @@ pub fn prometheus(r: &Report) -> String {
                 let _ = writeln!(
                     out,
                     "hvisor_broker_{name}{{zone=\"{}\",device=\"{}\",kind=\"{}\"}} {v}",
-                    d.zone,
-                    escape(&d.device),
-                    escape(&d.kind)
+                    d.broker.zone,
+                    escape(&d.broker.device),
+                    escape(&d.broker.kind)
                 );
             }
         }
@@ -264,7 +250,7 @@ pub fn render(r: &Report) -> String {
     let mut out = format!("hvisor-broker (pid {})\n", r.broker_pid);
     for d in &r.devices {
         let w = &d.worker_reported;
-        let _ = writeln!(out, "zone {} {}:", d.zone, d.device);
+        let _ = writeln!(out, "zone {} {}:", d.broker.zone, d.broker.device);
         let _ = writeln!(
             out,
             "  worker-reported: {} requests, {} bytes read, {} written, {} errors, queue depth high-water {}",
@@ -282,7 +268,7 @@ pub fn render(r: &Report) -> String {
                 w.rate_limited, w.rate_limit_delayed_requests, w.rate_limit_delayed_bytes
             );
         }
-        for (flow, limit) in &d.rate_limits {
+        for (flow, limit) in &d.broker.rate_limits {
             if let Some(flow) = protocol::Flow::from_name(flow) {
                 let _ = writeln!(out, "  {}", config::describe_limit(flow, limit));
             }
@@ -290,9 +276,16 @@ pub fn render(r: &Report) -> String {
         let _ = writeln!(
             out,
             "  interrupts: {} injected ({} by retry); workers: {} restarts, {} exits",
-            d.interrupts_injected, d.interrupts_reinjected, d.worker_restarts, d.worker_exits
+            d.broker.interrupts_injected,
+            d.broker.interrupts_reinjected,
+            d.broker.worker_restarts,
+            d.broker.worker_exits
         );
-        match (d.worker_pid, d.worker_cpu_seconds, d.worker_memory_bytes) {
+        match (
+            d.broker.worker_pid,
+            d.worker_cpu_seconds,
+            d.worker_memory_bytes,
+        ) {
             (Some(pid), Some(cpu), Some(mem)) => {
                 let _ = writeln!(
                     out,

@@ -92,7 +92,8 @@ fn parse_flow(word: &str) -> Option<Option<Flow>> {
 }
 
 impl Request {
-    fn text(&self) -> String {
+    /// The request as it travels on the socket.
+    pub fn text(&self) -> String {
         match self {
             Request::Audit => format!("{MAGIC} audit"),
             Request::Status => format!("{MAGIC} status"),
@@ -116,7 +117,8 @@ impl Request {
         }
     }
 
-    fn parse(bytes: &[u8]) -> Option<Request> {
+    /// The request a client sent, if it is one this broker knows.
+    pub fn parse(bytes: &[u8]) -> Option<Request> {
         let text = std::str::from_utf8(bytes).ok()?.strip_prefix(MAGIC)?;
         // The path is the rest of the line: it may hold spaces.
         if let Some(path) = text.strip_prefix(" zone-add /") {

@@ -433,13 +433,16 @@ impl MmioTransport {
         let mut effect = None;
         if added & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
             let features_ok = (self.status | added) & VIRTIO_CONFIG_S_FEATURES_OK != 0;
+            // A driver that gave up (FAILED) must reset before it may use the device.
+            let gave_up = (self.status | added) & VIRTIO_CONFIG_S_FAILED != 0;
             let bad_queue = self
                 .queues
                 .iter()
                 .position(|q| q.ready && !q.addresses_valid());
-            if !features_ok || self.failed || bad_queue.is_some() {
+            if !features_ok || gave_up || self.failed || bad_queue.is_some() {
                 log::debug!(
-                    "DRIVER_OK refused: features_ok {features_ok}, failed {}, bad queue {bad_queue:?}",
+                    "DRIVER_OK refused: features_ok {features_ok}, driver failed {gave_up}, \
+                     failed {}, bad queue {bad_queue:?}",
                     self.failed
                 );
                 added &= !VIRTIO_CONFIG_S_DRIVER_OK;
@@ -1219,6 +1222,38 @@ mod tests {
             rd(&mut t, VIRTIO_MMIO_STATUS),
             ACK_DRIVER | FEATURES_OK | 0x40
         );
+    }
+
+    /// Found by the `mmio_transport` fuzz target: DRIVER_OK together with (or after) the
+    /// driver's own FAILED activated the worker of a device the transport calls inactive.
+    #[test]
+    fn driver_ok_from_a_driver_that_failed_is_refused() {
+        const DRIVER_FAILED: u64 = VIRTIO_CONFIG_S_FAILED as u64;
+        let mut t = t();
+        // The minimised input: one Status write of 0xde, features never negotiated.
+        assert_eq!(w(&mut t, VIRTIO_MMIO_STATUS, 0xde), None);
+        assert!(!t.is_active());
+        assert_eq!(rd(&mut t, VIRTIO_MMIO_STATUS) & DRIVER_OK, 0);
+        // FAILED first, DRIVER_OK in a later write.
+        negotiate(&mut t, V1);
+        setup_queue(&mut t, 0, 16, 0x5000_0000);
+        w(
+            &mut t,
+            VIRTIO_MMIO_STATUS,
+            ACK_DRIVER | FEATURES_OK | DRIVER_FAILED,
+        );
+        let all = ACK_DRIVER | FEATURES_OK | DRIVER_FAILED | DRIVER_OK;
+        assert_eq!(w(&mut t, VIRTIO_MMIO_STATUS, all), None);
+        assert_eq!(t.replay(), None);
+        // A reset lets the driver start over.
+        negotiate(&mut t, V1);
+        setup_queue(&mut t, 0, 16, 0x5000_0000);
+        let ok = w(
+            &mut t,
+            VIRTIO_MMIO_STATUS,
+            ACK_DRIVER | FEATURES_OK | DRIVER_OK,
+        );
+        assert!(matches!(ok, Some(Effect::Activate { .. })));
     }
 
     #[test]

@@ -96,14 +96,7 @@ impl Channel {
         }
         let mut buf = vec![0u8; msg::MAX_MESSAGE + 1];
         let (len, fds) = recv_raw(self.fd.as_fd(), &mut buf, MsgFlags::empty())?;
-        let msg: T = msg::decode(&buf[..len])?;
-        let expected = msg.fd_count();
-        if fds.len() != expected {
-            return Err(ChannelError::FdCount {
-                got: fds.len(),
-                expected,
-            });
-        }
+        let msg = decode_checked(&buf[..len], fds.len())?;
         Ok((msg, fds))
     }
 
@@ -128,6 +121,20 @@ impl AsRawFd for Channel {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
     }
+}
+
+/// Decodes one received datagram of `bytes` that carried `fds` fds, refusing any fd count
+/// other than the one its type announces.
+pub fn decode_checked<T: DeserializeOwned + FdCount>(
+    bytes: &[u8],
+    fds: usize,
+) -> Result<T, ChannelError> {
+    let msg: T = msg::decode(bytes)?;
+    let expected = msg.fd_count();
+    if fds != expected {
+        return Err(ChannelError::FdCount { got: fds, expected });
+    }
+    Ok(msg)
 }
 
 /// An unconnected close-on-exec `AF_UNIX` `SOCK_SEQPACKET` socket.

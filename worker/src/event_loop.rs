@@ -343,7 +343,11 @@ struct Active {
 }
 
 /// A queue as the driver configured it, checked against guest memory.
-fn build_queue(cfg: &QueueConfig, event_idx: bool, mem: &GuestMemoryMmap) -> Result<Queue, String> {
+pub(crate) fn build_queue(
+    cfg: &QueueConfig,
+    event_idx: bool,
+    mem: &GuestMemoryMmap,
+) -> Result<Queue, String> {
     // The size is the maximum too: the broker already held the driver to QueueNumMax.
     let mut q = Queue::new(cfg.size).map_err(|e| format!("size {}: {e}", cfg.size))?;
     // The checked setters, so that a misaligned address is an error rather than ignored.

@@ -23,7 +23,7 @@ use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 
-use log::warn;
+use log::{debug, warn};
 use nix::sys::mman::{mmap, MapFlags, ProtFlags};
 use protocol::inflight::{self as layout, MAX_QUEUE_SIZE, PROGRESS, TAKEN};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
@@ -245,7 +245,19 @@ impl<'m> TrackedQueue<'m> {
             warn!("chain {head}, taken before a restart, cannot be read again; returned empty");
             self.publish(mem, head, 0);
         }
-        let chain = self.queue.pop_descriptor_chain(mem)?;
+        let chain = loop {
+            let chain = self.queue.pop_descriptor_chain(mem)?;
+            if chain.head_index() < self.queue.size() {
+                break chain;
+            }
+            // A head beyond the queue names no descriptor, and the used ring cannot take it:
+            // the guest's mistake costs it that ring entry, and nothing is recorded for it.
+            debug!(
+                "available ring entry {} is no head: skipped",
+                chain.head_index()
+            );
+            counters::add(counters::ERRORS, 1);
+        };
         let pos = self.queue.next_avail().wrapping_sub(1);
         self.record.take(chain.head_index(), pos);
         self.popped = Some((chain.head_index(), pos));

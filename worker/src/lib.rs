@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 use log::{debug, error, info, LevelFilter};
 use nix::sys::socket::{getsockopt, sockopt, SockType};
 use nix::sys::stat::{fstat, SFlag};
-use protocol::msg::{PROTOCOL_VERSION, WORKER_SOCKET_FD};
-use protocol::{BrokerMsg, Channel, DeviceKind, DeviceSetup, Flow, Limit, WorkerMsg};
+use protocol::msg::{SandboxSpec, PROTOCOL_VERSION, WORKER_SOCKET_FD};
+use protocol::{BrokerMsg, Channel, DeviceKind, DeviceSetup, Flow, Limit, MemoryRegion, WorkerMsg};
 
 pub use inflight::TrackedQueue;
 pub use vm_memory::GuestMemoryMmap;
@@ -189,25 +189,12 @@ where
     let (hello, fds) = chan
         .recv::<BrokerMsg>(Some(HELLO_TIMEOUT))
         .map_err(|e| format!("waiting for Hello: {e}"))?;
-    let BrokerMsg::Hello {
-        version,
+    let Hello {
         regions,
         num_queues,
         setup,
         sandbox,
-        ..
-    } = hello
-    else {
-        return Err(format!("expected Hello, got {hello:?}"));
-    };
-    if version != PROTOCOL_VERSION {
-        return Err(format!(
-            "broker speaks protocol {version}, this worker {PROTOCOL_VERSION}"
-        ));
-    }
-    if setup.kind() != kind {
-        return Err(format!("a {} setup sent to a {kind} worker", setup.kind()));
-    }
+    } = check_hello(kind, hello)?;
     info!("worker starting, {num_queues} queue(s)");
 
     // The channel checked the count: memory, record, kicks, calls, then the device's fds.
@@ -255,6 +242,65 @@ where
     .map_err(|e| format!("sending Ready: {e}"))?;
     debug!("sandboxed (seccomp {:?}), ready", sandbox.seccomp);
     Ok(event_loop)
+}
+
+/// What a worker takes from the broker's Hello.
+struct Hello {
+    regions: Vec<MemoryRegion>,
+    num_queues: u16,
+    setup: DeviceSetup,
+    sandbox: SandboxSpec,
+}
+
+/// The first message, if it is a Hello of this protocol for a `kind` device.
+fn check_hello(kind: DeviceKind, hello: BrokerMsg) -> Result<Hello, String> {
+    let BrokerMsg::Hello {
+        version,
+        regions,
+        num_queues,
+        setup,
+        sandbox,
+        ..
+    } = hello
+    else {
+        return Err(format!("expected Hello, got {hello:?}"));
+    };
+    if version != PROTOCOL_VERSION {
+        return Err(format!(
+            "broker speaks protocol {version}, this worker {PROTOCOL_VERSION}"
+        ));
+    }
+    if setup.kind() != kind {
+        return Err(format!("a {} setup sent to a {kind} worker", setup.kind()));
+    }
+    Ok(Hello {
+        regions,
+        num_queues,
+        setup,
+        sandbox,
+    })
+}
+
+/// Entry points for the fuzz targets: the checks a worker applies to what it is sent.
+#[doc(hidden)]
+pub mod fuzzing {
+    use protocol::{BrokerMsg, DeviceKind, QueueConfig};
+    use virtio_queue::Queue;
+    use vm_memory::GuestMemoryMmap;
+
+    /// Whether a worker of `kind` accepts `hello` as its first message.
+    pub fn check_hello(kind: DeviceKind, hello: BrokerMsg) -> Result<(), String> {
+        super::check_hello(kind, hello).map(|_| ())
+    }
+
+    /// The queue a worker builds at activation from `cfg`.
+    pub fn build_queue(
+        cfg: &QueueConfig,
+        event_idx: bool,
+        mem: &GuestMemoryMmap,
+    ) -> Result<Queue, String> {
+        crate::event_loop::build_queue(cfg, event_idx, mem)
+    }
 }
 
 /// Takes ownership of fd 3 once it is known to be a SEQPACKET socket.

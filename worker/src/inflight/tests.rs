@@ -246,3 +246,26 @@ fn a_new_activation_empties_the_record() {
     assert!(!rec.begin(2));
     assert_eq!(rec.queue(0).unwrap().position(1), None);
 }
+
+/// Found by the `inflight_resume` fuzz target: an available ring entry naming a head beyond
+/// the queue was handed to the device as a chain, and recorded as taken over the entry of
+/// another head (the record keeps heads modulo its largest queue).
+#[test]
+fn a_head_beyond_the_queue_is_no_chain() {
+    let mut d = Driver::new();
+    let rec = record();
+    let mut w = Life::start(&d, &rec, false);
+    d.offer(3);
+    d.offer(1024 + 3);
+    d.offer(SIZE);
+    d.offer(5);
+    assert_eq!(w.pop(&d.mem), Some(3));
+    assert_eq!(w.pop(&d.mem), Some(5), "heads beyond the queue are skipped");
+    assert_eq!(w.pop(&d.mem), None);
+    let q = rec.queue(0).unwrap();
+    assert_eq!(q.position(3), Some(0), "head 3's record is its own");
+    assert_eq!(q.position(5), Some(3));
+    w.publish(&d.mem, 3, 0);
+    w.publish(&d.mem, 5, 0);
+    assert_eq!(d.used(), vec![(3, 0), (5, 0)]);
+}

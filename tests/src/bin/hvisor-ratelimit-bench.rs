@@ -18,7 +18,7 @@ const BLOCK: u64 = 128 * 1024;
 const RAM: u64 = 0x5000_0000;
 const RAM_SIZE: u64 = 0x0400_0000;
 /// QD32 is beyond the stock driver's queue of 16: the simulator's own driver keeps it.
-const DEPTHS: &str = "1,16,32";
+const DEPTHS: [usize; 3] = [1, 16, 32];
 
 fn main() -> anyhow::Result<()> {
     let secs: f64 = std::env::args()
@@ -96,11 +96,12 @@ fn run(s: &Scratch, name: &str, config: &Value, secs: f64) -> anyhow::Result<Val
     let cfg = s.write_json(name, config);
     let mut run = SimRun::new(&cfg, "depth-bench");
     run.stay = true;
+    let depths = DEPTHS.map(|d| d.to_string()).join(",");
     run.extra = [
         "--timeout",
         "600",
         "--depths",
-        DEPTHS,
+        &depths,
         "--depth-secs",
         &secs.to_string(),
         "--depth-block",

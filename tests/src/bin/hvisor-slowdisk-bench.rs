@@ -125,7 +125,7 @@ fn main() -> anyhow::Result<()> {
         );
     }
     println!(
-        "  most reads in flight on the host at once: {} (the blk worker's I/O threads: 16)",
+        "  most reads in flight on the host at once: {}",
         fs.most_reads_at_once()
     );
     Ok(())

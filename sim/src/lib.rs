@@ -12,6 +12,7 @@
 //!            [--seed N] [--report FILE] [--shadow-dir DIR]
 //!            [--timeout SECS] [--stay] [--wait-for FILE] [--resume-when FILE]
 //!            [--zone-guest ZONE=WORKLOAD]... [--depths N,..] [--depth-secs S] [--depth-block B]
+//!            [--depth-verify]
 //!            [--net-guest IP] [--net-host IP] [--net-port PORT] [--net-bench-secs SECS]
 //!            [--linux-kernel PATH] [--linux-modules DIR] [--busybox PATH] [--linux-trace]
 //! ```
@@ -36,8 +37,13 @@
 //! - `--zone-guest ZONE=WORKLOAD` (repeatable): that zone runs WORKLOAD instead of `--guest`
 //!   (not a linux one), at the same time as the others: a busy neighbour beside a benchmark.
 //! - `--depths`, `--depth-secs`, `--depth-block` (default 1,4,16; 2 s; 4096 bytes): what
-//!   `depth-bench` measures: random reads of that size at each depth, reported per depth in
-//!   the device's `depths` (`depth`, `block_bytes`, `ops`, `seconds`, `iops`).
+//!   `depth-bench` measures: random reads of that size at each depth (1 to 64), reported per
+//!   depth in the device's `depths` (`depth`, `block_bytes`, `ops`, `seconds`, `iops`). Depths
+//!   up to 16 use the stock driver (its queue holds 16), as they always have, so their figures
+//!   stay comparable; deeper ones our own driver with a queue of 256 (VERSION_1, RO and
+//!   EVENT_IDX when offered, no indirect descriptors). Each read must end with status OK;
+//!   `--depth-verify` also compares every read with the image file (adding to the device's
+//!   `verified_bytes`), which costs time beside each read.
 //! - `--rounds-dir DIR`: where `rounds` finds its go and end files and writes its done files.
 //! - `--repeat-until FILE`: `blk-verify` runs again and again (each run reading the disk into
 //!   a fresh shadow) until FILE exists.

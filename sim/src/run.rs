@@ -72,7 +72,8 @@ pub struct Args {
     /// `queue-stop`: with its queue stopped, the guest goes on only once this file exists.
     #[arg(long)]
     pub resume_when: Option<PathBuf>,
-    /// `depth-bench`: the queue depths to measure, in order (at most 16 each).
+    /// `depth-bench`: the queue depths to measure, in order (at most 64 each; above 16 with
+    /// our own driver).
     #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
     pub depths: Vec<usize>,
     /// `depth-bench`: how long each depth is measured, in seconds.
@@ -81,6 +82,9 @@ pub struct Args {
     /// `depth-bench`: the size of each read (a multiple of 512, at most 1 MiB).
     #[arg(long, default_value_t = 4096)]
     pub depth_block: u64,
+    /// `depth-bench`: compare every read with the image file (costs time beside each read).
+    #[arg(long)]
+    pub depth_verify: bool,
     /// ZONE=WORKLOAD: that zone runs this workload instead (e.g. a busy neighbour beside a
     /// benchmark); repeatable.
     #[arg(long, value_parser = parse_zone_guest)]
@@ -187,6 +191,7 @@ fn run(args: Args) -> Result<i32> {
         depths: args.depths.clone(),
         depth_secs: args.depth_secs,
         depth_block: args.depth_block,
+        depth_verify: args.depth_verify,
     };
     let bench_zone = machine
         .zones

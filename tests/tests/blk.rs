@@ -401,3 +401,32 @@ fn requests_the_guest_keeps_in_flight_are_in_flight_on_the_host_together() {
     assert_report_ok(&mut stack, &report);
     assert!(stack.stop_broker().unwrap().success());
 }
+
+/// Deeper than the stock driver's queue of 16: our own driver keeps 32, then 64, reads in
+/// flight on a queue of 256. Each run completes and every read matches the image.
+#[test]
+fn a_guest_keeping_32_and_64_reads_in_flight_completes_and_every_read_matches_the_image() {
+    let s = Scratch::new();
+    let img = s.image("disk.img", 4 * MIB);
+    let cfg = s.write_json("zone1.json", &json!({ "zones": [zone_json(1, RAM, RAM_SIZE, &[BlkSpec { img: &img, addr: ADDR, irq: 78, readonly: false }])] }));
+    let mut run = SimRun::new(&cfg, "depth-bench");
+    run.extra = ["--depths", "32,64", "--depth-secs", "1", "--depth-verify"]
+        .map(String::from)
+        .to_vec();
+    let mut stack = Stack::start(&s, run, &[]).unwrap();
+    let report = stack.wait_report(Duration::from_secs(120)).unwrap();
+    assert_report_ok(&mut stack, &report);
+    let dev = &report["zones"][0]["devices"][0];
+    let depths = dev["depths"].as_array().expect("depth figures");
+    let mut ops = 0;
+    for (d, depth) in depths.iter().zip([32, 64]) {
+        assert_eq!(d["depth"], depth, "{dev:#}");
+        // The first `depth` reads go out together, however short the run.
+        assert!(d["ops"].as_u64().unwrap() >= depth, "{dev:#}");
+        ops += d["ops"].as_u64().unwrap();
+    }
+    assert_eq!(depths.len(), 2, "{dev:#}");
+    assert_eq!(dev["reads"], ops, "{dev:#}");
+    assert_eq!(dev["verified_bytes"], ops * 4096, "{dev:#}");
+    assert!(stack.stop_broker().unwrap().success());
+}

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use virtio_drivers::Hal;
 
-use super::stock::{Pipe, SECTOR};
+use super::deep::{DeepPipe, MAX_DEPTH};
+use super::stock::{BlkPipe, Pipe, SECTOR};
 use super::{GuestDev, Rng};
 use crate::report::{BenchReport, DepthFigure, DeviceReport, Latency, Throughput};
 use crate::transport::{reg, SimTransport};
@@ -112,9 +113,9 @@ fn latency(g: &GuestDev<'_>) -> Result<Latency> {
 
 /// Reads `block` bytes at `offset(i)` for i = 0, 1, ... for about [`RUN`], through the device
 /// (as many in flight as the pipe's depth) and then one at a time with `pread` on the image.
-fn throughput<H: Hal>(
+fn throughput(
     g: &mut GuestDev<'_>,
-    pipe: &mut Pipe<'_, H>,
+    pipe: &mut impl BlkPipe,
     img: &std::fs::File,
     block: u64,
     offset: impl Fn(usize) -> u64,
@@ -122,16 +123,11 @@ fn throughput<H: Hal>(
     let depth = pipe.depth();
     // Untimed, one at a time.
     for i in 0..32 {
-        pipe.submit(
-            &mut g.irq,
-            false,
-            offset(i) / SECTOR,
-            vec![0; block as usize],
-        )?;
+        pipe.submit_read(&mut g.irq, offset(i) / SECTOR, vec![0; block as usize])?;
         pipe.drain(&mut g.irq)?;
-        reap(pipe, block)?;
+        reap(pipe, block, None)?;
     }
-    let m = measure(g, pipe, block, RUN, &offset)?;
+    let m = measure(g, pipe, block, RUN, &offset, None)?;
     let (ops, secs) = (m.ops, m.seconds);
 
     let mut buf = vec![0u8; block as usize];
@@ -169,33 +165,38 @@ struct Measured {
     seconds: f64,
     interrupts_per_op: f64,
     injections_per_op: f64,
+    /// Bytes compared with the image.
+    verified_bytes: u64,
 }
 
 /// Reads `block` bytes at `offset(i)` for i = 0, 1, ... for about `run` (at least the pipe's
-/// depth of them), as many in flight as the pipe's depth.
-fn measure<H: Hal>(
+/// depth of them), as many in flight as the pipe's depth; each compared with `image`, if given.
+fn measure(
     g: &mut GuestDev<'_>,
-    pipe: &mut Pipe<'_, H>,
+    pipe: &mut impl BlkPipe,
     block: u64,
     run: Duration,
     offset: impl Fn(usize) -> u64,
+    image: Option<&std::fs::File>,
 ) -> Result<Measured> {
     let depth = pipe.depth();
     let (irqs, injections) = (g.irq.delivered(), g.irq.injections());
     let start = Instant::now();
-    let (mut submitted, mut ops) = (0, 0);
+    let (mut submitted, mut ops, mut verified_bytes) = (0, 0, 0);
     // The first `depth` go out together, however short the run.
     while submitted < depth || start.elapsed() < run {
         let sector = offset(submitted) / SECTOR;
-        pipe.submit(&mut g.irq, false, sector, vec![0; block as usize])?;
+        pipe.submit_read(&mut g.irq, sector, vec![0; block as usize])?;
         if depth == 1 {
             pipe.drain(&mut g.irq)?;
         }
-        ops += reap(pipe, block)?;
+        let (n, v) = reap(pipe, block, image)?;
+        (ops, verified_bytes) = (ops + n, verified_bytes + v);
         submitted += 1;
     }
     pipe.drain(&mut g.irq)?;
-    ops += reap(pipe, block)?;
+    let (n, v) = reap(pipe, block, image)?;
+    (ops, verified_bytes) = (ops + n, verified_bytes + v);
     let seconds = start.elapsed().as_secs_f64();
     let per_op = |n: u64| n as f64 / ops.max(1) as f64;
     Ok(Measured {
@@ -203,63 +204,112 @@ fn measure<H: Hal>(
         seconds,
         interrupts_per_op: per_op(g.irq.delivered() - irqs),
         injections_per_op: per_op(g.irq.injections() - injections),
+        verified_bytes,
     })
 }
 
-/// Takes the finished reads; returns how many there were, or the first one's error.
-fn reap<H: Hal>(pipe: &mut Pipe<'_, H>, block: u64) -> Result<u64> {
+/// Takes the finished reads, each compared with `image` if given; returns how many there were
+/// and the bytes compared, or the first one's error or difference.
+fn reap(pipe: &mut impl BlkPipe, block: u64, image: Option<&std::fs::File>) -> Result<(u64, u64)> {
     let done = pipe.take_done();
+    let mut verified = 0;
     for d in &done {
         if let Err(e) = &d.result {
             anyhow::bail!("{block}-byte read at sector {}: {e}", d.sector);
         }
+        if let Some(img) = image {
+            let mut want = vec![0u8; d.buf.len()];
+            img.read_exact_at(&mut want, d.sector * SECTOR)
+                .with_context(|| format!("reading the image at sector {}", d.sector))?;
+            if let Some(at) = d.buf.iter().zip(&want).position(|(a, b)| a != b) {
+                anyhow::bail!(
+                    "{block}-byte read at sector {}: byte {at} differs from the image",
+                    d.sector
+                );
+            }
+            verified += want.len() as u64;
+        }
     }
-    Ok(done.len() as u64)
+    Ok((done.len() as u64, verified))
 }
 
 /// `depth-bench`: random reads of `--depth-block` bytes (4 KiB) for `--depth-secs` at each
 /// of `--depths`, started cold
 /// (the first `depth` reads go out together), with nothing else read from the disk: a disk
 /// that answers only once N reads wait at once shows whether the device keeps them in flight.
+/// Depths up to 16 use the stock driver (as before, so figures stay comparable), deeper ones
+/// our own with a queue of 256 ([`DeepPipe`]). With `--depth-verify`, every read is compared
+/// with the image file.
 pub fn depths<H: Hal>(g: &mut GuestDev<'_>, rep: &mut DeviceReport) -> Result<()> {
-    let run = Duration::from_secs_f64(g.opts.depth_secs.max(0.0));
     let block = g.opts.depth_block;
     anyhow::ensure!(
         block > 0 && block % SECTOR == 0 && block <= 1 << 20,
         "a read of {block} bytes: a multiple of {SECTOR}, at most 1 MiB"
     );
+    let image = match g.opts.depth_verify {
+        true => {
+            let path = g.image().context("not a blk device")?;
+            let f = std::fs::File::open(path)
+                .with_context(|| format!("opening {} to verify reads", path.display()))?;
+            Some(f)
+        }
+        false => None,
+    };
     let mut rng = Rng::new(g.opts.seed);
     for &depth in &g.opts.depths.clone() {
         anyhow::ensure!(
-            (1..=16).contains(&depth),
-            "queue depth {depth}: the stock driver keeps 1 to 16 requests in flight"
+            (1..=MAX_DEPTH).contains(&depth),
+            "queue depth {depth}: 1 to {MAX_DEPTH} requests in flight"
         );
         let t = SimTransport::new(g.vcpu, g.spec.addr, g.spec.len)?;
-        let mut pipe = Pipe::<H>::open(t, g.mem, depth).context("driver initialisation")?;
-        let blocks = pipe.blk.capacity() * SECTOR / block;
-        anyhow::ensure!(blocks > 0, "disk too small to benchmark");
-        let offsets: Vec<u64> = (0..4096)
-            .map(|_| rng.range(0, blocks - 1) * block)
-            .collect();
-        let m = measure(g, &mut pipe, block, run, |i| offsets[i % offsets.len()])?;
-        rep.missed_interrupts += pipe.missed_interrupts;
-        rep.reads += m.ops;
-        let iops = m.ops as f64 / m.seconds;
-        rep.check(
-            &format!("depth_{depth}"),
-            true,
-            format!("{} reads in {:.2} s: {iops:.0} IOPS", m.ops, m.seconds),
-        );
-        println!("hvisor-sim: depth-bench QD{depth}: {iops:.0} IOPS");
-        rep.depths.push(DepthFigure {
-            depth,
-            block_bytes: block,
-            ops: m.ops,
-            seconds: m.seconds,
-            iops,
-            interrupts_per_op: m.interrupts_per_op,
-        });
+        if depth <= STOCK_DEPTH {
+            let mut pipe = Pipe::<H>::open(t, g.mem, depth).context("driver initialisation")?;
+            one_depth(g, rep, &mut pipe, &mut rng, image.as_ref())?;
+        } else {
+            let mut pipe = DeepPipe::<H>::open(t, depth)?;
+            one_depth(g, rep, &mut pipe, &mut rng, image.as_ref())?;
+        }
     }
+    Ok(())
+}
+
+/// The most requests the stock driver keeps in flight (its queue of 16).
+const STOCK_DEPTH: usize = 16;
+
+/// `depth-bench` at the pipe's depth.
+fn one_depth(
+    g: &mut GuestDev<'_>,
+    rep: &mut DeviceReport,
+    pipe: &mut impl BlkPipe,
+    rng: &mut Rng,
+    image: Option<&std::fs::File>,
+) -> Result<()> {
+    let run = Duration::from_secs_f64(g.opts.depth_secs.max(0.0));
+    let (block, depth) = (g.opts.depth_block, pipe.depth());
+    let blocks = pipe.capacity() * SECTOR / block;
+    anyhow::ensure!(blocks > 0, "disk too small to benchmark");
+    let offsets: Vec<u64> = (0..4096)
+        .map(|_| rng.range(0, blocks - 1) * block)
+        .collect();
+    let m = measure(g, pipe, block, run, |i| offsets[i % offsets.len()], image)?;
+    rep.missed_interrupts += *pipe.missed_interrupts();
+    rep.reads += m.ops;
+    rep.verified_bytes += m.verified_bytes;
+    let iops = m.ops as f64 / m.seconds;
+    rep.check(
+        &format!("depth_{depth}"),
+        true,
+        format!("{} reads in {:.2} s: {iops:.0} IOPS", m.ops, m.seconds),
+    );
+    println!("hvisor-sim: depth-bench QD{depth}: {iops:.0} IOPS");
+    rep.depths.push(DepthFigure {
+        depth,
+        block_bytes: block,
+        ops: m.ops,
+        seconds: m.seconds,
+        iops,
+        interrupts_per_op: m.interrupts_per_op,
+    });
     Ok(())
 }
 

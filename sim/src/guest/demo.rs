@@ -5,7 +5,7 @@ use std::os::unix::fs::FileExt;
 use anyhow::{bail, Context, Result};
 use virtio_drivers::Hal;
 
-use super::stock::{Pipe, SECTOR};
+use super::stock::{BlkPipe, Pipe, SECTOR};
 use super::GuestDev;
 use crate::report::DeviceReport;
 use crate::transport::SimTransport;

@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod console;
+pub mod deep;
 pub mod demo;
 pub mod hostile;
 pub mod irq_window;
@@ -143,6 +144,8 @@ pub struct GuestOptions {
     pub depth_secs: f64,
     /// `depth-bench`: bytes per read.
     pub depth_block: u64,
+    /// `depth-bench`: compare every read with the image file.
+    pub depth_verify: bool,
 }
 
 /// splitmix64: small, seedable, good enough for test patterns.

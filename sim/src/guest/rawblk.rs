@@ -1,5 +1,6 @@
 //! A minimal virtio-blk driver of our own on `virtio_drivers::queue::VirtQueue`, for what the
-//! stock driver does not do: DISCARD, WRITE_ZEROES, BLK_SIZE and the full config space.
+//! stock driver does not do: DISCARD, WRITE_ZEROES, BLK_SIZE, the full config space, and
+//! queues longer than its 16 (the queue size is a parameter, see [`super::deep`]).
 
 use anyhow::{bail, Context, Result};
 use virtio_drivers::queue::VirtQueue;
@@ -60,22 +61,24 @@ pub const WANTED: u64 = feat::VERSION_1
     | feat::SEG_MAX
     | feat::SIZE_MAX;
 
+/// The queue size unless a user asks for another.
 const QUEUE_SIZE: usize = 16;
 
-pub struct RawBlk<'a, H: Hal> {
+pub struct RawBlk<'a, H: Hal, const N: usize = QUEUE_SIZE> {
     t: SimTransport<'a>,
-    q: VirtQueue<H, QUEUE_SIZE>,
+    q: VirtQueue<H, N>,
     pub device_features: u64,
     pub negotiated: u64,
     pub config: BlkConfigValues,
 }
 
-impl<'a, H: Hal> RawBlk<'a, H> {
+impl<'a, H: Hal, const N: usize> RawBlk<'a, H, N> {
     /// Resets the device (Status 0) and initialises it from scratch (virtio 3.1.1).
     pub fn init(mut t: SimTransport<'a>, wanted: u64) -> Result<Self> {
         let (device_features, negotiated) = t.negotiate(wanted)?;
         let config = read_config(&t).context("reading config space")?;
-        let q = VirtQueue::new(&mut t, 0, false, false).context("setting up queue 0")?;
+        let event_idx = negotiated & feat::EVENT_IDX != 0;
+        let q = VirtQueue::new(&mut t, 0, false, event_idx).context("setting up queue 0")?;
         t.driver_ok();
         Ok(RawBlk {
             t,
@@ -114,10 +117,7 @@ impl<'a, H: Hal> RawBlk<'a, H> {
         }
         outputs.push(&mut st);
         // SAFETY: the buffers live on this frame until `pop_used` below returns them.
-        let token = unsafe { self.q.add(&inputs, &mut outputs) }?;
-        if self.q.should_notify() {
-            self.t.notify(0);
-        }
+        let token = unsafe { self.submit(&inputs, &mut outputs) }?;
         loop {
             if !irq.wait() {
                 if self.q.can_pop() {
@@ -143,6 +143,43 @@ impl<'a, H: Hal> RawBlk<'a, H> {
         // SAFETY: the same buffers as passed to `add` for `token`.
         unsafe { self.q.pop_used(token, &inputs, &mut outputs) }?;
         Ok(st[0])
+    }
+
+    /// Offers a chain and notifies the device if it asks to be.
+    ///
+    /// # Safety
+    /// As [`VirtQueue::add`]: the buffers stay valid and untouched until [`Self::pop`] (or a
+    /// reset) gives them back.
+    pub unsafe fn submit<'b>(
+        &mut self,
+        inputs: &[&'b [u8]],
+        outputs: &mut [&'b mut [u8]],
+    ) -> virtio_drivers::Result<u16> {
+        // SAFETY: the caller keeps the buffers as `add` requires.
+        let token = unsafe { self.q.add(inputs, outputs) }?;
+        if self.q.should_notify() {
+            self.t.notify(0);
+        }
+        Ok(token)
+    }
+
+    /// The token of the next used entry, if the device has published one.
+    pub fn peek_used(&self) -> Option<u16> {
+        self.q.peek_used()
+    }
+
+    /// Takes the next used entry, which must be `token`'s; returns the length written.
+    ///
+    /// # Safety
+    /// As [`VirtQueue::pop_used`]: the buffers are those submitted with `token`.
+    pub unsafe fn pop<'b>(
+        &mut self,
+        token: u16,
+        inputs: &'b [&'b [u8]],
+        outputs: &'b mut [&'b mut [u8]],
+    ) -> virtio_drivers::Result<u32> {
+        // SAFETY: the caller passes the buffers of `token`.
+        unsafe { self.q.pop_used(token, inputs, outputs) }
     }
 
     /// Reads sector 0 and, while its interrupt is still being handled (taken and ACKed, no
@@ -213,7 +250,7 @@ impl<'a, H: Hal> RawBlk<'a, H> {
     }
 }
 
-impl<H: Hal> Drop for RawBlk<'_, H> {
+impl<H: Hal, const N: usize> Drop for RawBlk<'_, H, N> {
     fn drop(&mut self) {
         // Reset before the rings are freed, so the device stops looking at them.
         self.t.set_status(DeviceStatus::empty());

@@ -1,6 +1,6 @@
 //! The stock `VirtIOBlk` driven the way an interrupt-driven guest does: non-blocking submits,
 //! up to a few requests in flight, completion only after the device's interrupt
-//! (InterruptStatus read + InterruptACK write, then the used ring).
+//! (InterruptStatus read + InterruptACK write, then the used ring); see [`BlkPipe`].
 
 use std::sync::atomic::{fence, AtomicBool, AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
@@ -34,6 +34,77 @@ pub struct Done {
     pub sector: u64,
     pub buf: Vec<u8>,
     pub result: Result<(), Error>,
+}
+
+/// A block pipe as an interrupt-driven guest drives it: requests submitted without waiting for
+/// each other, completed only after the device's interrupt (InterruptStatus read +
+/// InterruptACK write, then the used ring). [`Pipe`] is the stock driver (up to 16 in
+/// flight); [`super::deep::DeepPipe`] is ours (up to 64 reads).
+pub trait BlkPipe {
+    /// The most requests kept in flight.
+    fn depth(&self) -> usize;
+
+    fn in_flight(&self) -> usize;
+
+    /// The disk's size in sectors.
+    fn capacity(&self) -> u64;
+
+    /// Submits a read of `buf.len()` bytes; waits for room first (requests finished meanwhile
+    /// are kept for [`Self::take_done`]).
+    fn submit_read(&mut self, irq: &mut IrqWaiter, sector: u64, buf: Vec<u8>) -> Result<()>;
+
+    /// Requests finished so far, in completion order.
+    fn take_done(&mut self) -> Vec<Done>;
+
+    /// Whether the used ring holds an entry not completed yet.
+    fn used_pending(&mut self) -> bool;
+
+    /// Reads InterruptStatus and acknowledges it.
+    fn ack_interrupt(&mut self);
+
+    /// Completes every request in the used ring; returns how many.
+    fn complete_used(&mut self) -> Result<usize>;
+
+    /// Completions found in the used ring only after an interrupt wait timed out.
+    fn missed_interrupts(&mut self) -> &mut u64;
+
+    /// Waits for an interrupt, acknowledges it, and completes everything in the used ring.
+    fn reap(&mut self, irq: &mut IrqWaiter) -> Result<()> {
+        if self.in_flight() == 0 {
+            return Ok(());
+        }
+        loop {
+            if !irq.wait() {
+                if !self.used_pending() {
+                    bail!(
+                        "{} requests in flight and no interrupt within {:?}{}",
+                        self.in_flight(),
+                        irq.timeout(),
+                        if irq.broker_gone() {
+                            " (the broker went away)"
+                        } else {
+                            ""
+                        }
+                    );
+                }
+                *self.missed_interrupts() += 1;
+            } else {
+                self.ack_interrupt();
+            }
+            let completed = self.complete_used()?;
+            irq.eoi();
+            if completed > 0 {
+                return Ok(());
+            }
+        }
+    }
+
+    fn drain(&mut self, irq: &mut IrqWaiter) -> Result<()> {
+        while self.in_flight() > 0 {
+            self.reap(irq)?;
+        }
+        Ok(())
+    }
 }
 
 pub struct Pipe<'a, H: Hal> {
@@ -71,15 +142,6 @@ impl<'a, H: Hal> Pipe<'a, H> {
         })
     }
 
-    /// The most requests kept in flight.
-    pub fn depth(&self) -> usize {
-        self.depth
-    }
-
-    pub fn in_flight(&self) -> usize {
-        self.inflight.len()
-    }
-
     /// Whether `[sector, sector + count)` conflicts with a request in flight: a write
     /// conflicts with anything, a read only with writes.
     pub fn conflicts(&self, sector: u64, count: u64, write: bool) -> bool {
@@ -87,11 +149,6 @@ impl<'a, H: Hal> Pipe<'a, H> {
             let rc = r.buf.len() as u64 / SECTOR;
             (write || r.write) && sector < r.sector + rc && r.sector < sector + count
         })
-    }
-
-    /// Requests finished so far, in completion order.
-    pub fn take_done(&mut self) -> Vec<Done> {
-        std::mem::take(&mut self.finished)
     }
 
     /// Submits a read (`buf` is its size) or a write (`buf` is its data); waits for room first
@@ -136,78 +193,6 @@ impl<'a, H: Hal> Pipe<'a, H> {
                 Err(e) => bail!("submitting a request at sector {sector}: {e}"),
             }
         }
-    }
-
-    /// Waits for an interrupt, acknowledges it, and completes everything in the used ring.
-    pub fn reap(&mut self, irq: &mut IrqWaiter) -> Result<()> {
-        if self.inflight.is_empty() {
-            return Ok(());
-        }
-        loop {
-            if !irq.wait() {
-                if self.blk.peek_used().is_none() {
-                    bail!(
-                        "{} requests in flight and no interrupt within {:?}{}",
-                        self.inflight.len(),
-                        irq.timeout(),
-                        if irq.broker_gone() {
-                            " (the broker went away)"
-                        } else {
-                            ""
-                        }
-                    );
-                }
-                self.missed_interrupts += 1;
-            } else {
-                self.blk.ack_interrupt();
-            }
-            let completed = self.complete_used()?;
-            irq.eoi();
-            if completed > 0 {
-                return Ok(());
-            }
-        }
-    }
-
-    /// Completes every request in the used ring; returns how many.
-    fn complete_used(&mut self) -> Result<usize> {
-        let mut n = 0;
-        loop {
-            // Pairs with the device's fence between publishing `used.idx` and reading
-            // `used_event`: either we see its entry or it sees our new `used_event`.
-            fence(Ordering::SeqCst);
-            let Some(token) = self.blk.peek_used() else {
-                return Ok(n);
-            };
-            let Some(i) = self.inflight.iter().position(|r| r.token == token) else {
-                bail!("the device returned token {token}, which is not in flight");
-            };
-            let mut r = self.inflight.swap_remove(i);
-            // SAFETY: the buffers are those submitted with `token`.
-            let result = unsafe {
-                if r.write {
-                    self.blk
-                        .complete_write_blocks(token, &r.req, &r.buf, &mut r.resp)
-                } else {
-                    self.blk
-                        .complete_read_blocks(token, &r.req, &mut r.buf, &mut r.resp)
-                }
-            };
-            n += 1;
-            self.finished.push(Done {
-                write: r.write,
-                sector: r.sector,
-                buf: r.buf,
-                result,
-            });
-        }
-    }
-
-    pub fn drain(&mut self, irq: &mut IrqWaiter) -> Result<()> {
-        while !self.inflight.is_empty() {
-            self.reap(irq)?;
-        }
-        Ok(())
     }
 
     /// A blocking call of the stock driver (FLUSH, GET_ID) spins on the used ring itself. An
@@ -277,6 +262,73 @@ impl<'a, H: Hal> Pipe<'a, H> {
             bail!("the device did not complete {what} within {timeout:?}; the guest gave up on it");
         }
         Ok(r)
+    }
+}
+
+impl<H: Hal> BlkPipe for Pipe<'_, H> {
+    fn depth(&self) -> usize {
+        self.depth
+    }
+
+    fn in_flight(&self) -> usize {
+        self.inflight.len()
+    }
+
+    fn capacity(&self) -> u64 {
+        self.blk.capacity()
+    }
+
+    fn submit_read(&mut self, irq: &mut IrqWaiter, sector: u64, buf: Vec<u8>) -> Result<()> {
+        self.submit(irq, false, sector, buf)
+    }
+
+    fn take_done(&mut self) -> Vec<Done> {
+        std::mem::take(&mut self.finished)
+    }
+
+    fn used_pending(&mut self) -> bool {
+        self.blk.peek_used().is_some()
+    }
+
+    fn ack_interrupt(&mut self) {
+        self.blk.ack_interrupt();
+    }
+
+    fn complete_used(&mut self) -> Result<usize> {
+        let mut n = 0;
+        loop {
+            // Pairs with the device's fence between publishing `used.idx` and reading
+            // `used_event`: either we see its entry or it sees our new `used_event`.
+            fence(Ordering::SeqCst);
+            let Some(token) = self.blk.peek_used() else {
+                return Ok(n);
+            };
+            let Some(i) = self.inflight.iter().position(|r| r.token == token) else {
+                bail!("the device returned token {token}, which is not in flight");
+            };
+            let mut r = self.inflight.swap_remove(i);
+            // SAFETY: the buffers are those submitted with `token`.
+            let result = unsafe {
+                if r.write {
+                    self.blk
+                        .complete_write_blocks(token, &r.req, &r.buf, &mut r.resp)
+                } else {
+                    self.blk
+                        .complete_read_blocks(token, &r.req, &mut r.buf, &mut r.resp)
+                }
+            };
+            n += 1;
+            self.finished.push(Done {
+                write: r.write,
+                sector: r.sector,
+                buf: r.buf,
+                result,
+            });
+        }
+    }
+
+    fn missed_interrupts(&mut self) -> &mut u64 {
+        &mut self.missed_interrupts
     }
 }
 

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use virtio_drivers::Hal;
 
 use super::rawblk::{self, feat, status, RawBlk};
-use super::stock::{Pipe, SECTOR};
+use super::stock::{BlkPipe, Pipe, SECTOR};
 use super::{GuestDev, Rng};
 use crate::report::{DeviceReport, Features};
 use crate::transport::SimTransport;

@@ -36,7 +36,8 @@
 //!   (not a linux one), at the same time as the others: a busy neighbour beside a benchmark.
 //! - `--depths`, `--depth-secs`, `--depth-block` (default 1,4,16; 2 s; 4096 bytes): what
 //!   `depth-bench` measures: random reads of that size at each depth, reported per depth in
-//!   the device's `depths` (`depth`, `block_bytes`, `ops`, `seconds`, `iops`).
+//!   the device's `depths` (`depth`, `block_bytes`, `ops`, `seconds`, `iops`), after
+//!   200000 MagicValue reads timed into its `sync_read` (as `bench`'s).
 //! - `--seed` (default 1): seeds every random choice of the workloads.
 //! - `--report FILE`: the run report as JSON (below).
 //! - `--shadow-dir DIR`: `blk-verify` and `hostile` write, per blk device, the disk content

@@ -221,6 +221,7 @@ fn reap<H: Hal>(pipe: &mut Pipe<'_, H>, block: u64) -> Result<u64> {
 /// of `--depths`, started cold
 /// (the first `depth` reads go out together), with nothing else read from the disk: a disk
 /// that answers only once N reads wait at once shows whether the device keeps them in flight.
+/// Synchronous register reads are timed first.
 pub fn depths<H: Hal>(g: &mut GuestDev<'_>, rep: &mut DeviceReport) -> Result<()> {
     let run = Duration::from_secs_f64(g.opts.depth_secs.max(0.0));
     let block = g.opts.depth_block;
@@ -229,6 +230,12 @@ pub fn depths<H: Hal>(g: &mut GuestDev<'_>, rep: &mut DeviceReport) -> Result<()
         "a read of {block} bytes: a multiple of {SECTOR}, at most 1 MiB"
     );
     let mut rng = Rng::new(g.opts.seed);
+    let l = latency(g)?;
+    println!(
+        "hvisor-sim: depth-bench register reads: mean {:.2} us, p50 {:.2}, p99 {:.2}",
+        l.mean_us, l.p50_us, l.p99_us
+    );
+    rep.sync_read = Some(l);
     for &depth in &g.opts.depths.clone() {
         anyhow::ensure!(
             (1..=16).contains(&depth),

@@ -25,8 +25,7 @@ pub(crate) struct EventLoop {
     chan: Arc<Channel>,
     epoll: Epoll,
     mem: GuestMemoryMmap,
-    /// Held open for the epoll set, which is all that reads them.
-    _kicks: Vec<OwnedFd>,
+    kicks: Vec<OwnedFd>,
     calls: Vec<OwnedFd>,
     /// `None` until activated, and for a queue the driver set up wrongly.
     queues: Vec<Option<Active>>,
@@ -52,10 +51,7 @@ impl EventLoop {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
         epoll.add(chan.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, SOCKET))?;
         for (i, kick) in kicks.iter().enumerate() {
-            // Edge-triggered: each of the broker's writes is an event, so the count (which the
-            // guest cannot bring near saturation) is never read per kick.
-            let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLET;
-            epoll.add(kick, EpollEvent::new(flags, i as u64))?;
+            epoll.add(kick, EpollEvent::new(EpollFlags::EPOLLIN, i as u64))?;
         }
         let queues = kicks.iter().map(|_| None).collect();
         let host = device.host_fds();
@@ -71,7 +67,7 @@ impl EventLoop {
             record,
             recovery,
             mem,
-            _kicks: kicks,
+            kicks,
             calls,
             queues,
             device,
@@ -128,7 +124,7 @@ impl EventLoop {
                 if event.data() >= HOST {
                     self.on_host(event);
                 } else {
-                    self.process(event.data() as usize);
+                    self.on_kick(event.data() as usize);
                 }
             }
             self.release_throttled(Instant::now());
@@ -260,6 +256,18 @@ impl EventLoop {
         for i in 0..self.queues.len() {
             self.process(i);
         }
+    }
+
+    fn on_kick(&mut self, i: usize) {
+        let Some(kick) = self.kicks.get(i) else {
+            return;
+        };
+        let mut buf = [0u8; 8];
+        match nix::unistd::read(kick, &mut buf) {
+            Ok(_) | Err(Errno::EAGAIN) | Err(Errno::EINTR) => {}
+            Err(e) => warn!("queue {i}: reading the kick eventfd: {e}"),
+        }
+        self.process(i);
     }
 
     /// Drains queue `i` and interrupts the guest if it asked to be. With EVENT_IDX the drain

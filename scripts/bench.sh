@@ -10,7 +10,8 @@ target/release/hvisor-flood-bench
 # process.
 target/release/hvisor-slowdisk-bench 200 2 3
 # CPU time, read/write-family system calls and context switches per request of the broker and
-# the blk worker at queue depth 1, 4 and 16.
+# the blk worker at queue depth 1, 4 and 16, IOPS and the register-read latency: the broker
+# polling as before its budget and as now, in turn.
 target/release/hvisor-cost-bench 3 3
 # How long a device waits for a new worker when its worker is killed: median and max.
 target/release/hvisor-restart-bench 20

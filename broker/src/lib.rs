@@ -17,6 +17,7 @@ pub mod lifecycle;
 pub mod logging;
 pub mod notify;
 pub mod outbox;
+pub mod poll;
 pub mod relay;
 pub mod rundir;
 pub mod serve;

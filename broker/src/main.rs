@@ -50,9 +50,14 @@ enum Command {
         /// Directory of the hvisor-worker-* binaries (default: beside this binary).
         #[arg(long)]
         worker_dir: Option<PathBuf>,
-        /// Microseconds to keep polling the request ring after the last request.
+        /// The longest, in microseconds, the loop polls after its last work before sleeping;
+        /// the window adapts up to this (0: never poll).
         #[arg(long, default_value_t = 100)]
         poll_us: u64,
+        /// The share of wall time, in percent, polling that finds nothing may cost (100: poll
+        /// the whole --poll-us after all work, uncapped).
+        #[arg(long, default_value_t = serve::DEFAULT_POLL_BUDGET, value_parser = clap::value_parser!(u32).range(0..=100))]
+        poll_budget: u32,
         /// error, warn, info, debug or trace.
         #[arg(long, default_value = "info")]
         log_level: log::LevelFilter,
@@ -314,6 +319,7 @@ fn main() -> ExitCode {
             driver,
             worker_dir,
             poll_us,
+            poll_budget,
             log_level,
             syslog_socket,
             seccomp,
@@ -362,6 +368,7 @@ fn main() -> ExitCode {
             let jail = Jail::new(worker_ids, seccomp, cgroups);
             let opts = Options {
                 poll: Duration::from_micros(poll_us),
+                poll_budget,
                 jail,
                 worker_args,
                 inject: irq_inject,

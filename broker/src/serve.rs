@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use config::{Config, Device};
 use nix::errno::Errno;
-use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
@@ -28,6 +28,7 @@ use crate::irq::{retry_delay, Inject};
 use crate::lifecycle::{self, Life, Next, Plumbing, Recipe, Worker};
 use crate::notify::Readiness;
 use crate::outbox::Outbox;
+use crate::poll::{self, Poller, Wait};
 use crate::relay::Relay;
 use crate::rundir::RunDir;
 use crate::supervisor;
@@ -39,8 +40,11 @@ pub struct Options {
     pub worker_dir: PathBuf,
     /// Extra arguments for every worker.
     pub worker_args: Vec<String>,
-    /// How long to keep polling the ring after the last request before sleeping.
+    /// The longest the loop polls after its last work before sleeping (see `poll`).
     pub poll: Duration,
+    /// The share of wall time, in percent, polling that finds nothing may cost; 100 polls the
+    /// whole window after all work, with no cap.
+    pub poll_budget: u32,
     /// The longest sleep: a safety net for a lost wakeup (hvisor-abi 2.5).
     pub max_sleep: Duration,
     /// The CPU time a worker may use before it reports Ready; one that uses none for ten
@@ -66,6 +70,7 @@ impl Default for Options {
             worker_dir: PathBuf::new(),
             worker_args: Vec::new(),
             poll: Duration::from_micros(100),
+            poll_budget: DEFAULT_POLL_BUDGET,
             max_sleep: Duration::from_millis(10),
             ready_timeout: Duration::from_secs(10),
             jail: supervisor::Jail::default(),
@@ -78,6 +83,9 @@ impl Default for Options {
     }
 }
 
+/// The default of `--poll-budget`, in percent.
+pub const DEFAULT_POLL_BUDGET: u32 = 100;
+
 const TOKEN_WAKEUP: u64 = 0;
 const TOKEN_SIGNALS: u64 = 1;
 const TOKEN_SIM: u64 = 2;
@@ -87,6 +95,10 @@ const TOKEN_CONTROL: u64 = 3;
 const DEV_BASE: u64 = 0x100;
 const DEV_STRIDE: u64 = 0x100;
 const RELAY: u64 = 0xf0;
+
+/// A call eventfd is watched edge-triggered: every write of the worker's is an event, so its
+/// count need not be read per request.
+pub(crate) const CALL_EVENTS: EpollFlags = EpollFlags::EPOLLIN.union(EpollFlags::EPOLLET);
 
 /// The token of device `i`'s first relay fd.
 pub(crate) fn relay_token(i: usize) -> u64 {
@@ -110,6 +122,8 @@ pub(crate) struct Slot {
     pub(crate) kind: DeviceKind,
     transport: MmioTransport,
     kicks: Vec<EventFd>,
+    /// Queues notified in this pass over the ring, kicked once it is drained.
+    kick_due: Vec<bool>,
     pub(crate) calls: Vec<EventFd>,
     pub(crate) worker: Option<Worker>,
     /// How to start its worker again, and its restarts.
@@ -389,6 +403,7 @@ impl Broker {
             label,
             kind: prep.kind,
             transport,
+            kick_due: vec![false; kicks.len()],
             kicks,
             calls,
             worker: None,
@@ -475,9 +490,13 @@ impl Broker {
             EpollEvent::new(EpollFlags::EPOLLIN, token),
         )?;
         for (q, c) in slot.calls.iter().enumerate() {
+            // Edge-triggered: every write of the worker's is an event, so the count is never
+            // read per request; emptied here so that a predecessor that saturated it cannot
+            // leave this worker's writes failing.
+            let _ = c.read();
             self.epoll.add(
                 c.as_fd(),
-                EpollEvent::new(EpollFlags::EPOLLIN, token + 1 + q as u64),
+                EpollEvent::new(CALL_EVENTS, token + 1 + q as u64),
             )?;
         }
         log::info!(
@@ -558,7 +577,8 @@ impl Broker {
     /// Serves until SIGTERM/SIGINT (or the simulator leaving), then stops the workers.
     pub fn run(&mut self) -> Result<()> {
         let mut events = vec![EpollEvent::empty(); 64];
-        let mut last_work = Instant::now();
+        let mut poller = Poller::new(self.opts.poll, self.opts.poll_budget, Instant::now());
+        let mut events_seen = false;
         log::info!(
             "serving {} device(s) through {} ({} wakeup)",
             self.slots.len(),
@@ -574,26 +594,23 @@ impl Broker {
             .starting(self.slots.iter().map(|s| (s.zone, s.base)));
         while !self.stop {
             // Requests already waiting (even from before we started) are served first.
-            if self.drain_bridge() {
-                last_work = Instant::now();
-            }
+            let worked = self.drain_bridge() || events_seen;
             let mut sleeping = false;
-            let timeout = if last_work.elapsed() < self.opts.poll {
-                EpollTimeout::ZERO
+            let timeout = if poller.after_round(Instant::now(), worked) == Wait::Poll {
+                Duration::ZERO
             } else {
                 if !self.driver.bridge().prepare_sleep() {
                     continue;
                 }
                 sleeping = true;
-                let sleep = match self.next_retry() {
+                match self.next_retry() {
                     Some(at) => at
                         .saturating_duration_since(Instant::now())
                         .min(self.opts.max_sleep),
                     None => self.opts.max_sleep,
-                };
-                EpollTimeout::try_from(sleep).unwrap_or(EpollTimeout::NONE)
+                }
             };
-            let n = match self.epoll.wait(&mut events, timeout) {
+            let n = match poll::wait(&self.epoll, &mut events, Some(timeout)) {
                 Ok(n) => n,
                 Err(Errno::EINTR) => 0,
                 Err(e) => return Err(e).context("epoll_wait"),
@@ -601,6 +618,7 @@ impl Broker {
             if sleeping {
                 self.driver.bridge().awake();
             }
+            events_seen = n > 0;
             for ev in &events[..n] {
                 self.dispatch(ev.data())?;
             }
@@ -628,7 +646,22 @@ impl Broker {
             self.driver.bridge().pop_req();
             any = true;
         }
+        if any {
+            self.kick_workers();
+        }
         any
+    }
+
+    /// Kicks each queue notified since the last time once: one eventfd write for every
+    /// QueueNotify the guest wrote in one pass over the ring.
+    fn kick_workers(&mut self) {
+        for slot in &mut self.slots {
+            for (due, kick) in slot.kick_due.iter_mut().zip(&slot.kicks) {
+                if std::mem::take(due) {
+                    let _ = kick.write(1);
+                }
+            }
+        }
     }
 
     fn handle(&mut self, req: DeviceReq) {
@@ -677,8 +710,8 @@ impl Broker {
         let slot = &mut self.slots[i];
         let msg = match effect {
             Effect::Notify(q) => {
-                if let Some(k) = slot.kicks.get(q as usize) {
-                    let _ = k.write(1);
+                if let Some(due) = slot.kick_due.get_mut(q as usize) {
+                    *due = true;
                 }
                 return;
             }
@@ -705,6 +738,8 @@ impl Broker {
                 }
             }
             Effect::Deassert => {
+                // Acknowledged: no retry is due, nor a wakeup for one.
+                slot.irq_retry_at = None;
                 self.driver.deassert_irq(slot.zone, slot.irq);
                 return;
             }
@@ -776,7 +811,7 @@ impl Broker {
                 } else if k >= RELAY {
                     self.on_relay(i);
                 } else {
-                    self.on_call(i, (k - 1) as usize);
+                    self.on_call(i);
                 }
             }
             _ => {}
@@ -912,11 +947,8 @@ impl Broker {
         (true, format!("{label}: replacing worker pid {}", w.pid))
     }
 
-    fn on_call(&mut self, i: usize, q: usize) {
+    fn on_call(&mut self, i: usize) {
         let slot = &mut self.slots[i];
-        if let Some(c) = slot.calls.get(q) {
-            let _ = c.read();
-        }
         if slot.transport.is_active() && slot.transport.raise_used() {
             slot.interrupt();
         }

@@ -28,7 +28,7 @@ use nix::unistd::Pid;
 use protocol::BrokerMsg;
 use serde_json::{json, Value};
 
-use crate::serve::{dev_token, regions, relay_token, Broker, Slot};
+use crate::serve::{dev_token, regions, relay_token, Broker, Slot, CALL_EVENTS};
 use crate::{control, devices, supervisor};
 
 /// How long a removed zone's workers have to stop before they are killed.
@@ -235,7 +235,7 @@ impl Broker {
             self.epoll.modify(w.channel.as_fd(), &mut ev).ok();
         }
         for (q, c) in slot.calls.iter().enumerate() {
-            let mut ev = EpollEvent::new(EpollFlags::EPOLLIN, token + 1 + q as u64);
+            let mut ev = EpollEvent::new(CALL_EVENTS, token + 1 + q as u64);
             self.epoll.modify(c.as_fd(), &mut ev).ok();
         }
         if let Some(relay) = &slot.relay {

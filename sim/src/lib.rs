@@ -41,7 +41,8 @@
 //!   depth in the device's `depths` (`depth`, `block_bytes`, `ops`, `seconds`, `iops`). Depths
 //!   up to 16 use the stock driver (its queue holds 16), as they always have, so their figures
 //!   stay comparable; deeper ones our own driver with a queue of 256 (VERSION_1, RO and
-//!   EVENT_IDX when offered, no indirect descriptors). Each read must end with status OK;
+//!   EVENT_IDX when offered, no indirect descriptors). Before the depths, 200000 MagicValue
+//!   reads are timed into its `sync_read` (as `bench`'s). Each read must end with status OK;
 //!   `--depth-verify` also compares every read with the image file (adding to the device's
 //!   `verified_bytes`), which costs time beside each read.
 //! - `--rounds-dir DIR`: where `rounds` finds its go and end files and writes its done files.

@@ -57,6 +57,8 @@ pub struct DeviceReport {
     pub shadow_file: Option<String>,
     /// `depth-bench`: one figure per queue depth.
     pub depths: Vec<DepthFigure>,
+    /// `depth-bench`: synchronous register reads (MagicValue), before the depths.
+    pub sync_read: Option<Latency>,
     pub checks: Vec<Check>,
     pub ok: bool,
     pub error: Option<String>,

@@ -240,6 +240,7 @@ fn reap(pipe: &mut impl BlkPipe, block: u64, image: Option<&std::fs::File>) -> R
 /// Depths up to 16 use the stock driver (as before, so figures stay comparable), deeper ones
 /// our own with a queue of 256 ([`DeepPipe`]). With `--depth-verify`, every read is compared
 /// with the image file.
+/// Synchronous register reads are timed first.
 pub fn depths<H: Hal>(g: &mut GuestDev<'_>, rep: &mut DeviceReport) -> Result<()> {
     let block = g.opts.depth_block;
     anyhow::ensure!(
@@ -256,6 +257,12 @@ pub fn depths<H: Hal>(g: &mut GuestDev<'_>, rep: &mut DeviceReport) -> Result<()
         false => None,
     };
     let mut rng = Rng::new(g.opts.seed);
+    let l = latency(g)?;
+    println!(
+        "hvisor-sim: depth-bench register reads: mean {:.2} us, p50 {:.2}, p99 {:.2}",
+        l.mean_us, l.p50_us, l.p99_us
+    );
+    rep.sync_read = Some(l);
     for &depth in &g.opts.depths.clone() {
         anyhow::ensure!(
             (1..=MAX_DEPTH).contains(&depth),

@@ -2,9 +2,12 @@
 //! random from a page-cached image at queue depth 1, 4 and 16, and between the depths the
 //! harness reads, from /proc, the CPU time (utime + stime, every thread), the read/write-family
 //! system calls (`syscr` + `syscw` of /proc/PID/io: epoll_wait, ioctl and sendmsg are not among
-//! them) and the context switches (every thread) of the broker and of the blk worker. Each is
-//! printed per request, as the median of ROUNDS runs. Build with `--release` first:
-//! `target/release/hvisor-cost-bench [SECS [ROUNDS]]`.
+//! them) and the context switches (every thread) of the broker and of the blk worker, per
+//! request, and the IOPS; before the depths, the guest times 200000 synchronous register reads.
+//! Two setups alternate round by round: the broker polling all of `--poll-us` after all work
+//! (`--poll-budget 100`, the default) and with BROKER_ARGS (default `--poll-budget 10`); each
+//! figure is the median of ROUNDS runs, with the ratio second / first. Build with `--release`
+//! first: `target/release/hvisor-cost-bench [SECS [ROUNDS [BROKER_ARGS...]]]`.
 
 use std::time::Duration;
 
@@ -95,11 +98,27 @@ fn main() -> anyhow::Result<()> {
         "cost.json",
         &json!({ "zones": [zone_json(1, 0x5000_0000, 0x1000_0000, &[BlkSpec { img: &img, addr: 0xa00_3c00, irq: 78, readonly: false }])] }),
     );
-    // [round][depth] -> (broker, worker) per request
-    let mut runs: Vec<Vec<(Costs, Costs)>> = Vec::new();
+    // Further arguments go to the broker of the second setup (e.g. `--poll-us 20`).
+    let mut extra: Vec<String> = std::env::args().skip(3).collect();
+    if extra.is_empty() {
+        extra = vec!["--poll-budget".into(), "10".into()];
+    }
+    let after: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let second = format!("second: {}", extra.join(" "));
+    let setups: [(&str, &[&str]); 2] = [
+        (
+            "first: poll all of --poll-us (default)",
+            &["--poll-budget", "100"],
+        ),
+        (&second, &after),
+    ];
+    // [setup][round]
+    let mut runs: Vec<Vec<Run>> = vec![Vec::new(), Vec::new()];
     for round in 0..rounds {
-        println!("== round {} of {rounds}", round + 1);
-        runs.push(run_once(&s, &cfg, secs)?);
+        for (k, (name, args)) in setups.iter().enumerate() {
+            println!("== round {} of {rounds}: {name}", round + 1);
+            runs[k].push(run_once(&s, &cfg, secs, args)?);
+        }
     }
     println!();
     println!(
@@ -107,32 +126,81 @@ fn main() -> anyhow::Result<()> {
          of {rounds} round(s). cpu: user + system time; rw calls: read/write-family system \
          calls (/proc/PID/io); switches: context switches"
     );
-    println!(
-        "  {:>5} {:>11} {:>9} {:>9} {:>11} {:>9} {:>9}",
-        "depth", "broker cpu", "rw calls", "switches", "worker cpu", "rw calls", "switches"
-    );
-    for (j, depth) in DEPTHS.iter().enumerate() {
-        let median = |f: &dyn Fn(&(Costs, Costs)) -> f64| {
-            let mut v: Vec<f64> = runs.iter().map(|r| f(&r[j])).collect();
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
+    let median = |k: usize, f: &dyn Fn(&Run) -> f64| {
+        let mut v: Vec<f64> = runs[k].iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    for (k, (name, _)) in setups.iter().enumerate() {
+        println!("  {name}");
         println!(
-            "  {:>5} {:>9.2}us {:>9.2} {:>9.2} {:>9.2}us {:>9.2} {:>9.2}",
-            depth,
-            median(&|c| c.0.cpu_us),
-            median(&|c| c.0.syscalls),
-            median(&|c| c.0.switches),
-            median(&|c| c.1.cpu_us),
-            median(&|c| c.1.syscalls),
-            median(&|c| c.1.switches),
+            "  {:>5} {:>9} {:>11} {:>9} {:>9} {:>11} {:>9} {:>9}",
+            "depth",
+            "IOPS",
+            "broker cpu",
+            "rw calls",
+            "switches",
+            "worker cpu",
+            "rw calls",
+            "switches"
+        );
+        for (j, depth) in DEPTHS.iter().enumerate() {
+            println!(
+                "  {:>5} {:>9.0} {:>9.2}us {:>9.2} {:>9.2} {:>9.2}us {:>9.2} {:>9.2}",
+                depth,
+                median(k, &|r| r.iops[j]),
+                median(k, &|r| r.costs[j].0.cpu_us),
+                median(k, &|r| r.costs[j].0.syscalls),
+                median(k, &|r| r.costs[j].0.switches),
+                median(k, &|r| r.costs[j].1.cpu_us),
+                median(k, &|r| r.costs[j].1.syscalls),
+                median(k, &|r| r.costs[j].1.switches),
+            );
+        }
+        let reg = |i: usize| median(k, &|r| r.register[i]);
+        println!(
+            "  register read mean / p50 / p99: {:.2} / {:.2} / {:.2} us (p99 {:.2}x the mean)",
+            reg(0),
+            reg(1),
+            reg(2),
+            reg(2) / reg(0)
         );
     }
+    println!("  after / before:");
+    let ratio = |f: &dyn Fn(&Run) -> f64| median(1, f) / median(0, f);
+    for (j, depth) in DEPTHS.iter().enumerate() {
+        println!(
+            "  QD{depth}: IOPS {:.2}, broker cpu {:.2}, worker cpu {:.2}, broker+worker cpu {:.2}",
+            ratio(&|r| r.iops[j]),
+            ratio(&|r| r.costs[j].0.cpu_us),
+            ratio(&|r| r.costs[j].1.cpu_us),
+            ratio(&|r| r.costs[j].0.cpu_us + r.costs[j].1.cpu_us),
+        );
+    }
+    println!(
+        "  register read mean {:.2}, p50 {:.2}, p99 {:.2}",
+        ratio(&|r| r.register[0]),
+        ratio(&|r| r.register[1]),
+        ratio(&|r| r.register[2]),
+    );
     Ok(())
 }
 
+/// What one run measured: per depth the broker's and the worker's cost per request and the
+/// IOPS; the register reads' mean, p50 and p99 in us.
+struct Run {
+    costs: Vec<(Costs, Costs)>,
+    iops: Vec<f64>,
+    register: [f64; 3],
+}
+
 /// One simulator run over every depth: the broker's and the worker's cost per request at each.
-fn run_once(s: &Scratch, cfg: &std::path::Path, secs: u64) -> anyhow::Result<Vec<(Costs, Costs)>> {
+fn run_once(
+    s: &Scratch,
+    cfg: &std::path::Path,
+    secs: u64,
+    broker_args: &[&str],
+) -> anyhow::Result<Run> {
     let mut run = SimRun::new(cfg, "depth-bench");
     run.stay = true;
     let depths = DEPTHS.map(|d| d.to_string()).join(",");
@@ -145,7 +213,7 @@ fn run_once(s: &Scratch, cfg: &std::path::Path, secs: u64) -> anyhow::Result<Vec
         secs.to_string(),
     ];
     let _ = std::fs::remove_file(s.path("report.json"));
-    let mut stack = Stack::start(s, run, &[])?;
+    let mut stack = Stack::start(s, run, broker_args)?;
     let broker = stack.broker.pid();
     stack
         .broker
@@ -153,6 +221,9 @@ fn run_once(s: &Scratch, cfg: &std::path::Path, secs: u64) -> anyhow::Result<Vec
     let worker = *children(broker)
         .first()
         .ok_or_else(|| anyhow::anyhow!("no worker:\n{}", stack.diagnostics()))?;
+    stack
+        .sim
+        .wait_for("depth-bench register reads", Duration::from_secs(300))?;
     let mut last = (Costs::of(broker), Costs::of(worker));
     let mut snapshots = Vec::new();
     for depth in DEPTHS {
@@ -169,11 +240,17 @@ fn run_once(s: &Scratch, cfg: &std::path::Path, secs: u64) -> anyhow::Result<Vec
     if !failed.is_empty() {
         anyhow::bail!("{failed:?}\n{}", stack.diagnostics());
     }
-    let figures = &report["zones"][0]["devices"][0]["depths"];
-    let mut out = Vec::new();
+    let device = &report["zones"][0]["devices"][0];
+    let figure = |j: usize, k: &str| device["depths"][j][k].as_f64().unwrap_or(0.0);
+    let mut costs = Vec::new();
     for (j, (before, after)) in snapshots.iter().enumerate() {
-        let ops = figures[j]["ops"].as_f64().unwrap_or(0.0).max(1.0);
-        out.push((after.0.per(&before.0, ops), after.1.per(&before.1, ops)));
+        let ops = figure(j, "ops").max(1.0);
+        costs.push((after.0.per(&before.0, ops), after.1.per(&before.1, ops)));
     }
-    Ok(out)
+    let reg = |k: &str| device["sync_read"][k].as_f64().unwrap_or(0.0);
+    Ok(Run {
+        costs,
+        iops: (0..DEPTHS.len()).map(|j| figure(j, "iops")).collect(),
+        register: [reg("mean_us"), reg("p50_us"), reg("p99_us")],
+    })
 }

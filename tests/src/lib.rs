@@ -497,12 +497,29 @@ pub fn run_dir(socket: &Path) -> PathBuf {
 }
 
 pub fn start_broker(config: &Path, socket: &Path, args: &[&str]) -> Result<Proc> {
-    Proc::spawn("hvisor-broker", broker_command(config, socket, args))
+    start_broker_at(&bin("hvisor-broker"), config, socket, args)
+}
+
+/// [`start_broker`] with the broker binary at `program` (its workers are those beside it).
+pub fn start_broker_at(
+    program: &Path,
+    config: &Path,
+    socket: &Path,
+    args: &[&str],
+) -> Result<Proc> {
+    Proc::spawn(
+        "hvisor-broker",
+        broker_command_at(program, config, socket, args),
+    )
 }
 
 /// `hvisor-broker start CONFIG --driver SOCKET ARGS`.
 pub fn broker_command(config: &Path, socket: &Path, args: &[&str]) -> Command {
-    let mut cmd = Command::new(bin("hvisor-broker"));
+    broker_command_at(&bin("hvisor-broker"), config, socket, args)
+}
+
+fn broker_command_at(program: &Path, config: &Path, socket: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(program);
     cmd.arg("start")
         .arg(config)
         .arg("--driver")

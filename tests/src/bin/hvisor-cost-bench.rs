@@ -4,10 +4,12 @@
 //! system calls (`syscr` + `syscw` of /proc/PID/io: epoll_wait, ioctl and sendmsg are not among
 //! them) and the context switches (every thread) of the broker and of the blk worker, per
 //! request, and the IOPS; before the depths, the guest times 200000 synchronous register reads.
-//! Two setups alternate round by round: the broker polling all of `--poll-us` after all work
-//! (`--poll-budget 100`, the default) and with BROKER_ARGS (default `--poll-budget 10`); each
-//! figure is the median of ROUNDS runs, with the ratio second / first. Build with `--release`
-//! first: `target/release/hvisor-cost-bench [SECS [ROUNDS [BROKER_ARGS...]]]`.
+//! The setups alternate round by round: with `HVISOR_BEFORE_DIR` set, first the broker (and the
+//! blk worker beside it) built there, e.g. from the commit before the cost work (`scripts/bench.sh`
+//! builds one); then this build's broker with its defaults, and with BROKER_ARGS (default
+//! `--poll-budget 10`). Each figure is the median of ROUNDS runs; each setup's ratios are to the
+//! first's. Build with `--release` first:
+//! `target/release/hvisor-cost-bench [SECS [ROUNDS [BROKER_ARGS...]]]`.
 
 use std::time::Duration;
 
@@ -98,26 +100,37 @@ fn main() -> anyhow::Result<()> {
         "cost.json",
         &json!({ "zones": [zone_json(1, 0x5000_0000, 0x1000_0000, &[BlkSpec { img: &img, addr: 0xa00_3c00, irq: 78, readonly: false }])] }),
     );
-    // Further arguments go to the broker of the second setup (e.g. `--poll-us 20`).
+    // Further arguments go to the broker of the last setup.
     let mut extra: Vec<String> = std::env::args().skip(3).collect();
     if extra.is_empty() {
         extra = vec!["--poll-budget".into(), "10".into()];
     }
-    let after: Vec<&str> = extra.iter().map(String::as_str).collect();
-    let second = format!("second: {}", extra.join(" "));
-    let setups: [(&str, &[&str]); 2] = [
-        (
-            "first: poll all of --poll-us (default)",
-            &["--poll-budget", "100"],
-        ),
-        (&second, &after),
-    ];
+    let mut setups: Vec<Setup> = Vec::new();
+    if let Some(dir) = std::env::var_os("HVISOR_BEFORE_DIR") {
+        let broker = std::path::PathBuf::from(dir).join("hvisor-broker");
+        anyhow::ensure!(broker.exists(), "{} is not built", broker.display());
+        setups.push(Setup {
+            name: "before: the broker and blk worker of HVISOR_BEFORE_DIR".into(),
+            broker,
+            args: Vec::new(),
+        });
+    }
+    setups.push(Setup {
+        name: "now, the defaults (polling all of --poll-us after all work)".into(),
+        broker: bin("hvisor-broker"),
+        args: Vec::new(),
+    });
+    setups.push(Setup {
+        name: format!("now, {}", extra.join(" ")),
+        broker: bin("hvisor-broker"),
+        args: extra,
+    });
     // [setup][round]
-    let mut runs: Vec<Vec<Run>> = vec![Vec::new(), Vec::new()];
+    let mut runs: Vec<Vec<Run>> = setups.iter().map(|_| Vec::new()).collect();
     for round in 0..rounds {
-        for (k, (name, args)) in setups.iter().enumerate() {
-            println!("== round {} of {rounds}: {name}", round + 1);
-            runs[k].push(run_once(&s, &cfg, secs, args)?);
+        for (k, setup) in setups.iter().enumerate() {
+            println!("== round {} of {rounds}: {}", round + 1, setup.name);
+            runs[k].push(run_once(&s, &cfg, secs, setup)?);
         }
     }
     println!();
@@ -131,8 +144,8 @@ fn main() -> anyhow::Result<()> {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    for (k, (name, _)) in setups.iter().enumerate() {
-        println!("  {name}");
+    for (k, setup) in setups.iter().enumerate() {
+        println!("  {}", setup.name);
         println!(
             "  {:>5} {:>9} {:>11} {:>9} {:>9} {:>11} {:>9} {:>9}",
             "depth",
@@ -166,24 +179,33 @@ fn main() -> anyhow::Result<()> {
             reg(2) / reg(0)
         );
     }
-    println!("  after / before:");
-    let ratio = |f: &dyn Fn(&Run) -> f64| median(1, f) / median(0, f);
-    for (j, depth) in DEPTHS.iter().enumerate() {
+    for (k, setup) in setups.iter().enumerate().skip(1) {
+        println!("  {} / {}:", setup.name, setups[0].name);
+        let ratio = |f: &dyn Fn(&Run) -> f64| median(k, f) / median(0, f);
+        for (j, depth) in DEPTHS.iter().enumerate() {
+            println!(
+                "    QD{depth}: IOPS {:.2}, broker cpu {:.2}, worker cpu {:.2}, broker+worker cpu {:.2}",
+                ratio(&|r| r.iops[j]),
+                ratio(&|r| r.costs[j].0.cpu_us),
+                ratio(&|r| r.costs[j].1.cpu_us),
+                ratio(&|r| r.costs[j].0.cpu_us + r.costs[j].1.cpu_us),
+            );
+        }
         println!(
-            "  QD{depth}: IOPS {:.2}, broker cpu {:.2}, worker cpu {:.2}, broker+worker cpu {:.2}",
-            ratio(&|r| r.iops[j]),
-            ratio(&|r| r.costs[j].0.cpu_us),
-            ratio(&|r| r.costs[j].1.cpu_us),
-            ratio(&|r| r.costs[j].0.cpu_us + r.costs[j].1.cpu_us),
+            "    register read mean {:.2}, p50 {:.2}, p99 {:.2}",
+            ratio(&|r| r.register[0]),
+            ratio(&|r| r.register[1]),
+            ratio(&|r| r.register[2]),
         );
     }
-    println!(
-        "  register read mean {:.2}, p50 {:.2}, p99 {:.2}",
-        ratio(&|r| r.register[0]),
-        ratio(&|r| r.register[1]),
-        ratio(&|r| r.register[2]),
-    );
     Ok(())
+}
+
+/// A broker to measure: its binary (its workers are those beside it) and its arguments.
+struct Setup {
+    name: String,
+    broker: std::path::PathBuf,
+    args: Vec<String>,
 }
 
 /// What one run measured: per depth the broker's and the worker's cost per request and the
@@ -195,12 +217,7 @@ struct Run {
 }
 
 /// One simulator run over every depth: the broker's and the worker's cost per request at each.
-fn run_once(
-    s: &Scratch,
-    cfg: &std::path::Path,
-    secs: u64,
-    broker_args: &[&str],
-) -> anyhow::Result<Run> {
+fn run_once(s: &Scratch, cfg: &std::path::Path, secs: u64, setup: &Setup) -> anyhow::Result<Run> {
     let mut run = SimRun::new(cfg, "depth-bench");
     run.stay = true;
     let depths = DEPTHS.map(|d| d.to_string()).join(",");
@@ -213,7 +230,10 @@ fn run_once(
         secs.to_string(),
     ];
     let _ = std::fs::remove_file(s.path("report.json"));
-    let mut stack = Stack::start(s, run, broker_args)?;
+    let args: Vec<&str> = setup.args.iter().map(String::as_str).collect();
+    let mut stack = Stack::start_with(s, run, |socket| {
+        start_broker_at(&setup.broker, cfg, socket, &args)
+    })?;
     let broker = stack.broker.pid();
     stack
         .broker

@@ -127,6 +127,17 @@ impl VirtioBridge {
         true
     }
 
+    /// Looks for a request up to `times` times, without a system call; true once one is there.
+    pub fn spin_for_req(&self, times: u32) -> bool {
+        for _ in 0..times {
+            if self.has_req() {
+                return true;
+            }
+            std::hint::spin_loop();
+        }
+        false
+    }
+
     /// Dekker-style sleep: announce the sleep, then re-check. Returns true if the caller may
     /// sleep; false if a request slipped in (the flag is cleared again).
     pub fn prepare_sleep(&self) -> bool {
@@ -288,6 +299,16 @@ mod tests {
             assert_eq!(b.peek_req().unwrap().value, round);
             b.pop_req();
         }
+    }
+
+    #[test]
+    fn spinning_sees_a_request_and_gives_up_without_one() {
+        let b = page();
+        assert!(!b.spin_for_req(100));
+        assert!(b.push_req(DeviceReq::default()));
+        assert!(b.spin_for_req(1));
+        b.pop_req();
+        assert!(!b.spin_for_req(1));
     }
 
     #[test]

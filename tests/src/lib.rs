@@ -4,6 +4,8 @@
 
 pub mod fuse;
 
+use std::ffi::{OsStr, OsString};
+use std::fmt::Display;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::FileExt;
@@ -131,6 +133,15 @@ pub fn hostile_workers(scratch: &Scratch, mode: &str, kind: &str) -> String {
         };
         std::os::unix::fs::symlink(target, dir.join(name)).expect("worker link");
     }
+    dir.to_str().expect("utf-8 path").to_string()
+}
+
+/// A worker directory where `hvisor-probe-worker` stands in for the blk worker.
+pub fn probe_workers(scratch: &Scratch) -> String {
+    let dir = scratch.path("workers");
+    std::fs::create_dir(&dir).expect("worker dir");
+    std::os::unix::fs::symlink(bin("hvisor-probe-worker"), dir.join("hvisor-worker-blk"))
+        .expect("worker link");
     dir.to_str().expect("utf-8 path").to_string()
 }
 
@@ -336,14 +347,14 @@ impl Drop for Proc {
     }
 }
 
-/// Options for one simulator run.
+/// Options for one simulator run: `SimRun::new(cfg, guest)` and the chainable methods below.
 pub struct SimRun<'a> {
     pub config: &'a Path,
     pub guest: &'a str,
     pub seed: u64,
     pub legacy_driver: bool,
     pub stay: bool,
-    pub extra: Vec<String>,
+    pub extra: Vec<OsString>,
 }
 
 impl<'a> SimRun<'a> {
@@ -356,6 +367,63 @@ impl<'a> SimRun<'a> {
             stay: false,
             extra: Vec::new(),
         }
+    }
+
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+
+    pub fn legacy_driver(mut self) -> Self {
+        self.legacy_driver = true;
+        self
+    }
+
+    /// `--stay`: the simulator serves on after the workload, so the broker and its workers
+    /// can still be looked at.
+    pub fn staying(mut self) -> Self {
+        self.stay = true;
+        self
+    }
+
+    /// `--timeout`: the simulator gives up after this many seconds (its default is 60).
+    pub fn timeout(self, secs: u64) -> Self {
+        self.arg("--timeout").arg(secs.to_string())
+    }
+
+    /// `--wait-for`: the guests start only once `path` exists.
+    pub fn wait_for(self, path: &Path) -> Self {
+        self.arg("--wait-for").arg(path)
+    }
+
+    /// `depth-bench`: these queue depths, `secs` seconds each.
+    pub fn depths(self, depths: &[usize], secs: impl Display) -> Self {
+        let depths = depths.iter().map(usize::to_string).collect::<Vec<_>>();
+        self.arg("--depths")
+            .arg(depths.join(","))
+            .arg("--depth-secs")
+            .arg(secs.to_string())
+    }
+
+    /// `--net-host`, `--net-guest`, `--net-port`: the tap's host side (where the peer
+    /// listens), the guest's address and the peer's UDP port.
+    pub fn net(self, host: impl Display, guest: impl Display, port: u16) -> Self {
+        self.arg("--net-host")
+            .arg(host.to_string())
+            .arg("--net-guest")
+            .arg(guest.to_string())
+            .arg("--net-port")
+            .arg(port.to_string())
+    }
+
+    /// Any other simulator argument.
+    pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
+        self.extra.push(arg.as_ref().to_owned());
+        self
+    }
+
+    pub fn args(self, args: impl IntoIterator<Item = impl AsRef<OsStr>>) -> Self {
+        args.into_iter().fold(self, Self::arg)
     }
 }
 

@@ -42,8 +42,7 @@ fn guest_writes_reads_flushes_discards_and_the_image_holds_exactly_what_it_wrote
     let s = Scratch::new();
     let img = s.image("disk.img", 8 * MIB);
     let cfg = s.write_json("zone1.json", &json!({ "zones": [zone_json(1, RAM, RAM_SIZE, &[BlkSpec { img: &img, addr: ADDR, irq: 78, readonly: false }])] }));
-    let mut run = SimRun::new(&cfg, "blk-verify");
-    run.seed = 7;
+    let run = SimRun::new(&cfg, "blk-verify").seed(7);
     let mut stack = Stack::start(&s, run, &[]).unwrap();
     let report = stack.wait_report(Duration::from_secs(120)).unwrap();
     assert_report_ok(&mut stack, &report);
@@ -119,8 +118,7 @@ fn the_legacy_sigusr1_wakeup_serves_the_same_workload() {
     let s = Scratch::new();
     let img = s.image("disk.img", 4 * MIB);
     let cfg = s.write_json("zone1.json", &json!({ "zones": [zone_json(1, RAM, RAM_SIZE, &[BlkSpec { img: &img, addr: ADDR, irq: 78, readonly: false }])] }));
-    let mut run = SimRun::new(&cfg, "blk-verify");
-    run.legacy_driver = true;
+    let run = SimRun::new(&cfg, "blk-verify").legacy_driver();
     // no polling window: every request has to come through a SIGUSR1 wakeup
     let mut stack = Stack::start(&s, run, &["--poll-us", "0"]).unwrap();
     let report = stack.wait_report(Duration::from_secs(120)).unwrap();
@@ -143,8 +141,7 @@ fn lost_wakeups_only_delay_the_guest() {
     let s = Scratch::new();
     let img = s.image("disk.img", 4 * MIB);
     let cfg = s.write_json("zone.json", &json!({ "zones": [zone_json(1, RAM, RAM_SIZE, &[BlkSpec { img: &img, addr: ADDR, irq: 78, readonly: false }])] }));
-    let mut run = SimRun::new(&cfg, "blk-verify");
-    run.extra = vec!["--lose-wakeups".into(), "3".into()];
+    let run = SimRun::new(&cfg, "blk-verify").args(["--lose-wakeups", "3"]);
     // No polling: every request after a pause needs a wakeup, and every third is lost.
     let mut stack = Stack::start(&s, run, &["--poll-us", "0"]).unwrap();
     let report = stack.wait_report(Duration::from_secs(180)).unwrap();
@@ -158,8 +155,7 @@ fn hostile_register_accesses_are_answered_and_the_device_still_works() {
     let s = Scratch::new();
     let img = s.image("disk.img", 4 * MIB);
     let cfg = s.write_json("zone1.json", &json!({ "zones": [zone_json(1, RAM, RAM_SIZE, &[BlkSpec { img: &img, addr: ADDR, irq: 78, readonly: false }])] }));
-    let mut run = SimRun::new(&cfg, "hostile");
-    run.stay = true;
+    let run = SimRun::new(&cfg, "hostile").staying();
     let mut stack = Stack::start(&s, run, &[]).unwrap();
     let report = stack.wait_report(Duration::from_secs(120)).unwrap();
     assert_report_ok(&mut stack, &report);
@@ -181,8 +177,7 @@ fn the_worker_is_sandboxed_and_sigterm_stops_everything() {
     let s = Scratch::new();
     let img = s.image("disk.img", 2 * MIB);
     let cfg = s.write_json("zone1.json", &json!({ "zones": [zone_json(1, RAM, RAM_SIZE, &[BlkSpec { img: &img, addr: ADDR, irq: 78, readonly: false }])] }));
-    let mut run = SimRun::new(&cfg, "blk-demo");
-    run.stay = true;
+    let run = SimRun::new(&cfg, "blk-demo").staying();
     let mut stack = Stack::start(&s, run, &[]).unwrap();
     stack.wait_report(Duration::from_secs(60)).unwrap();
     let workers = children(stack.broker.pid());
@@ -240,14 +235,10 @@ fn a_killed_worker_is_reported_and_replaced_and_its_guest_never_notices() {
         ]}),
     );
     let go = s.path("go");
-    let mut run = SimRun::new(&cfg, "blk-demo");
-    run.stay = true;
-    run.extra = vec![
-        "--wait-for".into(),
-        go.to_str().unwrap().into(),
-        "--timeout".into(),
-        "40".into(),
-    ];
+    let run = SimRun::new(&cfg, "blk-demo")
+        .staying()
+        .wait_for(&go)
+        .timeout(40);
     let mut stack = Stack::start(&s, run, &[]).unwrap();
     stack
         .broker
@@ -386,10 +377,7 @@ fn requests_the_guest_keeps_in_flight_are_in_flight_on_the_host_together() {
     let fs = fuse::SlowFs::mount(&mnt, file, timing).unwrap();
     let img = fs.image();
     let cfg = s.write_json("zone1.json", &json!({ "zones": [zone_json(1, RAM, RAM_SIZE, &[BlkSpec { img: &img, addr: ADDR, irq: 78, readonly: false }])] }));
-    let mut run = SimRun::new(&cfg, "depth-bench");
-    run.extra = ["--depths", "8", "--depth-secs", "0"]
-        .map(String::from)
-        .to_vec();
+    let run = SimRun::new(&cfg, "depth-bench").depths(&[8], 0);
     let mut stack = Stack::start(&s, run, &[]).unwrap();
     let report = stack.wait_report(Duration::from_secs(120)).unwrap();
     assert!(
@@ -409,10 +397,9 @@ fn a_guest_keeping_32_and_64_reads_in_flight_completes_and_every_read_matches_th
     let s = Scratch::new();
     let img = s.image("disk.img", 4 * MIB);
     let cfg = s.write_json("zone1.json", &json!({ "zones": [zone_json(1, RAM, RAM_SIZE, &[BlkSpec { img: &img, addr: ADDR, irq: 78, readonly: false }])] }));
-    let mut run = SimRun::new(&cfg, "depth-bench");
-    run.extra = ["--depths", "32,64", "--depth-secs", "1", "--depth-verify"]
-        .map(String::from)
-        .to_vec();
+    let run = SimRun::new(&cfg, "depth-bench")
+        .depths(&[32, 64], 1)
+        .arg("--depth-verify");
     let mut stack = Stack::start(&s, run, &[]).unwrap();
     let report = stack.wait_report(Duration::from_secs(120)).unwrap();
     assert_report_ok(&mut stack, &report);

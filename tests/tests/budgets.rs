@@ -25,14 +25,9 @@ fn one_disk(s: &Scratch) -> PathBuf {
 
 /// Guests that never start: the test only looks at the broker and its worker.
 fn idle_guests<'a>(s: &Scratch, cfg: &'a Path) -> SimRun<'a> {
-    let mut run = SimRun::new(cfg, "blk-demo");
-    run.extra = vec![
-        "--wait-for".into(),
-        s.path("never").to_str().unwrap().into(),
-        "--timeout".into(),
-        "120".into(),
-    ];
-    run
+    SimRun::new(cfg, "blk-demo")
+        .wait_for(&s.path("never"))
+        .timeout(120)
 }
 
 fn worker_of(stack: &mut Stack) -> nix::unistd::Pid {
@@ -61,8 +56,7 @@ fn a_flooding_worker_in_one_zone_stalls_no_other_zone() {
         ]}),
     );
     let dir = hostile_workers(&s, "flood", "console");
-    let mut run = SimRun::new(&cfg, "blk-verify");
-    run.extra = vec!["--timeout".into(), "150".into()];
+    let run = SimRun::new(&cfg, "blk-verify").timeout(150);
     let mut stack = Stack::start(&s, run, &["--worker-dir", &dir]).unwrap();
     let report = stack.wait_report(Duration::from_secs(180)).unwrap();
     let log = stack.diagnostics();
@@ -161,14 +155,10 @@ fn reset_storm(pause: bool) -> (Stack, Value, Duration, Scratch) {
     let s = Scratch::new();
     let cfg = one_disk(&s);
     let go = s.path("go");
-    let mut run = SimRun::new(&cfg, "reset-storm");
-    run.stay = true;
-    run.extra = vec![
-        "--wait-for".into(),
-        go.to_str().unwrap().into(),
-        "--timeout".into(),
-        "240".into(),
-    ];
+    let run = SimRun::new(&cfg, "reset-storm")
+        .staying()
+        .wait_for(&go)
+        .timeout(240);
     let mut stack = Stack::start(&s, run, &[]).unwrap();
     stack
         .broker
@@ -226,16 +216,9 @@ fn an_activate_loop_cannot_flood_the_host_log() {
 fn violating_worker_fails_its_device(extra: &[&str]) -> String {
     let s = Scratch::new();
     let cfg = one_disk(&s);
-    let dir = s.path("workers");
-    std::fs::create_dir(&dir).unwrap();
-    std::os::unix::fs::symlink(bin("hvisor-probe-worker"), dir.join("hvisor-worker-blk")).unwrap();
-    let mut run = SimRun::new(&cfg, "dead-device");
-    run.extra = vec!["--timeout".into(), "60".into()];
-    let mut args = vec![
-        "--worker-dir",
-        dir.to_str().unwrap(),
-        "--worker-arg=--violate",
-    ];
+    let dir = probe_workers(&s);
+    let run = SimRun::new(&cfg, "dead-device").timeout(60);
+    let mut args = vec!["--worker-dir", &dir, "--worker-arg=--violate"];
     args.extend_from_slice(extra);
     let mut stack = Stack::start(&s, run, &args).unwrap();
     let report = stack.wait_report(Duration::from_secs(90)).unwrap();

@@ -253,9 +253,7 @@ fn console_config(s: &Scratch, extra: Value) -> PathBuf {
 /// Starts the stack with `console-verify` and returns it with the pty path and link the
 /// broker logged, and the worker's pid.
 fn start(s: &Scratch, cfg: &Path) -> (Stack, PathBuf, Option<PathBuf>, Pid) {
-    let mut run = SimRun::new(cfg, "console-verify");
-    run.stay = true;
-    run.extra = vec!["--timeout".into(), "120".into()];
+    let run = SimRun::new(cfg, "console-verify").staying().timeout(120);
     // No syslog: the broker's records come to its stderr, where the test reads the pty path.
     let no_syslog = s.path("no-syslog");
     let mut stack = Stack::start(s, run, &["--syslog-socket", no_syslog.to_str().unwrap()])

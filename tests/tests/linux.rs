@@ -147,8 +147,7 @@ fn process_group(pgid: i32) -> Vec<String> {
 }
 
 fn run_linux(s: &Scratch, cfg: &Path, guest: &str) -> (Stack, Value) {
-    let mut run = SimRun::new(cfg, guest);
-    run.extra = vec!["--timeout".into(), "150".into()];
+    let run = SimRun::new(cfg, guest).timeout(150);
     let mut stack = Stack::start(s, run, &[]).unwrap();
     let report = stack.wait_report(Duration::from_secs(170)).unwrap();
     let failed = failed_checks(&report);
@@ -353,8 +352,7 @@ fn a_broker_killed_mid_run_fails_the_run_and_leaves_no_uml_behind() {
     let s = Scratch::new();
     let fs_img = s.image("fs.img", 32 * MIB);
     let cfg = s.write_json("zone.json", &zone(&[(&fs_img, 0x2000_0000, 78)]));
-    let mut run = SimRun::new(&cfg, "linux-blk");
-    run.extra = vec!["--timeout".into(), "150".into()];
+    let run = SimRun::new(&cfg, "linux-blk").timeout(150);
     let mut stack = Stack::start(&s, run, &[]).unwrap();
     let line = stack
         .sim
@@ -522,8 +520,7 @@ fn start_console_guest_with(
     timeout: u32,
     broker_args: &[&str],
 ) -> (Stack, KillGroup, Tty) {
-    let mut run = SimRun::new(cfg, "linux-console");
-    run.extra = vec!["--timeout".into(), timeout.to_string()];
+    let run = SimRun::new(cfg, "linux-console").timeout(timeout.into());
     let mut stack = Stack::start(s, run, broker_args).unwrap();
     let line = stack
         .sim

@@ -242,8 +242,7 @@ fn linux_virtio_net_negotiates_offloads_and_moves_checked_bulk_data_both_ways() 
 
     let s = Scratch::new();
     let cfg = s.write_json("zone.json", &zone());
-    let mut run = SimRun::new(&cfg, "linux-net");
-    run.extra = vec!["--timeout".into(), "300".into()];
+    let run = SimRun::new(&cfg, "linux-net").timeout(300);
     let mut stack = Stack::start(&s, run, &[]).unwrap();
     if let Err(e) = ns.wait_for_link(TAP, Duration::from_secs(20)) {
         panic!("{e:#}\n{}", stack.diagnostics());

@@ -94,8 +94,7 @@ fn a_user_squatting_the_control_socket_stops_nothing_and_audit_shows_the_real_br
         }
     });
     squatter.wait_ready(Duration::from_secs(10)).unwrap();
-    let mut run_opts = SimRun::new(&cfg, "blk-demo");
-    run_opts.stay = true;
+    let run_opts = SimRun::new(&cfg, "blk-demo").staying();
     let mut stack = Stack::start(&s, run_opts, &[]).unwrap();
     stack
         .broker
@@ -176,14 +175,10 @@ fn a_flood_of_connections_gets_a_bounded_log_and_the_guest_is_served() {
     let (_, cfg) = one_disk(&s);
     let driver = s.path("hvisor.sock");
     let go = s.path("go");
-    let mut run = SimRun::new(&cfg, "blk-verify");
-    run.stay = true;
-    run.extra = vec![
-        "--wait-for".into(),
-        go.to_str().unwrap().into(),
-        "--timeout".into(),
-        "300".into(),
-    ];
+    let run = SimRun::new(&cfg, "blk-verify")
+        .staying()
+        .wait_for(&go)
+        .timeout(300);
     let no_syslog = s.path("no-syslog");
     let mut stack =
         Stack::start(&s, run, &["--syslog-socket", no_syslog.to_str().unwrap()]).unwrap();
@@ -284,8 +279,7 @@ fn a_reader_holding_a_shared_flock_does_not_stop_the_broker_but_a_second_broker_
         }
     });
     reader.wait_ready(Duration::from_secs(10)).unwrap();
-    let mut run = SimRun::new(&cfg, "blk-verify");
-    run.stay = true;
+    let run = SimRun::new(&cfg, "blk-verify").staying();
     let mut stack = Stack::start(&s, run, &[]).unwrap();
     let report = stack.wait_report(Duration::from_secs(60)).unwrap();
     assert_checks(&report, &[], &stack.diagnostics());

@@ -59,23 +59,12 @@ fn start_with(guest: &str, config: Value, extra: &[&str]) -> NetRun {
     let scratch = Scratch::new();
     let cfg = scratch.write_json("net.json", &config);
     let go = scratch.path("go");
-    let mut run = SimRun::new(&cfg, guest);
-    run.stay = true;
-    run.extra = [
-        "--wait-for",
-        go.to_str().unwrap(),
-        "--timeout",
-        "240",
-        "--net-host",
-        HOST,
-        "--net-guest",
-        GUEST,
-        "--net-port",
-        &PORT.to_string(),
-    ]
-    .map(String::from)
-    .to_vec();
-    run.extra.extend(extra.iter().map(|a| a.to_string()));
+    let run = SimRun::new(&cfg, guest)
+        .staying()
+        .wait_for(&go)
+        .timeout(240)
+        .net(HOST, GUEST, PORT)
+        .args(extra);
     let mut stack = Stack::start(&scratch, run, &[]).unwrap();
     if let Err(e) = ns.wait_for_link(TAP, Duration::from_secs(10)) {
         panic!("{e:#}\n{}", stack.diagnostics());

@@ -36,19 +36,12 @@ fn disk_zone(id: u32, img: &Path, rate_limit: Option<Value>) -> Value {
     zone
 }
 
-/// `depth-bench` arguments: 128 KiB random reads at QD1 then QD32 (our own driver's queue
-/// of 256; the stock one's holds 16), `secs` each.
-fn depth_bench(secs: f64) -> Vec<String> {
-    [
-        "--depths",
-        "1,32",
-        "--depth-secs",
-        &secs.to_string(),
-        "--depth-block",
-        &BLOCK.to_string(),
-    ]
-    .map(String::from)
-    .to_vec()
+/// A `depth-bench` run: 128 KiB random reads at QD1 then QD32 (our own driver's queue of
+/// 256; the stock one's holds 16), `secs` each.
+fn depth_bench(cfg: &Path, secs: f64) -> SimRun<'_> {
+    SimRun::new(cfg, "depth-bench")
+        .depths(&[1, 32], secs)
+        .args(["--depth-block", &BLOCK.to_string()])
 }
 
 /// Each depth's reads of zone 1's disk came to at most `rate` a second over the time the
@@ -92,11 +85,10 @@ fn a_disk_limited_to_20_mb_s_delivers_no_more_at_qd1_and_qd32_and_its_neighbour_
         "zones.json",
         &json!({ "zones": [disk_zone(1, &limited, Some(limit)), disk_zone(2, &free, None)] }),
     );
-    let mut run = SimRun::new(&cfg, "depth-bench");
-    run.stay = true;
-    run.extra = depth_bench(2.0);
-    run.extra
-        .extend(["--zone-guest", "2=blk-verify", "--timeout", "180"].map(String::from));
+    let run = depth_bench(&cfg, 2.0)
+        .staying()
+        .args(["--zone-guest", "2=blk-verify"])
+        .timeout(180);
     let mut stack = Stack::start(&s, run, &[]).unwrap();
     let report = stack.wait_report(Duration::from_secs(180)).unwrap();
     let failed = failed_checks(&report);
@@ -134,11 +126,7 @@ fn a_limit_set_at_run_time_holds_and_survives_a_worker_restart() {
         &json!({ "zones": [disk_zone(1, &img, Some(limit))] }),
     );
     let go = s.path("go");
-    let mut run = SimRun::new(&cfg, "depth-bench");
-    run.stay = true;
-    run.extra = depth_bench(2.0);
-    run.extra
-        .extend(["--wait-for", go.to_str().unwrap(), "--timeout", "180"].map(String::from));
+    let run = depth_bench(&cfg, 2.0).staying().wait_for(&go).timeout(180);
     let mut stack = Stack::start(&s, run, &[]).unwrap();
     worker_pid(&mut stack.broker, LABEL, 0, Duration::from_secs(30)).unwrap();
 
@@ -234,8 +222,7 @@ fn a_throttled_disk_survives_worker_kills_and_the_image_holds_what_the_guest_wro
         "zone1.json",
         &json!({ "zones": [disk_zone(1, &img, Some(limit))] }),
     );
-    let mut run = SimRun::new(&cfg, "blk-verify");
-    run.extra = ["--timeout", "600"].map(String::from).to_vec();
+    let run = SimRun::new(&cfg, "blk-verify").timeout(600);
     let mut stack = Stack::start(&s, run, &["--restart-budget", "1000/60"]).unwrap();
     let (stop, killed) = (AtomicBool::new(false), AtomicUsize::new(0));
     let broker = stack.broker.pid();

@@ -56,8 +56,7 @@ fn kill_at_random(stack: &mut Stack, max: usize, within: Duration, seed: u64) ->
 fn guest_with_kills(guest: &str, kills: usize, within: Duration, seed: u64) {
     let s = Scratch::new();
     let cfg = one_disk(&s, 8 * MIB);
-    let mut run = SimRun::new(&cfg, guest);
-    run.extra = vec!["--timeout".into(), "600".into()];
+    let run = SimRun::new(&cfg, guest).timeout(600);
     let mut stack = Stack::start(&s, run, &["--restart-budget", "1000/60"]).unwrap();
     let killed = kill_at_random(&mut stack, kills, within, seed);
     let report = stack.wait_report(Duration::from_secs(600)).unwrap();
@@ -100,13 +99,7 @@ fn an_operator_replaces_a_worker_and_the_guest_goes_on() {
     let s = Scratch::new();
     let cfg = one_disk(&s, 2 * MIB);
     let go = s.path("go");
-    let mut run = SimRun::new(&cfg, "blk-verify");
-    run.extra = vec![
-        "--wait-for".into(),
-        go.to_str().unwrap().into(),
-        "--timeout".into(),
-        "120".into(),
-    ];
+    let run = SimRun::new(&cfg, "blk-verify").wait_for(&go).timeout(120);
     let mut stack = Stack::start(&s, run, &["--restart-budget", "0/60"]).unwrap();
     let first = worker_pid(&mut stack.broker, LABEL, 0, START).unwrap();
     let restart = |device: &str| {
@@ -144,13 +137,7 @@ fn after_a_hundred_restarts_the_broker_holds_what_it_held_before() {
     let s = Scratch::new();
     let cfg = one_disk(&s, 2 * MIB);
     let go = s.path("go");
-    let mut run = SimRun::new(&cfg, "blk-verify");
-    run.extra = vec![
-        "--wait-for".into(),
-        go.to_str().unwrap().into(),
-        "--timeout".into(),
-        "600".into(),
-    ];
+    let run = SimRun::new(&cfg, "blk-verify").wait_for(&go).timeout(600);
     let mut stack = Stack::start(&s, run, &["--restart-budget", "1000/60"]).unwrap();
     let broker = stack.broker.pid();
     // worker n, once it is ready
@@ -187,13 +174,10 @@ fn a_worker_killed_while_its_queue_is_stopped_is_replaced_and_the_device_works_a
     let s = Scratch::new();
     let cfg = one_disk(&s, 2 * MIB);
     let resume = s.path("resume");
-    let mut run = SimRun::new(&cfg, "queue-stop");
-    run.extra = vec![
-        "--resume-when".into(),
-        resume.to_str().unwrap().into(),
-        "--timeout".into(),
-        "120".into(),
-    ];
+    let run = SimRun::new(&cfg, "queue-stop")
+        .arg("--resume-when")
+        .arg(&resume)
+        .timeout(120);
     let mut stack = Stack::start(&s, run, &["--restart-budget", "10/60"]).unwrap();
     stack
         .sim

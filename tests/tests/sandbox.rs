@@ -65,8 +65,7 @@ fn expected_fd(target: &str) -> bool {
 fn every_thread_of_every_worker_is_confined_and_audit_says_so() {
     let s = Scratch::new();
     let cfg = two_zone_config(&s);
-    let mut run = SimRun::new(&cfg, "blk-demo");
-    run.stay = true;
+    let run = SimRun::new(&cfg, "blk-demo").staying();
     let mut stack = Stack::start(&s, run, &[]).unwrap();
     stack.wait_report(Duration::from_secs(60)).unwrap();
     let broker = stack.broker.pid().as_raw();
@@ -237,8 +236,7 @@ fn may_signal_as(uid: u32, pid: Pid) -> bool {
 fn workers_have_ids_of_their_own_that_nobody_cannot_signal() {
     let s = Scratch::new();
     let cfg = two_zone_config(&s);
-    let mut run = SimRun::new(&cfg, "blk-demo");
-    run.stay = true;
+    let run = SimRun::new(&cfg, "blk-demo").staying();
     let mut stack = Stack::start(&s, run, &[]).unwrap();
     stack.wait_report(Duration::from_secs(60)).unwrap();
     let workers = children(stack.broker.pid());
@@ -309,8 +307,7 @@ fn cgroup_file(dir: &std::path::Path, files: &[&str]) -> String {
 fn each_worker_has_a_cgroup_of_its_own_with_its_kinds_limits() {
     let s = Scratch::new();
     let cfg = two_zone_config(&s);
-    let mut run = SimRun::new(&cfg, "blk-demo");
-    run.stay = true;
+    let run = SimRun::new(&cfg, "blk-demo").staying();
     let args = [
         "--cgroup-memory",
         "blk=48M",
@@ -415,22 +412,14 @@ fn probe_setup(s: &Scratch) -> (std::path::PathBuf, String) {
         "zone.json",
         &json!({ "zones": [zone_json(1, RAM, RAM_SIZE, &[BlkSpec { img: &img, addr: ADDR, irq: 78, readonly: false }])] }),
     );
-    let workers = s.path("workers");
-    std::fs::create_dir(&workers).unwrap();
-    std::os::unix::fs::symlink(
-        bin("hvisor-probe-worker"),
-        workers.join("hvisor-worker-blk"),
-    )
-    .unwrap();
-    (cfg, workers.to_str().unwrap().to_string())
+    (cfg, probe_workers(s))
 }
 
 #[test]
 fn an_escape_attempt_from_inside_a_worker_finds_nothing() {
     let s = Scratch::new();
     let (cfg, dir) = probe_setup(&s);
-    let mut run = SimRun::new(&cfg, "blk-demo");
-    run.extra = vec!["--timeout".into(), "20".into()];
+    let run = SimRun::new(&cfg, "blk-demo").timeout(20);
     let mut stack = Stack::start(
         &s,
         run,
@@ -472,8 +461,7 @@ fn an_escape_attempt_from_inside_a_worker_finds_nothing() {
 fn a_worker_making_a_forbidden_call_is_killed_and_the_call_named() {
     let s = Scratch::new();
     let (cfg, dir) = probe_setup(&s);
-    let mut run = SimRun::new(&cfg, "blk-demo");
-    run.extra = vec!["--timeout".into(), "20".into()];
+    let run = SimRun::new(&cfg, "blk-demo").timeout(20);
     let mut stack =
         Stack::start(&s, run, &["--worker-dir", &dir, "--worker-arg=--violate"]).unwrap();
     stack
@@ -508,8 +496,7 @@ fn probe_results(stack: &mut Stack) -> Vec<String> {
 fn a_worker_reads_and_writes_nothing_of_the_brokers_stdio() {
     let s = Scratch::new();
     let (cfg, dir) = probe_setup(&s);
-    let mut run = SimRun::new(&cfg, "blk-demo");
-    run.extra = vec!["--timeout".into(), "20".into()];
+    let run = SimRun::new(&cfg, "blk-demo").timeout(20);
     let args = ["--worker-dir", &dir, "--worker-arg=--stdio"];
     let mut stack = Stack::start_with(&s, run, |socket| {
         let cmd = broker_command(&cfg, socket, &args);
@@ -549,8 +536,7 @@ fn a_worker_cannot_grow_its_image() {
     let (cfg, dir) = probe_setup(&s);
     let img = s.path("disk.img");
     let before = std::fs::metadata(&img).unwrap();
-    let mut run = SimRun::new(&cfg, "blk-demo");
-    run.extra = vec!["--timeout".into(), "20".into()];
+    let run = SimRun::new(&cfg, "blk-demo").timeout(20);
     let args = [
         "--worker-dir",
         &dir,

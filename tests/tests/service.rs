@@ -57,15 +57,10 @@ fn config(s: &Scratch) -> PathBuf {
 
 /// A simulator whose guests never start: the broker just serves.
 fn idle<'a>(s: &Scratch, cfg: &'a Path) -> SimRun<'a> {
-    let mut run = SimRun::new(cfg, "blk-demo");
-    run.stay = true;
-    run.extra = vec![
-        "--wait-for".into(),
-        s.path("never").to_str().unwrap().into(),
-        "--timeout".into(),
-        "600".into(),
-    ];
-    run
+    SimRun::new(cfg, "blk-demo")
+        .staying()
+        .wait_for(&s.path("never"))
+        .timeout(600)
 }
 
 fn assert_sandboxed(broker: Pid, n: usize, context: &str) {
@@ -208,8 +203,7 @@ fn the_units_capabilities_and_no_new_privs_are_enough() {
     let caps = unit_capabilities();
     let s = Scratch::new();
     let cfg = config(&s);
-    let mut run = SimRun::new(&cfg, "blk-demo");
-    run.stay = true;
+    let run = SimRun::new(&cfg, "blk-demo").staying();
     let mut stack = Stack::start_with(&s, run, |socket| {
         let broker = broker_command(&cfg, socket, &[]);
         let mut cmd = Command::new("setpriv");

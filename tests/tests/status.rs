@@ -56,8 +56,7 @@ fn status_counts_a_blk_workload_per_device_and_a_worker_restart() {
         "zone1.json",
         &json!({ "zones": [zone_json(1, RAM, RAM_SIZE, &specs)] }),
     );
-    let mut run = SimRun::new(&cfg, "blk-verify");
-    run.stay = true;
+    let run = SimRun::new(&cfg, "blk-verify").staying();
     let mut stack = Stack::start(&s, run, &[]).unwrap();
     let report = stack.wait_report(Duration::from_secs(300)).unwrap();
     assert!(failed_checks(&report).is_empty(), "{report:#}");
@@ -121,20 +120,9 @@ fn a_worker_lying_about_its_counters_is_shown_as_such_and_nothing_more() {
         "zone1.json",
         &json!({ "zones": [zone_json(1, RAM, RAM_SIZE, &[spec])] }),
     );
-    let workers = s.path("workers");
-    std::fs::create_dir(&workers).unwrap();
-    std::os::unix::fs::symlink(
-        bin("hvisor-probe-worker"),
-        workers.join("hvisor-worker-blk"),
-    )
-    .unwrap();
-    let mut run = SimRun::new(&cfg, "blk-demo");
-    run.extra = vec!["--timeout".into(), "60".into()];
-    let args = [
-        "--worker-dir",
-        workers.to_str().unwrap(),
-        "--worker-arg=--lie",
-    ];
+    let workers = probe_workers(&s);
+    let run = SimRun::new(&cfg, "blk-demo").timeout(60);
+    let args = ["--worker-dir", &workers, "--worker-arg=--lie"];
     let mut stack = Stack::start(&s, run, &args).unwrap();
     stack
         .broker

@@ -91,19 +91,13 @@ fn start(tap: bool) -> Run {
     let rounds = scratch.path("rounds");
     std::fs::create_dir_all(&rounds).unwrap();
     let done = scratch.path("done");
-    let mut run = SimRun::new(&sim_cfg, "blk-verify");
-    run.extra = [
-        "--zone-guest",
-        "2=rounds",
-        "--rounds-dir",
-        rounds.to_str().unwrap(),
-        "--repeat-until",
-        done.to_str().unwrap(),
-        "--timeout",
-        "1200",
-    ]
-    .map(String::from)
-    .to_vec();
+    let run = SimRun::new(&sim_cfg, "blk-verify")
+        .args(["--zone-guest", "2=rounds"])
+        .arg("--rounds-dir")
+        .arg(&rounds)
+        .arg("--repeat-until")
+        .arg(&done)
+        .timeout(1200);
     let mut stack = Stack::start_with(&scratch, run, |socket| {
         start_broker(&start_cfg, socket, &[])
     })

@@ -131,9 +131,10 @@ fn run_once(
     gic: &str,
     memory: bool,
 ) -> anyhow::Result<serde_json::Value> {
-    let mut run = SimRun::new(cfg, "bench");
-    run.stay = true;
-    run.extra = vec!["--timeout".into(), "300".into(), "--gic".into(), gic.into()];
+    let run = SimRun::new(cfg, "bench")
+        .staying()
+        .timeout(300)
+        .args(["--gic", gic]);
     let _ = std::fs::remove_file(s.path("report.json"));
     let mut stack = Stack::start(s, run, broker_args)?;
     let report = stack.wait_report(Duration::from_secs(300))?;

@@ -124,9 +124,7 @@ fn main() -> Result<()> {
                           "status": "enable" }]
         }]}),
     );
-    let mut run = SimRun::new(&cfg, "console-bench");
-    run.stay = true;
-    run.extra = vec!["--timeout".into(), "300".into()];
+    let run = SimRun::new(&cfg, "console-bench").staying().timeout(300);
     let no_syslog = s.path("no-syslog");
     let mut stack = Stack::start(&s, run, &["--syslog-socket", no_syslog.to_str().unwrap()])?;
     let line = stack

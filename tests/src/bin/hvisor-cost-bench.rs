@@ -218,17 +218,10 @@ struct Run {
 
 /// One simulator run over every depth: the broker's and the worker's cost per request at each.
 fn run_once(s: &Scratch, cfg: &std::path::Path, secs: u64, setup: &Setup) -> anyhow::Result<Run> {
-    let mut run = SimRun::new(cfg, "depth-bench");
-    run.stay = true;
-    let depths = DEPTHS.map(|d| d.to_string()).join(",");
-    run.extra = vec![
-        "--timeout".into(),
-        "600".into(),
-        "--depths".into(),
-        depths,
-        "--depth-secs".into(),
-        secs.to_string(),
-    ];
+    let run = SimRun::new(cfg, "depth-bench")
+        .staying()
+        .timeout(600)
+        .depths(&DEPTHS, secs);
     let _ = std::fs::remove_file(s.path("report.json"));
     let args: Vec<&str> = setup.args.iter().map(String::as_str).collect();
     let mut stack = Stack::start_with(s, run, |socket| {

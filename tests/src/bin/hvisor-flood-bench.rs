@@ -29,8 +29,7 @@ fn measure(mode: Option<&str>) -> anyhow::Result<[f64; 3]> {
         Some(d) => vec!["--worker-dir", d],
         None => vec![],
     };
-    let mut run = SimRun::new(&cfg, "bench");
-    run.extra = vec!["--timeout".into(), "300".into()];
+    let run = SimRun::new(&cfg, "bench").timeout(300);
     let mut stack = Stack::start(&s, run, &args)?;
     let report = stack.wait_report(Duration::from_secs(300))?;
     let log = stack.broker.text();

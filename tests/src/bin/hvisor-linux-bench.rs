@@ -56,8 +56,7 @@ fn main() -> anyhow::Result<()> {
         "bench.json",
         &json!({ "zones": [zone_json(1, RAM, RAM_SIZE, &[BlkSpec { img: &img, addr: 0x2000_0000, irq: 78, readonly: false }])] }),
     );
-    let mut run = SimRun::new(&cfg, "linux-bench");
-    run.extra = vec!["--timeout".into(), "300".into()];
+    let run = SimRun::new(&cfg, "linux-bench").timeout(300);
     let mut stack = Stack::start(&s, run, &[])?;
     let report = stack.wait_report(Duration::from_secs(300))?;
     let st = stack.sim.wait_exit(Duration::from_secs(60))?;

@@ -270,22 +270,12 @@ fn main() -> Result<()> {
         }]}),
     );
     let go = s.path("go");
-    let mut run = SimRun::new(&cfg, "net-bench");
-    run.stay = true;
-    run.extra = vec![
-        "--wait-for".into(),
-        go.to_str().unwrap().into(),
-        "--timeout".into(),
-        "300".into(),
-        "--net-host".into(),
-        HOST.to_string(),
-        "--net-guest".into(),
-        GUEST.to_string(),
-        "--net-port".into(),
-        PORT.to_string(),
-        "--net-bench-secs".into(),
-        secs.to_string(),
-    ];
+    let run = SimRun::new(&cfg, "net-bench")
+        .staying()
+        .wait_for(&go)
+        .timeout(300)
+        .net(HOST, GUEST, PORT)
+        .args(["--net-bench-secs", &secs.to_string()]);
     let mut stack = Stack::start(&s, run, &[])?;
     ns.wait_for_link(TAP, Duration::from_secs(10))?;
     ns.host_side(TAP, &format!("{HOST}/24"))?;

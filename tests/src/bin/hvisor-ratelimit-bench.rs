@@ -94,21 +94,11 @@ fn iops(d: &Value) -> f64 {
 /// One simulator run of `depth-bench` in every zone of `config`; its report.
 fn run(s: &Scratch, name: &str, config: &Value, secs: f64) -> anyhow::Result<Value> {
     let cfg = s.write_json(name, config);
-    let mut run = SimRun::new(&cfg, "depth-bench");
-    run.stay = true;
-    let depths = DEPTHS.map(|d| d.to_string()).join(",");
-    run.extra = [
-        "--timeout",
-        "600",
-        "--depths",
-        &depths,
-        "--depth-secs",
-        &secs.to_string(),
-        "--depth-block",
-        &BLOCK.to_string(),
-    ]
-    .map(String::from)
-    .to_vec();
+    let run = SimRun::new(&cfg, "depth-bench")
+        .staying()
+        .timeout(600)
+        .depths(&DEPTHS, secs)
+        .args(["--depth-block", &BLOCK.to_string()]);
     let _ = std::fs::remove_file(s.path("report.json"));
     let mut stack = Stack::start(s, run, &[])?;
     let report = stack.wait_report(Duration::from_secs(600))?;

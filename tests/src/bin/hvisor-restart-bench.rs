@@ -23,13 +23,7 @@ fn main() -> anyhow::Result<()> {
         &json!({ "zones": [zone_json(1, 0x5000_0000, 0x0400_0000, &[BlkSpec { img: &img, addr: 0xa00_3c00, irq: 78, readonly: false }])] }),
     );
     let go = s.path("go");
-    let mut run = SimRun::new(&cfg, "blk-verify");
-    run.extra = vec![
-        "--wait-for".into(),
-        go.to_str().unwrap().into(),
-        "--timeout".into(),
-        "600".into(),
-    ];
+    let run = SimRun::new(&cfg, "blk-verify").wait_for(&go).timeout(600);
     let mut stack = Stack::start(&s, run, &["--restart-budget", "1000/1"])?;
     let wait = Duration::from_secs(60);
     let ready = |stack: &mut Stack, n: usize| -> anyhow::Result<nix::unistd::Pid> {

@@ -49,7 +49,6 @@ fn main() -> anyhow::Result<()> {
         .iter()
         .map(|&d| direct_iops(&img, d, secs))
         .collect::<anyhow::Result<_>>()?;
-    let depths = DEPTHS.map(|d| d.to_string()).join(",");
     let setups: [(&str, &[&str]); 2] = [
         ("before: one request at a time", &["--cgroup-pids", "blk=1"]),
         ("after: I/O threads", &[]),
@@ -59,18 +58,11 @@ fn main() -> anyhow::Result<()> {
     for round in 0..rounds {
         for (i, (name, broker_args)) in setups.iter().enumerate() {
             println!("== round {} of {rounds}: {name}", round + 1);
-            let mut run = SimRun::new(&cfg, "depth-bench");
-            run.stay = true;
-            run.extra = vec![
-                "--timeout".into(),
-                "600".into(),
-                "--gic".into(),
-                gic.clone(),
-                "--depths".into(),
-                depths.clone(),
-                "--depth-secs".into(),
-                secs.to_string(),
-            ];
+            let run = SimRun::new(&cfg, "depth-bench")
+                .staying()
+                .timeout(600)
+                .args(["--gic", &gic])
+                .depths(&DEPTHS, secs);
             let _ = std::fs::remove_file(s.path("report.json"));
             let mut stack = Stack::start(&s, run, broker_args)?;
             let report = stack.wait_report(Duration::from_secs(600))?;

@@ -70,22 +70,14 @@ fn measure(churn: bool, reads: &str) -> anyhow::Result<(f64, f64, usize)> {
     std::fs::create_dir_all(&rounds)?;
     std::fs::write(rounds.join("zone2-end"), b"")?;
     let go = s.path("go");
-    let mut run = SimRun::new(&all, "bench");
-    run.extra = [
-        "--zone-guest",
-        "2=rounds",
-        "--rounds-dir",
-        rounds.to_str().unwrap(),
-        "--wait-for",
-        go.to_str().unwrap(),
+    let run = SimRun::new(&all, "bench")
+        .args(["--zone-guest", "2=rounds"])
+        .arg("--rounds-dir")
+        .arg(&rounds)
+        .wait_for(&go)
         // Long enough for many additions and removals to land among them.
-        "--bench-reads",
-        reads,
-        "--timeout",
-        "600",
-    ]
-    .map(String::from)
-    .to_vec();
+        .args(["--bench-reads", reads])
+        .timeout(600);
     let mut stack = Stack::start_with(&s, run, |socket| start_broker(&start, socket, &[]))?;
     stack
         .broker

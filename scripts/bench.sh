@@ -14,19 +14,17 @@ target/release/hvisor-slowdisk-bench 200 2 3
 # broker and blk worker of the last commit before the cost work (the baseline, built from git
 # history when there is one), this build's defaults, and this build with a 10% polling budget.
 before_commit=c1705f4
-before=""
 if git cat-file -e "$before_commit^{commit}" 2>/dev/null; then
   before=$(mktemp -d)
   trap 'rm -rf "$before"' EXIT
   git archive "$before_commit" | tar -x -C "$before"
   (cd "$before" && cargo build --release -q -p hvisor-broker -p hvisor-worker-blk)
-fi
-if [ -n "$before" ]; then
-  HVISOR_BEFORE_DIR="$before/target/release" target/release/hvisor-cost-bench 3 3
+  export HVISOR_BEFORE_DIR="$before/target/release"
 else
   echo "(no git history: the cost benchmark runs without the baseline build)"
-  target/release/hvisor-cost-bench 3 3
 fi
+target/release/hvisor-cost-bench 3 3
+unset HVISOR_BEFORE_DIR
 # How long a device waits for a new worker when its worker is killed: median and max.
 target/release/hvisor-restart-bench 20
 # Rate limits: a disk limited to 20 MB/s at queue depth 1 and 16, delivered figure and ratio,

@@ -885,6 +885,18 @@ pub fn err<T>(msg: impl Into<String>) -> Result<T> {
     Err(anyhow!(msg.into()))
 }
 
+/// [`worker_pid`], once that worker is sandboxed and ready (each wait up to `timeout`).
+pub fn ready_worker_pid(
+    broker: &mut Proc,
+    label: &str,
+    n: usize,
+    timeout: Duration,
+) -> Result<Pid> {
+    let pid = worker_pid(broker, label, n, timeout)?;
+    broker.wait_for(&format!("worker (pid {pid}) sandboxed and ready"), timeout)?;
+    Ok(pid)
+}
+
 /// The pid of the `n`th worker (0: the first) the broker started for device `label`
 /// (`zone1 blk@0xa003c00`), once it was started.
 pub fn worker_pid(broker: &mut Proc, label: &str, n: usize, timeout: Duration) -> Result<Pid> {

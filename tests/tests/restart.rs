@@ -140,13 +140,8 @@ fn after_a_hundred_restarts_the_broker_holds_what_it_held_before() {
     let run = SimRun::new(&cfg, "blk-verify").wait_for(&go).timeout(600);
     let mut stack = Stack::start(&s, run, &["--restart-budget", "1000/60"]).unwrap();
     let broker = stack.broker.pid();
-    // worker n, once it is ready
-    let ready = |stack: &mut Stack, n: usize| {
-        let pid = worker_pid(&mut stack.broker, LABEL, n, START).unwrap();
-        let needle = format!("worker (pid {pid}) sandboxed and ready");
-        stack.broker.wait_for(&needle, START).unwrap();
-        pid
-    };
+    let ready =
+        |stack: &mut Stack, n: usize| ready_worker_pid(&mut stack.broker, LABEL, n, START).unwrap();
     // a few first, so that everything the broker allocates once is allocated
     for n in 0..5 {
         kill(ready(&mut stack, n), Signal::SIGKILL).unwrap();
@@ -187,9 +182,7 @@ fn a_worker_killed_while_its_queue_is_stopped_is_replaced_and_the_device_works_a
     // stopped queue alone and serve the device once the driver initialises it again.
     let first = worker_pid(&mut stack.broker, LABEL, 0, START).unwrap();
     kill(first, Signal::SIGKILL).unwrap();
-    let second = worker_pid(&mut stack.broker, LABEL, 1, START).unwrap();
-    let needle = format!("worker (pid {second}) sandboxed and ready");
-    stack.broker.wait_for(&needle, START).unwrap();
+    ready_worker_pid(&mut stack.broker, LABEL, 1, START).unwrap();
     std::fs::write(&resume, b"").unwrap();
     let report = stack.wait_report(Duration::from_secs(120)).unwrap();
     assert_ok(&mut stack, &report);

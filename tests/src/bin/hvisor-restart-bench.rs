@@ -26,13 +26,7 @@ fn main() -> anyhow::Result<()> {
     let run = SimRun::new(&cfg, "blk-verify").wait_for(&go).timeout(600);
     let mut stack = Stack::start(&s, run, &["--restart-budget", "1000/1"])?;
     let wait = Duration::from_secs(60);
-    let ready = |stack: &mut Stack, n: usize| -> anyhow::Result<nix::unistd::Pid> {
-        let pid = worker_pid(&mut stack.broker, LABEL, n, wait)?;
-        stack
-            .broker
-            .wait_for(&format!("worker (pid {pid}) sandboxed and ready"), wait)?;
-        Ok(pid)
-    };
+    let ready = |stack: &mut Stack, n: usize| ready_worker_pid(&mut stack.broker, LABEL, n, wait);
     let mut times = Vec::new();
     let mut pid = ready(&mut stack, 0)?;
     for n in 1..=samples {

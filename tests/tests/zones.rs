@@ -26,19 +26,20 @@ const MIB: u64 = 1 << 20;
 const TAP: &str = "hvztap0";
 const WAIT: Duration = Duration::from_secs(120);
 
+/// Zone `id` with RAM at `ram` and one disk.
+fn disk_zone(id: u32, ram: u64, img: &Path) -> Value {
+    let disk = BlkSpec {
+        img,
+        addr: BLK,
+        irq: 78,
+        readonly: false,
+    };
+    zone_json(id, ram, RAM_SIZE, &[disk])
+}
+
 /// Zone 2: a disk, and optionally a console with a `pty_link` and a net device.
 fn zone2(img: &Path, link: Option<&Path>, tap: bool) -> Value {
-    let mut z = zone_json(
-        2,
-        RAM2,
-        RAM_SIZE,
-        &[BlkSpec {
-            img,
-            addr: BLK,
-            irq: 78,
-            readonly: false,
-        }],
-    );
+    let mut z = disk_zone(2, RAM2, img);
     let devs = z["devices"].as_array_mut().unwrap();
     if let Some(link) = link {
         devs.push(
@@ -54,17 +55,7 @@ fn zone2(img: &Path, link: Option<&Path>, tap: bool) -> Value {
 }
 
 fn zone1(img: &Path) -> Value {
-    zone_json(
-        1,
-        RAM1,
-        RAM_SIZE,
-        &[BlkSpec {
-            img,
-            addr: BLK,
-            irq: 78,
-            readonly: false,
-        }],
-    )
+    disk_zone(1, RAM1, img)
 }
 
 /// A broker serving zone 1 (from `start.json`), a simulator that knows zones 1 and 2.

@@ -188,7 +188,8 @@ pub fn wait(
     }
     if !NO_PWAIT2.load(Ordering::Relaxed) {
         let ts = timeout.map(|t| libc::timespec {
-            tv_sec: t.as_secs().min(i32::MAX as u64) as libc::time_t,
+            // `as _`: time_t is 32 or 64 bits by target (and deprecated by name on musl).
+            tv_sec: t.as_secs().min(i32::MAX as u64) as _,
             tv_nsec: t.subsec_nanos() as libc::c_long,
         });
         let ts_ptr = ts
